@@ -1,0 +1,1 @@
+"""SPINN cloud package (filled in by later issues)."""

@@ -1,0 +1,1 @@
+"""SPINN device package (filled in by later issues)."""

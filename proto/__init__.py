@@ -1,0 +1,1 @@
+"""SPINN proto package (filled in by later issues)."""
