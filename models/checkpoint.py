@@ -7,7 +7,7 @@ A checkpoint is a plain dict of tensors and builtins (so ``torch.load(..., weigh
 - ``state_dict``: the model's weights
 - ``class_names``: list of ``num_classes`` strings
 - ``metrics``: dict of training metrics (accuracies per exit, epoch, ...)
-- ``input_size``, ``normalization``: how images must be preprocessed for this model
+- ``preprocess``: how images must be preprocessed for this model (``Preprocess`` as a dict)
 - ``training_state`` (optional, only in ``last_model.pt``): optimizer/scheduler/scaler states and the epoch,
   for ``resume``
 """
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from models.config import from_dict
+from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
 
 FORMAT = "spinn-checkpoint/1"
@@ -37,9 +38,7 @@ class Checkpoint:
 
     model: EarlyExitMobileNetV2
     class_names: list[str]
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocess: Preprocess
     metrics: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
 
@@ -48,9 +47,7 @@ def save_checkpoint(
     path: str | Path,
     model: EarlyExitMobileNetV2,
     class_names: list[str],
-    input_size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    preprocess: Preprocess,
     metrics: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
 ) -> None:
@@ -62,8 +59,12 @@ def save_checkpoint(
         "model_config": dataclasses.asdict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "class_names": list(class_names),
-        "input_size": int(input_size),
-        "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+        "preprocess": {
+            "input_size": int(preprocess.input_size),
+            "resize_size": int(preprocess.resize_size),
+            "mean": [float(m) for m in preprocess.mean],
+            "std": [float(s) for s in preprocess.std],
+        },
         "metrics": dict(metrics or {}),
     }
     if training_state is not None:
@@ -89,7 +90,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {FORMAT} file")
-    for key in ("model_config", "state_dict", "class_names", "input_size", "normalization"):
+    for key in ("model_config", "state_dict", "class_names", "preprocess"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks '{key}'")
     config = from_dict(ModelConfig, payload["model_config"], source=f"{path} model_config")
@@ -99,13 +100,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit its model_config: {err}") from None
     model.eval()
-    norm = payload["normalization"]
+    pre = payload["preprocess"]
     return Checkpoint(
         model=model,
         class_names=list(payload["class_names"]),
-        input_size=int(payload["input_size"]),
-        mean=tuple(norm["mean"]),  # type: ignore[arg-type]
-        std=tuple(norm["std"]),  # type: ignore[arg-type]
+        preprocess=Preprocess(
+            int(pre["input_size"]), int(pre["resize_size"]), tuple(pre["mean"]), tuple(pre["std"])  # type: ignore
+        ),
         metrics=dict(payload.get("metrics", {})),
         training_state=payload.get("training_state"),
     )

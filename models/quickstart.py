@@ -57,20 +57,20 @@ def render_sample(seed: int, split: str, index: int, image_size: int) -> tuple[n
 
     gray = rng.uniform(0.3, 0.7)
     bg = np.clip(gray + rng.uniform(-0.12, 0.12, 3), 0, 1)
-    contrast = 0.55 * (1.0 - 0.8 * d)
+    contrast = 0.55 * (1.0 - 0.65 * d)
     sign = 1.0 if gray < 0.5 else -1.0
     fg = np.clip(bg + sign * contrast * rng.uniform(0.8, 1.2, 3), 0, 1)
     image = np.broadcast_to(bg[:, None, None], (3, image_size, image_size)).astype(np.float32).copy()
 
     # Clutter first, so the shape is drawn on top of it.
-    for _ in range(int(round(5 * d * rng.uniform(0.5, 1.0)))):
+    for _ in range(int(round(4 * d * rng.uniform(0.5, 1.0)))):
         cx, cy = rng.uniform(-0.9, 0.9, 2)
         rx, ry = rng.uniform(0.05, 0.25, 2)
         blob = ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 < 1.0
         colour = np.clip(bg + rng.choice([-1.0, 1.0]) * contrast * rng.uniform(0.5, 1.2, 3), 0, 1)
         image[:, blob] = colour[:, None]
 
-    scale = rng.uniform(0.45, 0.7) * (1.0 - 0.35 * d)
+    scale = rng.uniform(0.5, 0.75) * (1.0 - 0.3 * d)
     cx, cy = rng.uniform(-0.8 + scale, 0.8 - scale, 2)
     theta = rng.uniform(-0.3, 0.3)
     c, s = np.cos(theta), np.sin(theta)
@@ -79,7 +79,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int) -> tuple[n
     mask = _shape_mask(label, x, y)
     image[:, mask] = fg[:, None]
 
-    image += rng.normal(0.0, 0.02 + 0.22 * d, image.shape).astype(np.float32)
+    image += rng.normal(0.0, 0.02 + 0.14 * d, image.shape).astype(np.float32)
     return np.clip(image, 0.0, 1.0), label, d
 
 

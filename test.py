@@ -1,0 +1,160 @@
+"""Evaluate a trained early-exit model offline: the confidence-threshold table.
+
+    python test.py app:apps/quickstart_test.yml [z_confidence_threshold=0.5] [split_point=7] [key=value ...]
+
+One pass over the validation set caches every exit's output; each threshold is then a cheap replay of the
+first-confident-exit policy (models/exit_policy.py). Writes ``test_results.json``, ``test_results.csv`` and
+``test_results.png`` (accuracy vs uploading rate) into ``log_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.app_config import AppConfig
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.config import ConfigError, parse_app_argv
+from models.datasets import build_datasets
+from models.early_exit import EarlyExitMobileNetV2
+from models.exit_policy import CachedOutputs, ThresholdRow, confidence, device_only_accuracy, evaluate_threshold
+from models.partition import check_split_point, profile
+
+log = logging.getLogger("test")
+
+
+@torch.no_grad()
+def cache_outputs(
+    model: EarlyExitMobileNetV2, loader: DataLoader, split_point: int, kind: str, device: torch.device
+) -> CachedOutputs:
+    """Run the model once over ``loader`` and keep what every threshold needs (see ``CachedOutputs``)."""
+    model.eval().to(device)
+    device_exits = [i for i, k in enumerate(model.exit_points) if k <= split_point]
+    confs, corrects, finals = [], [], []
+    for images, labels in tqdm(loader, desc="evaluating", leave=False):
+        images, labels = images.to(device), labels.to(device)
+        outputs = model(images)
+        confs.append(torch.stack([confidence(outputs[i], kind) for i in device_exits]).cpu()
+                     if device_exits else torch.zeros(0, len(labels)))
+        corrects.append(torch.stack([outputs[i].argmax(1) == labels for i in device_exits]).cpu()
+                        if device_exits else torch.zeros(0, len(labels), dtype=torch.bool))
+        finals.append((outputs[-1].argmax(1) == labels).cpu())
+    return CachedOutputs(
+        device_confidence=torch.cat(confs, dim=1),
+        device_correct=torch.cat(corrects, dim=1),
+        final_correct=torch.cat(finals),
+        exit_points=[model.exit_points[i] for i in device_exits],
+    )
+
+
+def format_table(rows: list[ThresholdRow], exit_points: list[int]) -> str:
+    head = f"{'threshold':>9} {'upload':>7} {'accuracy':>8} {'bytes/img':>10}  " + " ".join(
+        f"{'exit@' + str(k):>9}" for k in exit_points)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.threshold:9.3f} {r.uploading_rate:7.3f} {r.accuracy:8.4f} "
+                     f"{r.upload_bytes_per_image:10.0f}  " + " ".join(f"{x:9.3f}" for x in r.exit_rates))
+    lines.append("(exit@K columns: fraction of images answered by the device exit at block boundary K)")
+    return "\n".join(lines)
+
+
+def write_plot(path: Path, rows: list[ThresholdRow], cloud_only: float, device_only: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([r.uploading_rate for r in rows], [r.accuracy for r in rows], "o-", label="early exits + cloud")
+    for r in rows:
+        ax.annotate(f"{r.threshold:g}", (r.uploading_rate, r.accuracy), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.axhline(cloud_only, color="gray", ls="--", label="cloud only")
+    if device_only is not None:
+        ax.axhline(device_only, color="gray", ls=":", label="deepest device exit only")
+    ax.set_xlabel("uploading rate")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: AppConfig) -> dict:
+    """Evaluate ``cfg.checkpoint`` and write the reports; returns the JSON written to test_results.json."""
+    ckpt = load_checkpoint(cfg.checkpoint_path())
+    model = ckpt.model
+    split = cfg.split_point if cfg.split_point is not None else max(model.exit_points)
+    try:
+        check_split_point(model, split)
+    except ValueError as err:
+        raise ConfigError(f"config key 'split_point': {err}") from None
+    pre = ckpt.preprocess
+    data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
+                          cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, with_train=False)
+    if data.class_names != ckpt.class_names:
+        raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({cfg.checkpoint_path()})")
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    loader = DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
+    cache = cache_outputs(model, loader, split, cfg.confidence, device)
+
+    upload_bytes = profile(model, pre.input_size)[split].activation_bytes
+    thresholds = [cfg.z_confidence_threshold] if cfg.z_confidence_threshold is not None else cfg.thresholds
+    rows = [evaluate_threshold(cache, t, upload_bytes) for t in thresholds]
+    cloud_only = float(cache.final_correct.float().mean())
+    device_only = device_only_accuracy(cache)
+    result = {
+        "checkpoint": str(cfg.checkpoint_path()),
+        "split_point": split,
+        "device_exit_points": cache.exit_points,
+        "confidence": cfg.confidence,
+        "num_images": int(cache.final_correct.numel()),
+        "cloud_only_accuracy": cloud_only,
+        "device_only_accuracy": device_only,
+        "upload_bytes_per_offload": upload_bytes,
+        "upload_codec": "float32",
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    out = Path(cfg.log_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "test_results.json").write_text(json.dumps(result, indent=2))
+    with open(out / "test_results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["threshold", "uploading_rate", "accuracy", "upload_bytes_per_image"]
+                        + [f"exit{k}_rate" for k in cache.exit_points]
+                        + [f"exit{k}_accuracy" for k in cache.exit_points])
+        for r in rows:
+            writer.writerow([r.threshold, r.uploading_rate, r.accuracy, r.upload_bytes_per_image]
+                            + r.exit_rates + ["" if a is None else a for a in r.exit_accuracies])
+    write_plot(out / "test_results.png", rows, cloud_only, device_only)
+
+    print(f"split point {split}: device exits at {cache.exit_points}, {result['num_images']} images, "
+          f"{upload_bytes} bytes per upload (float32, no codec)")
+    print(f"cloud-only accuracy {cloud_only:.4f}; deepest-device-exit-only accuracy "
+          f"{'n/a' if device_only is None else f'{device_only:.4f}'}")
+    print(format_table(rows, cache.exit_points))
+    print(f"wrote {out / 'test_results.json'}, .csv and .png")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(parse_app_argv(AppConfig, argv))
+    except (ConfigError, CheckpointError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
