@@ -78,18 +78,6 @@ def build_optimizer(cfg: AppConfig, model: EarlyExitMobileNetV2) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def exit_inputs_detached(model: EarlyExitMobileNetV2, x: torch.Tensor) -> list[torch.Tensor]:
-    """Forward where exits see detached activations: the backbone learns only from the final loss."""
-    exit_map = model.exit_map()
-    logits = []
-    for k, block in enumerate(model.features):
-        x = block(x)
-        if k + 1 in exit_map:
-            logits.append(exit_map[k + 1](x.detach()))
-    logits.append(model.final(x))
-    return logits
-
-
 def joint_loss(
     logits: list[torch.Tensor], target: torch.Tensor, weights: list[float], criterion: nn.Module
 ) -> torch.Tensor:
@@ -199,10 +187,7 @@ def train(cfg: AppConfig) -> dict:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
             with autocast:
-                if cfg.train_mode == "detached_exits":
-                    logits = exit_inputs_detached(model, images)
-                else:
-                    logits = net(images)
+                logits = net(images, detach_exits=cfg.train_mode == "detached_exits")
                 loss = joint_loss(logits, labels, weights, criterion)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

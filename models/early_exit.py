@@ -181,12 +181,14 @@ def resolve_exit_points(spec: list[Union[int, float]], block_flops: list[int]) -
 
 
 def run_segment(
-    features: nn.Sequential, exits: dict[int, nn.Module], x: Tensor, start: int, stop: int
+    features: nn.Sequential, exits: dict[int, nn.Module], x: Tensor, start: int, stop: int,
+    detach_exits: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
     """Run blocks ``[start, stop)`` on the activation at boundary ``start``.
 
     Exits at boundaries ``start < k <= stop`` are evaluated on the way; the full model, the device head and the
-    cloud tail all go through this one function, so their float ops are identical.
+    cloud tail all go through this one function, so their float ops are identical. ``detach_exits`` feeds the
+    exits a detached activation (training: exit losses then do not reach the backbone).
 
     Returns the activation at ``stop`` and the exit logits ``(B, classes)`` in boundary order.
     """
@@ -194,7 +196,7 @@ def run_segment(
     for k in range(start, stop):
         x = features[k](x)
         if k + 1 in exits:
-            logits.append(exits[k + 1](x))
+            logits.append(exits[k + 1](x.detach() if detach_exits else x))
     return x, logits
 
 
@@ -230,8 +232,8 @@ class EarlyExitMobileNetV2(nn.Module):
         """Boundary -> exit head."""
         return dict(zip(self.exit_points, self.exits))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x, logits = run_segment(self.features, self.exit_map(), x, 0, self.num_blocks)
+    def forward(self, x: Tensor, detach_exits: bool = False) -> list[Tensor]:
+        x, logits = run_segment(self.features, self.exit_map(), x, 0, self.num_blocks, detach_exits)
         logits.append(self.final(x))
         return logits
 
