@@ -1,0 +1,116 @@
+"""What the cloud computes, free of gRPC: request validation, the batched tail forward, top-k answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from models.checkpoint import Checkpoint
+from models.early_exit import EarlyExitMobileNetV2
+from models.exit_policy import confidence
+from models.partition import Tail, profile, tail
+from proto import spinn_v1_pb2 as pb
+from proto.codec import CodecError, decode
+
+DEFAULT_TOP_K = 5
+
+
+class RequestError(Exception):
+    """A request the cloud refuses; ``code`` is the gRPC status to answer with, ``detail`` names the field."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class ServedModel:
+    """One model the cloud serves: its tails per split point and the expected activation shapes."""
+
+    model_id: str
+    model_version: str
+    model: EarlyExitMobileNetV2
+    class_names: list[str]
+    input_size: int
+    tails: dict[int, Tail]
+    activation_shapes: dict[int, tuple[int, ...]]
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, model_id: str, model_version: str) -> "ServedModel":
+        model = ckpt.model.eval()
+        shapes = {p.split_point: p.activation_shape for p in profile(model, ckpt.preprocess.input_size)}
+        tails = {s: tail(model, s) for s in shapes}
+        return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes)
+
+
+def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int) -> torch.Tensor:
+    """Check a request against the served model and decode its activation ``(B, C, H, W)``.
+
+    Raises RequestError: FAILED_PRECONDITION for a model/version/split the cloud does not serve (naming what it
+    serves), INVALID_ARGUMENT for anything malformed (naming the field).
+    """
+    if req.model.model_id != served.model_id or req.model.model_version != served.model_version:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model {req.model.model_id!r} version {req.model.model_version!r} is not served; this cloud serves "
+            f"{served.model_id!r} version {served.model_version!r}",
+        )
+    if req.split_point not in served.tails:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"split_point {req.split_point} is not served; valid split points are 0..{max(served.tails)}",
+        )
+    if req.top_k < 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {req.top_k}")
+    if not 0.0 <= req.cloud_exit_threshold <= 1.0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"cloud_exit_threshold must be in [0, 1], got {req.cloud_exit_threshold}")
+    want = served.activation_shapes[req.split_point]
+    shape = tuple(req.features.shape)
+    if len(shape) != 4 or shape[1:] != tuple(want) or not 1 <= shape[0] <= max_batch:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"features.shape: split point {req.split_point} needs (B, {', '.join(map(str, want))}) with "
+            f"1 <= B <= {max_batch}, got {list(shape)}",
+        )
+    try:
+        return decode(req.features, "features")
+    except CodecError as err:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+
+@torch.no_grad()
+def run_tail(served: ServedModel, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
+    """Run the tail of ``split_point`` on a batch ``(B, C, H, W)``; returns later exits' and final logits."""
+    return served.tails[split_point](activations)
+
+
+def answer(
+    served: ServedModel, split_point: int, logits: list[torch.Tensor], top_k: int, cloud_exit_threshold: float
+) -> list[pb.ImagePrediction]:
+    """Turn tail logits for B images into predictions.
+
+    With ``cloud_exit_threshold > 0`` the first cloud-side exit whose top-1 probability reaches it answers
+    (its boundary is reported); otherwise the final classifier answers (``answered_by_exit = -1``).
+    """
+    k = min(top_k or DEFAULT_TOP_K, len(served.class_names))
+    exit_points = served.tails[split_point].exit_points
+    out = []
+    for i in range(logits[-1].shape[0]):
+        chosen, by = logits[-1][i], -1
+        if cloud_exit_threshold > 0:
+            for boundary, exit_logits in zip(exit_points, logits[:-1]):
+                if float(confidence(exit_logits[i])) >= cloud_exit_threshold:
+                    chosen, by = exit_logits[i], boundary
+                    break
+        probs = torch.softmax(chosen.float(), dim=-1)
+        values, ids = probs.topk(k)
+        out.append(pb.ImagePrediction(
+            top_k=[pb.ClassScore(class_id=int(c), name=served.class_names[int(c)], probability=float(p))
+                   for p, c in zip(values, ids)],
+            answered_by_exit=by,
+        ))
+    return out

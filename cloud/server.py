@@ -1,0 +1,220 @@
+"""The cloud daemon: gRPC servicer (thin adapter over cloud.inference and cloud.batcher), server assembly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
+from cloud.inference import RequestError, ServedModel, answer, run_tail, validate_request
+from models.checkpoint import load_checkpoint
+from models.config import ConfigError
+from proto import spinn_v1_pb2 as pb
+from proto import spinn_v1_pb2_grpc as pb_grpc
+from proto.codec import Q, C
+
+log = logging.getLogger("cloud")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass
+class CloudConfig:
+    """Keys of ``apps/cloud.yml`` (README: cloud config reference)."""
+
+    checkpoint: str = "runs/quickstart/best_model.pt"
+    address: str = "127.0.0.1:50051"
+    model_id: str = "spinn"
+    model_version: str = "1"
+    max_batch_size: int = 16
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+    intra_op_threads: int = 0  # 0: torch's default
+    rpc_threads: int = 32
+    max_message_bytes: int = 16 * 1024 * 1024
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None  # set: clients must present a certificate signed by it (mutual TLS)
+    auth_token: Optional[str] = None  # set: every call needs "authorization: Bearer <token>"
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        for key in ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"config key 'max_queue_delay_ms': must be >= 0, got {self.max_queue_delay_ms}")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"config key 'intra_op_threads': must be >= 0, got {self.intra_op_threads}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("config key 'tls_client_ca': mutual TLS needs tls_cert and tls_key too")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config key '{key}': file {path!r} does not exist")
+        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
+            raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """gRPC adapter: validation, batching and answering live in cloud.inference / cloud.batcher."""
+
+    def __init__(self, served: ServedModel, batcher: DynamicBatcher, max_batch: int) -> None:
+        self.served = served
+        self.batcher = batcher
+        self.max_batch = max_batch
+
+    def _infer(self, req: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
+        started = time.monotonic()
+        request_id = req.request_id or uuid.uuid4().hex
+        status, batch = "OK", 0
+        try:
+            activations = validate_request(req, self.served, self.max_batch)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            try:
+                result = self.batcher.submit(req.split_point, activations, deadline).result()
+            except QueueFull as err:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+            except ShuttingDown as err:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+            except DeadlineExpired as err:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
+            batch = result.batch_size
+            images = answer(self.served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
+            return pb.Prediction(
+                request_id=request_id, images=images,
+                timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                                         batch_size=result.batch_size),
+            )
+        except RequestError as err:
+            status = err.code.name
+            context.abort(err.code, err.detail)
+        finally:
+            log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
+                                 "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
+
+    def Infer(self, request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
+        return self._infer(request, context)
+
+    def InferStream(self, request_iterator: Iterator[pb.FeatureRequest], context: grpc.ServicerContext):
+        # Sequential per stream; pipelining clients open several streams (or use Infer concurrently).
+        for request in request_iterator:
+            yield self._infer(request, context)
+
+    def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        s = self.served
+        return pb.ModelInfo(
+            model=pb.ModelRef(model_id=s.model_id, model_version=s.model_version),
+            class_names=s.class_names,
+            input_size=s.input_size,
+            exit_points=s.model.exit_points,
+            split_points=[
+                pb.SplitPointInfo(split_point=k, activation_shape=list(shape),
+                                  device_exits=[e for e in s.model.exit_points if e <= k])
+                for k, shape in sorted(s.activation_shapes.items())
+            ],
+            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4],
+            compressions=[C.NONE, C.ZLIB, C.ZSTD],
+        )
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health checks stay open."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/InferStream") else self._deny
+
+
+@dataclass
+class CloudServer:
+    server: grpc.Server
+    port: int
+    batcher: DynamicBatcher
+    health: health.HealthServicer
+    grace_seconds: float
+
+    def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the batcher."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        done = self.server.stop(self.grace_seconds)
+        done.wait()
+        self.batcher.close(drain=True)
+
+
+def build_server(cfg: CloudConfig, served: ServedModel) -> CloudServer:
+    """Assemble and start the gRPC server for ``served``; returns it with the port it listens on."""
+    if cfg.intra_op_threads:
+        torch.set_num_threads(cfg.intra_op_threads)
+    batcher = DynamicBatcher(lambda s, x: run_tail(served, s, x), cfg.max_batch_size, cfg.max_queue_delay_ms,
+                             cfg.max_queue_size)
+    options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+               ("grpc.max_send_message_length", cfg.max_message_bytes)]
+    interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
+                         interceptors=interceptors)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(served, batcher, cfg.max_batch_size), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+            root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+            require_client_auth=cfg.tls_client_ca is not None,
+        )
+        port = server.add_secure_port(cfg.address, creds)
+    else:
+        port = server.add_insecure_port(cfg.address)
+    if port == 0:
+        raise ConfigError(f"config key 'address': cannot listen on {cfg.address!r}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return CloudServer(server, port, batcher, health_servicer, cfg.grace_seconds)
+
+
+def serve(cfg: CloudConfig) -> int:
+    """Load the checkpoint, serve until SIGTERM/SIGINT, drain, return 0."""
+    served = ServedModel.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.model_id, cfg.model_version)
+    running = build_server(cfg, served)
+    log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
+             running.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("draining and shutting down")
+    running.stop()
+    return 0

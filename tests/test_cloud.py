@@ -1,0 +1,279 @@
+"""The cloud daemon on a real loopback port with a real (small) model."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull
+from cloud.inference import ServedModel
+from cloud.server import CloudConfig, build_server
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.datasets import Preprocess
+from models.partition import head
+from proto import spinn_v1_pb2 as pb
+from proto import spinn_v1_pb2_grpc as pb_grpc
+from proto.codec import CodecSpec, encode
+from tests.conftest import ROOT
+
+SIZE = 32
+NAMES = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture
+def checkpoint(small_model, tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, small_model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
+    return path
+
+
+def start(checkpoint, **overrides):
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", **overrides)
+    served = ServedModel.from_checkpoint(load_checkpoint(checkpoint), cfg.model_id, cfg.model_version)
+    return build_server(cfg, served)
+
+
+@pytest.fixture
+def cloud(checkpoint):
+    running = start(checkpoint, max_queue_delay_ms=5.0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield running, pb_grpc.InferenceStub(channel), load_checkpoint(checkpoint).model
+    channel.close()
+    running.stop()
+
+
+def request(model, split, x, spec=CodecSpec("float32", "none"), **kw):
+    with torch.no_grad():
+        activation = head(model, split)(x).activation
+    return pb.FeatureRequest(request_id=f"r{split}", model=pb.ModelRef(model_id="spinn", model_version="1"),
+                             split_point=split, features=encode(activation, spec), top_k=3, **kw)
+
+
+def test_every_split_point_answers_like_the_full_model(cloud):
+    _, stub, model = cloud
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = torch.softmax(model(x)[-1], -1)
+    for split in range(model.num_blocks + 1):
+        reply = stub.Infer(request(model, split, x), timeout=30)
+        assert reply.request_id == f"r{split}" and len(reply.images) == 2
+        for i, image in enumerate(reply.images):
+            assert image.answered_by_exit == -1
+            values, ids = want[i].topk(3)
+            assert [c.class_id for c in image.top_k] == ids.tolist()
+            assert [c.name for c in image.top_k] == [NAMES[j] for j in ids.tolist()]
+            torch.testing.assert_close(torch.tensor([c.probability for c in image.top_k]), values,
+                                       atol=1e-5, rtol=0)
+
+
+def test_int8_codec_and_cloud_exits(cloud):
+    _, stub, model = cloud
+    x = torch.randn(1, 3, SIZE, SIZE)
+    reply = stub.Infer(request(model, 3, x, CodecSpec("int8", "zstd")), timeout=30)
+    assert len(reply.images[0].top_k) == 3
+    # threshold tiny: the first cloud-side exit answers
+    early = stub.Infer(request(model, 3, x, cloud_exit_threshold=1e-6), timeout=30)
+    first_cloud_exit = min(k for k in model.exit_points if k > 3)
+    assert early.images[0].answered_by_exit == first_cloud_exit
+
+
+def mutated(model, fn):
+    req = request(model, 5, torch.randn(1, 3, SIZE, SIZE), CodecSpec("int8", "zlib"))
+    fn(req)
+    return req
+
+
+@pytest.mark.parametrize("fn, code, words", [
+    (lambda r: setattr(r.model, "model_id", "other"), grpc.StatusCode.FAILED_PRECONDITION, "serves 'spinn'"),
+    (lambda r: setattr(r.model, "model_version", "9"), grpc.StatusCode.FAILED_PRECONDITION, "version '1'"),
+    (lambda r: setattr(r, "split_point", 77), grpc.StatusCode.FAILED_PRECONDITION, "split_point 77"),
+    (lambda r: r.features.shape.__setitem__(1, 999), grpc.StatusCode.INVALID_ARGUMENT, "features.shape"),
+    (lambda r: setattr(r.features, "dtype", "float64"), grpc.StatusCode.INVALID_ARGUMENT, "features.dtype"),
+    (lambda r: setattr(r.features, "data", r.features.data[:5]), grpc.StatusCode.INVALID_ARGUMENT, "features.data"),
+    (lambda r: setattr(r.features.codec, "quantization", 42), grpc.StatusCode.INVALID_ARGUMENT, "quantization"),
+    (lambda r: setattr(r.features, "data", b"\xff\xfenot zlib"), grpc.StatusCode.INVALID_ARGUMENT, "corrupt"),
+    (lambda r: setattr(r, "top_k", -1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+])
+def test_bad_requests_get_their_status_and_the_server_lives_on(cloud, fn, code, words):
+    _, stub, model = cloud
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Infer(mutated(model, fn), timeout=30)
+    assert err.value.code() == code and words in err.value.details()
+    assert len(stub.Infer(request(model, 5, torch.randn(1, 3, SIZE, SIZE)), timeout=30).images) == 1
+
+
+def test_nan_features_and_oversize_messages(checkpoint, small_model):
+    running = start(checkpoint, max_message_bytes=20_000)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+        x = torch.randn(1, 3, SIZE, SIZE)
+        req = request(small_model, 0, x)
+        bad = torch.full((1, 3, SIZE, SIZE), float("nan"))
+        req.features.CopyFrom(encode(bad, CodecSpec("float32", "none")))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.value.details()
+        big = request(small_model, 0, torch.randn(8, 3, SIZE, SIZE))  # 98 kB > 20 kB limit
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(big, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop()
+
+
+def test_concurrent_clients_get_their_own_answers_in_batches(cloud):
+    _, stub, model = cloud
+    torch.manual_seed(3)
+    inputs = [torch.randn(1, 3, SIZE, SIZE) for _ in range(32)]
+    with torch.no_grad():
+        want = [model(x)[-1].argmax(1).item() for x in inputs]
+    got, batches = [None] * 32, []
+
+    def client(i):
+        reply = stub.Infer(request(model, 4, inputs[i]), timeout=60)
+        got[i] = reply.images[0].top_k[0].class_id
+        batches.append(reply.timings.batch_size)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    assert max(batches) > 1  # requests really shared forwards
+
+
+def test_stream_and_model_info_and_health(cloud):
+    running, stub, model = cloud
+    x = torch.randn(1, 3, SIZE, SIZE)
+    replies = list(stub.InferStream(iter([request(model, 2, x), request(model, 9, x)]), timeout=30))
+    assert [r.request_id for r in replies] == ["r2", "r9"]
+    info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert list(info.class_names) == NAMES and list(info.exit_points) == model.exit_points
+    assert len(info.split_points) == model.num_blocks + 1
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_batcher_drops_expired_work_and_bounds_its_queue():
+    calls, gate = [], threading.Event()
+
+    def run(key, x):
+        calls.append(x.shape[0])
+        gate.wait(10)
+        return [x.sum(dim=(1, 2, 3), keepdim=False).unsqueeze(1)]
+
+    batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
+    first = batcher.submit(0, torch.ones(1, 1, 1, 1))
+    time.sleep(0.2)  # the worker is now blocked inside run()
+    expired = batcher.submit(0, torch.ones(1, 1, 1, 1), deadline=time.monotonic() + 0.05)
+    kept = batcher.submit(0, torch.full((1, 1, 1, 1), 2.0))
+    with pytest.raises(QueueFull):
+        batcher.submit(0, torch.ones(1, 1, 1, 1))
+    time.sleep(0.1)
+    gate.set()
+    assert first.result(5).outputs[0].item() == 1.0
+    with pytest.raises(DeadlineExpired):
+        expired.result(5)
+    assert kept.result(5).outputs[0].item() == 2.0
+    assert calls == [1, 1]  # the expired request never reached the model
+    batcher.close()
+
+
+def test_deadline_shorter_than_queue_delay(checkpoint, small_model):
+    running = start(checkpoint, max_queue_delay_ms=1000.0, max_batch_size=64)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        running.stop()
+
+
+def test_graceful_stop_finishes_in_flight_work(checkpoint, small_model):
+    running = start(checkpoint, max_queue_delay_ms=300.0, max_batch_size=64)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    future = stub.Infer.future(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=30)
+    time.sleep(0.1)  # in flight, waiting in the batcher
+    running.stop()
+    assert len(future.result().images) == 1
+    with pytest.raises(grpc.RpcError):
+        stub.Infer(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=2)
+
+
+def test_sigterm_drains_and_exits_zero(checkpoint):
+    proc = subprocess.Popen([sys.executable, "-m", "cloud", f"checkpoint={checkpoint}", "address=127.0.0.1:0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        lines = []
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "serving spinn" in line:
+                break
+        assert "serving spinn" in "".join(lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_bad_cloud_config_names_the_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cloud", "max_batch_size=0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "max_batch_size" in proc.stderr
+
+
+def make_cert(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_and_bearer_token(checkpoint, small_model, tmp_path):
+    cert, key = make_cert(tmp_path)
+    running = start(checkpoint, tls_cert=str(cert), tls_key=str(key), auth_token="s3cret")
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        channel = grpc.secure_channel(f"localhost:{running.port}", creds)
+        stub = pb_grpc.InferenceStub(channel)
+        req = request(small_model, 3, torch.randn(1, 3, SIZE, SIZE))
+        for metadata in (None, [("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Infer(req, timeout=10, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Infer(req, timeout=10, metadata=[("authorization", "Bearer s3cret")])
+        assert len(reply.images) == 1
+        plain = pb_grpc.InferenceStub(grpc.insecure_channel(f"localhost:{running.port}"))
+        with pytest.raises(grpc.RpcError):  # a plaintext client cannot talk to the TLS port
+            plain.Infer(req, timeout=3, metadata=[("authorization", "Bearer s3cret")])
+    finally:
+        running.stop()
