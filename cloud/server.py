@@ -24,11 +24,23 @@ from models.checkpoint import load_checkpoint
 from models.config import ConfigError
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from proto.codec import Q, C
+from proto.codec import C, CodecSpec, Q
 
 log = logging.getLogger("cloud")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+DEFAULT_CODEC = CodecSpec("int8", "zstd")
+
+
+def load_codec_table(path: str | None) -> dict[int, CodecSpec]:
+    """Default codec per split point from a bench/codec.py result file (``{"defaults": {"9": "int8+zstd"}}``)."""
+    if path is None:
+        return {}
+    try:
+        defaults = json.loads(Path(path).read_text())["defaults"]
+        return {int(k): CodecSpec.from_name(v) for k, v in defaults.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"config key 'codec_table': {path!r} is not a bench/codec.py result ({err})") from None
 
 
 @dataclass
@@ -49,6 +61,7 @@ class CloudConfig:
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None  # set: clients must present a certificate signed by it (mutual TLS)
     auth_token: Optional[str] = None  # set: every call needs "authorization: Bearer <token>"
+    codec_table: Optional[str] = None  # bench/codec.py JSON: default codec per split point; None: int8+zstd
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
@@ -68,6 +81,8 @@ class CloudConfig:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"config key '{key}': file {path!r} does not exist")
+        if self.codec_table is not None and not Path(self.codec_table).is_file():
+            raise ConfigError(f"config key 'codec_table': file {self.codec_table!r} does not exist")
         if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
             raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
 
@@ -75,10 +90,13 @@ class CloudConfig:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """gRPC adapter: validation, batching and answering live in cloud.inference / cloud.batcher."""
 
-    def __init__(self, served: ServedModel, batcher: DynamicBatcher, max_batch: int) -> None:
+    def __init__(
+        self, served: ServedModel, batcher: DynamicBatcher, max_batch: int, default_codecs: dict[int, CodecSpec]
+    ) -> None:
         self.served = served
         self.batcher = batcher
         self.max_batch = max_batch
+        self.default_codecs = default_codecs
 
     def _infer(self, req: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
         started = time.monotonic()
@@ -127,7 +145,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             exit_points=s.model.exit_points,
             split_points=[
                 pb.SplitPointInfo(split_point=k, activation_shape=list(shape),
-                                  device_exits=[e for e in s.model.exit_points if e <= k])
+                                  device_exits=[e for e in s.model.exit_points if e <= k],
+                                  default_codec=self.default_codecs.get(k, DEFAULT_CODEC).message())
                 for k, shape in sorted(s.activation_shapes.items())
             ],
             quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4],
@@ -184,7 +203,8 @@ def build_server(cfg: CloudConfig, served: ServedModel) -> CloudServer:
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
                          interceptors=interceptors)
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(served, batcher, cfg.max_batch_size), server)
+    servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table))
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -46,7 +46,22 @@ class CodecSpec:
 
     @property
     def name(self) -> str:
+        """``int8+zstd``, ``int4-pc+zlib`` (``-pc``: per-channel scales), ..."""
         return f"{self.quantization}{'-pc' if self.per_channel else ''}+{self.compression}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "CodecSpec":
+        """Inverse of ``name``; raises ValueError for a malformed name."""
+        quant, sep, compression = name.partition("+")
+        if not sep:
+            raise ValueError(f"codec name {name!r} is not QUANT[-pc]+COMPRESSION (e.g. int8+zstd)")
+        per_channel = quant.endswith("-pc")
+        return cls(quant[:-3] if per_channel else quant, compression, per_channel)
+
+    def message(self) -> pb.Codec:
+        """The codec as announced in ModelInfo (no scale/zero point: those are per tensor)."""
+        return pb.Codec(quantization=getattr(Q, self.quantization.upper()),
+                        compression=getattr(C, self.compression.upper()))
 
 
 def _compress(raw: bytes, compression: str) -> bytes:
@@ -86,7 +101,7 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> pb.Tensor:
     a = x.detach().to("cpu", torch.float32).contiguous().numpy()
     if a.ndim != 4 and spec.per_channel:
         raise ValueError(f"per-channel quantisation needs a (B, C, H, W) tensor, got shape {a.shape}")
-    codec = pb.Codec(compression=getattr(C, spec.compression.upper()))
+    codec = spec.message()
     if spec.quantization == "float32":
         codec.quantization = Q.FLOAT32
         raw = a.astype("<f4").tobytes()

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull
 from cloud.inference import ServedModel
-from cloud.server import CloudConfig, build_server
+from cloud.server import CloudConfig, build_server, load_codec_table
+from models.config import ConfigError
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.datasets import Preprocess
 from models.partition import head
@@ -159,6 +160,7 @@ def test_stream_and_model_info_and_health(cloud):
     info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert list(info.class_names) == NAMES and list(info.exit_points) == model.exit_points
     assert len(info.split_points) == model.num_blocks + 1
+    assert info.split_points[5].default_codec.quantization == pb.Codec.INT8  # no codec_table: int8+zstd
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
@@ -228,6 +230,15 @@ def test_sigterm_drains_and_exits_zero(checkpoint):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_codec_table_sets_default_codecs(tmp_path):
+    table = tmp_path / "codec.json"
+    table.write_text('{"defaults": {"5": "int4-pc+zlib"}}')
+    assert load_codec_table(str(table))[5] == CodecSpec("int4", "zlib", per_channel=True)
+    table.write_text('{"defaults": {"5": "int9"}}')
+    with pytest.raises(ConfigError, match="codec_table"):
+        load_codec_table(str(table))
 
 
 def test_bad_cloud_config_names_the_key(tmp_path):
