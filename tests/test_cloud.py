@@ -288,3 +288,19 @@ def test_tls_and_bearer_token(checkpoint, small_model, tmp_path):
             plain.Infer(req, timeout=3, metadata=[("authorization", "Bearer s3cret")])
     finally:
         running.stop()
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(checkpoint, small_model, tmp_path):
+    cert, key = make_cert(tmp_path)  # self-signed CA certificate, used for server and client alike
+    running = start(checkpoint, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(cert))
+    try:
+        req = request(small_model, 3, torch.randn(1, 3, SIZE, SIZE))
+        anonymous = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with pytest.raises(grpc.RpcError):
+            pb_grpc.InferenceStub(grpc.secure_channel(f"localhost:{running.port}", anonymous)).Infer(req, timeout=5)
+        with_cert = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes(),
+                                                 private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
+        stub = pb_grpc.InferenceStub(grpc.secure_channel(f"localhost:{running.port}", with_cert))
+        assert len(stub.Infer(req, timeout=10).images) == 1
+    finally:
+        running.stop()
