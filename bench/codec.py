@@ -1,6 +1,6 @@
 """Codec benchmark: bytes per image and accuracy change of each feature codec at each split point.
 
-    python bench/codec.py app:apps/cars_dev_test.yml [split_points=all] [key=value ...]
+    python bench/codec.py app:apps/cars_dev_test.yml [split_points=all|3,5,9] [key=value ...]
 
 Runs the validation set through head(s) -> encode -> decode -> tail(s) for every codec and compares the final
 classifier's accuracy with the float32 path. Writes ``bench/results/codec_<name>.{json,md}``; the JSON's
@@ -78,9 +78,13 @@ def measure(cfg: AppConfig, split_points: list[int] | None) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    all_splits = "split_points=all" in argv
-    cfg = parse_app_argv(AppConfig, [a for a in argv if a != "split_points=all"])
-    splits = list(range(load_checkpoint(cfg.checkpoint_path()).model.num_blocks + 1)) if all_splits else None
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("split_points=")]
+    cfg = parse_app_argv(AppConfig, [a for a in argv if not a.startswith("split_points=")])
+    splits = None  # default: the exit boundaries
+    if chosen and chosen[-1] == "all":
+        splits = list(range(load_checkpoint(cfg.checkpoint_path()).model.num_blocks + 1))
+    elif chosen:
+        splits = [int(s) for s in chosen[-1].split(",")]
     result = measure(cfg, splits)
     name = Path(cfg.log_dir).name
     out = ROOT / "bench" / "results"

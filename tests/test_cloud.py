@@ -304,3 +304,12 @@ def test_mutual_tls_refuses_clients_without_a_certificate(checkpoint, small_mode
         assert len(stub.Infer(req, timeout=10).images) == 1
     finally:
         running.stop()
+
+
+def test_shipped_cloud_configs_are_valid():
+    from models.config import from_dict, load_yaml
+
+    for path in sorted((ROOT / "apps").glob("cloud*.yml")):
+        data = load_yaml(path)
+        data.pop("codec_table", None)  # written by a benchmark run; may be absent on a fresh clone
+        from_dict(CloudConfig, data, source=str(path))

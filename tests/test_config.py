@@ -54,7 +54,7 @@ def test_bad_files_and_overrides(tmp_path):
 
 def test_shipped_apps_are_valid():
     for path in sorted((ROOT / "apps").glob("*.yml")):
-        if path.name.startswith(("cloud", "device")):
+        if path.name.startswith(("cloud", "device")):  # daemon configs: tested in test_cloud.py
             continue
         load_config(AppConfig, path)
 
