@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import sys
 import threading
 import time
@@ -95,8 +96,7 @@ def main() -> None:
                           max_queue_delay_ms=2.0, log_level="WARNING")
         served = ServedModel.from_checkpoint(ckpt, cfg.model_id, cfg.model_version)
         running = build_server(cfg, served)
-        import logging
-        logging.getLogger("cloud").setLevel(logging.WARNING)
+        logging.getLogger("cloud").setLevel(logging.WARNING)  # one log line per request would skew timings
         try:
             grpc_load(running.port, req, 1.0)  # warm-up
             rps, lat, batches = grpc_load(running.port, req, args.seconds)
