@@ -208,16 +208,20 @@ def build_server(cfg: CloudConfig, served: ServedModel) -> CloudServer:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials(
-            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
-            root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
-            require_client_auth=cfg.tls_client_ca is not None,
-        )
-        port = server.add_secure_port(cfg.address, creds)
-    else:
-        port = server.add_insecure_port(cfg.address)
+    try:
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=cfg.tls_client_ca is not None,
+            )
+            port = server.add_secure_port(cfg.address, creds)
+        else:
+            port = server.add_insecure_port(cfg.address)
+    except RuntimeError:  # grpcio raises (older releases returned 0) when it cannot bind
+        port = 0
     if port == 0:
+        batcher.close(drain=False)
         raise ConfigError(f"config key 'address': cannot listen on {cfg.address!r}")
     server.start()
     for name in ("", SERVICE_NAME):

@@ -37,7 +37,7 @@ def checkpoint(small_model, tmp_path):
 
 
 def start(checkpoint, **overrides):
-    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", **overrides)
+    cfg = CloudConfig(checkpoint=str(checkpoint), **{"address": "127.0.0.1:0", **overrides})
     served = ServedModel.from_checkpoint(load_checkpoint(checkpoint), cfg.model_id, cfg.model_version)
     return build_server(cfg, served)
 
@@ -102,6 +102,8 @@ def mutated(model, fn):
     (lambda r: setattr(r.features.codec, "quantization", 42), grpc.StatusCode.INVALID_ARGUMENT, "quantization"),
     (lambda r: setattr(r.features, "data", b"\xff\xfenot zlib"), grpc.StatusCode.INVALID_ARGUMENT, "corrupt"),
     (lambda r: setattr(r, "top_k", -1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda r: setattr(r, "cloud_exit_threshold", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "cloud_exit_threshold"),
+    (lambda r: r.features.shape.__setitem__(0, 65), grpc.StatusCode.INVALID_ARGUMENT, "features.shape"),
 ])
 def test_bad_requests_get_their_status_and_the_server_lives_on(cloud, fn, code, words):
     _, stub, model = cloud
@@ -239,6 +241,27 @@ def test_codec_table_sets_default_codecs(tmp_path):
     table.write_text('{"defaults": {"5": "int9"}}')
     with pytest.raises(ConfigError, match="codec_table"):
         load_codec_table(str(table))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"max_queue_delay_ms": -1.0}, "max_queue_delay_ms"),
+    ({"intra_op_threads": -2}, "intra_op_threads"),
+    ({"tls_cert": "cert.pem"}, "tls_cert"),
+    ({"tls_client_ca": "ca.pem"}, "tls_client_ca"),
+    ({"tls_cert": "missing.pem", "tls_key": "missing.key"}, "tls_cert"),
+    ({"codec_table": "missing.json"}, "codec_table"),
+    ({"log_level": "LOUD"}, "log_level"),
+])
+def test_cloud_config_validation_names_the_key(overrides, key):
+    from models.config import from_dict
+
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        from_dict(CloudConfig, overrides)
+
+
+def test_unbindable_address_is_a_config_error(checkpoint):
+    with pytest.raises(ConfigError, match="'address'"):
+        start(checkpoint, address="999.1.1.1:5")
 
 
 def test_bad_cloud_config_names_the_key(tmp_path):
