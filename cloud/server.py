@@ -91,19 +91,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """gRPC adapter: validation, batching and answering live in cloud.inference / cloud.batcher."""
 
     def __init__(
-        self, served: ServedModel, batcher: DynamicBatcher, max_batch: int, default_codecs: dict[int, CodecSpec]
+        self, served: Optional[ServedModel], batcher: DynamicBatcher, max_batch: int,
+        default_codecs: dict[int, CodecSpec],
     ) -> None:
-        self.served = served
+        self.served = served  # None while the daemon is still loading its checkpoint
         self.batcher = batcher
         self.max_batch = max_batch
         self.default_codecs = default_codecs
+
+    def _model(self) -> ServedModel:
+        served = self.served
+        if served is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        return served
 
     def _infer(self, req: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
         started = time.monotonic()
         request_id = req.request_id or uuid.uuid4().hex
         status, batch = "OK", 0
         try:
-            activations = validate_request(req, self.served, self.max_batch)
+            served = self._model()
+            activations = validate_request(req, served, self.max_batch)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             try:
@@ -115,7 +123,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             except DeadlineExpired as err:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
             batch = result.batch_size
-            images = answer(self.served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
+            images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
             return pb.Prediction(
                 request_id=request_id, images=images,
                 timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
@@ -137,7 +145,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             yield self._infer(request, context)
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        s = self.served
+        try:
+            s = self._model()
+        except RequestError as err:
+            context.abort(err.code, err.detail)
         return pb.ModelInfo(
             model=pb.ModelRef(model_id=s.model_id, model_version=s.model_version),
             class_names=s.class_names,
@@ -181,7 +192,14 @@ class CloudServer:
     port: int
     batcher: DynamicBatcher
     health: health.HealthServicer
+    servicer: InferenceServicer
     grace_seconds: float
+
+    def set_model(self, served: ServedModel) -> None:
+        """Start answering with ``served``; health turns SERVING."""
+        self.servicer.served = served
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the batcher."""
@@ -192,12 +210,17 @@ class CloudServer:
         self.batcher.close(drain=True)
 
 
-def build_server(cfg: CloudConfig, served: ServedModel) -> CloudServer:
-    """Assemble and start the gRPC server for ``served``; returns it with the port it listens on."""
+def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer:
+    """Assemble and start the gRPC server for ``served``; returns it with the port it listens on.
+
+    With ``served=None`` the port opens at once with health NOT_SERVING and Inference calls answered
+    UNAVAILABLE, until ``CloudServer.set_model``: orchestrators see a loading daemon, not a dead one.
+    """
     if cfg.intra_op_threads:
         torch.set_num_threads(cfg.intra_op_threads)
-    batcher = DynamicBatcher(lambda s, x: run_tail(served, s, x), cfg.max_batch_size, cfg.max_queue_delay_ms,
-                             cfg.max_queue_size)
+    servicer: InferenceServicer  # assigned below; the batcher calls this only once requests arrive
+    batcher = DynamicBatcher(lambda s, x: run_tail(servicer._model(), s, x), cfg.max_batch_size,
+                             cfg.max_queue_delay_ms, cfg.max_queue_size)
     options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                ("grpc.max_send_message_length", cfg.max_message_bytes)]
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
@@ -223,21 +246,36 @@ def build_server(cfg: CloudConfig, served: ServedModel) -> CloudServer:
     if port == 0:
         batcher.close(drain=False)
         raise ConfigError(f"config key 'address': cannot listen on {cfg.address!r}")
-    server.start()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return CloudServer(server, port, batcher, health_servicer, cfg.grace_seconds)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.start()
+    running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds)
+    if served is not None:
+        running.set_model(served)
+    return running
 
 
 def serve(cfg: CloudConfig) -> int:
-    """Load the checkpoint, serve until SIGTERM/SIGINT, drain, return 0."""
-    served = ServedModel.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.model_id, cfg.model_version)
-    running = build_server(cfg, served)
-    log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
-             running.port)
+    """Open the port (NOT_SERVING), load the checkpoint, serve until SIGTERM/SIGINT, drain, return 0.
+
+    A checkpoint that fails to load stops the server and re-raises (the CLI exits 2 naming the file).
+    """
+    if not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"config key 'checkpoint': file {cfg.checkpoint!r} does not exist")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    running = build_server(cfg, None)
+    log.info("listening on port %d; loading %s", running.port, cfg.checkpoint)
+    try:
+        served = ServedModel.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.model_id, cfg.model_version)
+    except BaseException:
+        running.server.stop(0)
+        running.batcher.close(drain=False)
+        raise
+    running.set_model(served)
+    log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
+             running.port)
     stop.wait()
     log.info("draining and shutting down")
     running.stop()

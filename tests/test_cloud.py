@@ -168,6 +168,34 @@ def test_stream_and_model_info_and_health(cloud):
     assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_not_serving_until_the_model_is_loaded(checkpoint, small_model):
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0")
+    running = build_server(cfg, None)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.InferenceStub(channel)
+        check = health_pb2.HealthCheckRequest(service="spinn.v1.Inference")
+        assert health_stub.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        x = torch.randn(1, 3, SIZE, SIZE)
+        for call in (lambda: stub.Infer(request(small_model, 3, x), timeout=10),
+                     lambda: stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+        running.set_model(ServedModel.from_checkpoint(load_checkpoint(checkpoint), "spinn", "1"))
+        assert health_stub.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert len(stub.Infer(request(small_model, 3, x), timeout=10).images) == 1
+    finally:
+        running.stop()
+
+
+def test_missing_checkpoint_exits_2_naming_the_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cloud", f"checkpoint={tmp_path / 'none.pt'}",
+                           "address=127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'checkpoint'" in proc.stderr, proc.stderr
+
+
 def test_batcher_drops_expired_work_and_bounds_its_queue():
     calls, gate = [], threading.Event()
 
