@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import grpc
 import torch
 
-from models.checkpoint import Checkpoint
+from models.checkpoint import Checkpoint, load_checkpoint_bytes
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.partition import Tail, profile, tail
@@ -37,13 +38,27 @@ class ServedModel:
     input_size: int
     tails: dict[int, Tail]
     activation_shapes: dict[int, tuple[int, ...]]
+    checkpoint_bytes: bytes = b""  # the file the model came from, for ModelDelivery (empty: not offered)
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return hashlib.sha256(self.checkpoint_bytes).hexdigest()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, model_id: str, model_version: str) -> "ServedModel":
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, model_id: str, model_version: str, checkpoint_bytes: bytes = b""
+    ) -> "ServedModel":
         model = ckpt.model.eval()
         shapes = {p.split_point: p.activation_shape for p in profile(model, ckpt.preprocess.input_size)}
         tails = {s: tail(model, s) for s in shapes}
-        return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes)
+        return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes,
+                   checkpoint_bytes)
+
+    @classmethod
+    def from_file(cls, path: str, model_id: str, model_version: str) -> "ServedModel":
+        """Load ``path`` once; the bytes that built the model are the bytes devices may download."""
+        data = open(path, "rb").read()
+        return cls.from_checkpoint(load_checkpoint_bytes(data, path), model_id, model_version, data)
 
 
 def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int) -> torch.Tensor:
@@ -114,3 +129,17 @@ def answer(
             answered_by_exit=by,
         ))
     return out
+
+
+def checkpoint_chunks(served: ServedModel, chunk_bytes: int) -> list[pb.CheckpointChunk]:
+    """The served checkpoint file as ordered chunks of at most ``chunk_bytes`` bytes, each with the file's hash.
+
+    Raises RequestError FAILED_PRECONDITION when the model was not loaded from a file.
+    """
+    data = served.checkpoint_bytes
+    if not data:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "this cloud offers no checkpoint for download")
+    ref = pb.ModelRef(model_id=served.model_id, model_version=served.model_version)
+    digest = served.checkpoint_sha256
+    return [pb.CheckpointChunk(model=ref, total_bytes=len(data), data=data[i:i + chunk_bytes], sha256=digest)
+            for i in range(0, len(data), chunk_bytes)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,8 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
-from cloud.inference import RequestError, ServedModel, answer, run_tail, validate_request
-from models.checkpoint import load_checkpoint
+from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
 from models.config import ConfigError
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -29,6 +30,9 @@ from proto.codec import C, CodecSpec, Q
 log = logging.getLogger("cloud")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+DELIVERY_NAME = pb.DESCRIPTOR.services_by_name["ModelDelivery"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME, DELIVERY_NAME)
+CHUNK_BYTES = 1 << 20
 DEFAULT_CODEC = CodecSpec("int8", "zstd")
 
 
@@ -54,7 +58,7 @@ class CloudConfig:
     max_batch_size: int = 16
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
-    intra_op_threads: int = 0  # 0: torch's default
+    intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
     rpc_threads: int = 32
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: Optional[str] = None
@@ -95,6 +99,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         default_codecs: dict[int, CodecSpec],
     ) -> None:
         self.served = served  # None while the daemon is still loading its checkpoint
+        self.counts: collections.Counter[str] = collections.Counter()  # final status name -> requests
         self.batcher = batcher
         self.max_batch = max_batch
         self.default_codecs = default_codecs
@@ -133,8 +138,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             status = err.code.name
             context.abort(err.code, err.detail)
         finally:
-            log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
-                                 "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
+            self.counts[status] += 1
+            if log.isEnabledFor(logging.INFO):  # json.dumps per request is measurable at high rates
+                log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
+                                     "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
 
     def Infer(self, request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
         return self._infer(request, context)
@@ -165,6 +172,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
 
+class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
+    """gRPC adapter over cloud.inference.checkpoint_chunks, reading the model the Inference servicer serves."""
+
+    def __init__(self, inference: InferenceServicer) -> None:
+        self.inference = inference
+
+    def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
+        try:
+            served = self.inference._model()
+            wanted = request.model
+            if wanted.model_id and (wanted.model_id, wanted.model_version) != (served.model_id,
+                                                                             served.model_version):
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"model {wanted.model_id!r} version {wanted.model_version!r} is not served; this "
+                                   f"cloud serves {served.model_id!r} version {served.model_version!r}")
+            chunks = checkpoint_chunks(served, CHUNK_BYTES)
+        except RequestError as err:
+            context.abort(err.code, err.detail)
+        yield from chunks
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health checks stay open."""
 
@@ -176,6 +204,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
+        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
@@ -183,7 +212,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         if metadata.get("authorization") == self._expected:
             return continuation(handler_call_details)
-        return self._deny_stream if handler_call_details.method.endswith("/InferStream") else self._deny
+        if handler_call_details.method.endswith("/InferStream"):
+            return self._deny_stream
+        if handler_call_details.method.endswith("/GetCheckpoint"):
+            return self._deny_unary_stream
+        return self._deny
 
 
 @dataclass
@@ -198,16 +231,28 @@ class CloudServer:
     def set_model(self, served: ServedModel) -> None:
         """Start answering with ``served``; health turns SERVING."""
         self.servicer.served = served
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the batcher."""
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         done = self.server.stop(self.grace_seconds)
         done.wait()
         self.batcher.close(drain=True)
+
+
+def intra_op_threads_for(cfg: CloudConfig, cores: int | None = None) -> int:
+    """Torch intra-op threads for the daemon: the configured number, or (0) all cores but one.
+
+    The gRPC threads need a core of their own: when they share every core with the intra-op pool, each op's
+    barrier waits for a preempted worker, and bench/serving.py measured the forward 1.7-2.3x slower per image
+    on 2 cores than with one core left free.
+    """
+    if cfg.intra_op_threads:
+        return cfg.intra_op_threads
+    return max(1, (cores or os.cpu_count() or 1) - 1)
 
 
 def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer:
@@ -216,21 +261,25 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     With ``served=None`` the port opens at once with health NOT_SERVING and Inference calls answered
     UNAVAILABLE, until ``CloudServer.set_model``: orchestrators see a loading daemon, not a dead one.
     """
-    if cfg.intra_op_threads:
-        torch.set_num_threads(cfg.intra_op_threads)
     servicer: InferenceServicer  # assigned below; the batcher calls this only once requests arrive
     batcher = DynamicBatcher(lambda s, x: run_tail(servicer._model(), s, x), cfg.max_batch_size,
                              cfg.max_queue_delay_ms, cfg.max_queue_size)
     options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-               ("grpc.max_send_message_length", cfg.max_message_bytes)]
+               ("grpc.max_send_message_length", cfg.max_message_bytes),
+               # devices keep idle channels alive with pings (device config keepalive_ms >= 10 s)
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+               ("grpc.http2.max_ping_strikes", 0)]
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
                          interceptors=interceptors)
     servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table))
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(servicer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, DELIVERY_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         if cfg.tls_cert:
             creds = grpc.ssl_server_credentials(
@@ -246,7 +295,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     if port == 0:
         batcher.close(drain=False)
         raise ConfigError(f"config key 'address': cannot listen on {cfg.address!r}")
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds)
@@ -262,13 +311,14 @@ def serve(cfg: CloudConfig) -> int:
     """
     if not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"config key 'checkpoint': file {cfg.checkpoint!r} does not exist")
+    torch.set_num_threads(intra_op_threads_for(cfg))  # process-wide, so set by the daemon, not build_server
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     running = build_server(cfg, None)
     log.info("listening on port %d; loading %s", running.port, cfg.checkpoint)
     try:
-        served = ServedModel.from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.model_id, cfg.model_version)
+        served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version)
     except BaseException:
         running.server.stop(0)
         running.batcher.close(drain=False)

@@ -15,6 +15,7 @@ A checkpoint is a plain dict of tensors and builtins (so ``torch.load(..., weigh
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,21 +85,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (train one with train.py first)")
+    return load_checkpoint_bytes(path.read_bytes(), str(path), map_location)
+
+
+def load_checkpoint_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from the bytes of a checkpoint file (e.g. downloaded from the cloud).
+
+    ``source`` names where the bytes came from in errors. Raises CheckpointError.
+    """
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # pickle/zip errors of several types: all mean "not a readable checkpoint"
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
+        raise CheckpointError(f"checkpoint {source!r} cannot be read: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a {FORMAT} file")
+        raise CheckpointError(f"checkpoint {source!r} is not a {FORMAT} file")
     for key in ("model_config", "state_dict", "class_names", "preprocess"):
         if key not in payload:
-            raise CheckpointError(f"checkpoint {str(path)!r} lacks '{key}'")
-    config = from_dict(ModelConfig, payload["model_config"], source=f"{path} model_config")
+            raise CheckpointError(f"checkpoint {source!r} lacks '{key}'")
+    config = from_dict(ModelConfig, payload["model_config"], source=f"{source} model_config")
     model = EarlyExitMobileNetV2(config, exit_points=[int(k) for k in config.exits])
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit its model_config: {err}") from None
+        raise CheckpointError(f"checkpoint {source!r}: weights do not fit its model_config: {err}") from None
     model.eval()
     pre = payload["preprocess"]
     return Checkpoint(

@@ -181,3 +181,147 @@ class Inference:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelDeliveryStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetCheckpoint = channel.unary_stream(
+                '/spinn.v1.ModelDelivery/GetCheckpoint',
+                request_serializer=proto_dot_spinn__v1__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=proto_dot_spinn__v1__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
+
+
+class ModelDeliveryServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GetCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelDeliveryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=proto_dot_spinn__v1__pb2.CheckpointRequest.FromString,
+                    response_serializer=proto_dot_spinn__v1__pb2.CheckpointChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'spinn.v1.ModelDelivery', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('spinn.v1.ModelDelivery', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelDelivery:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spinn.v1.ModelDelivery/GetCheckpoint',
+            proto_dot_spinn__v1__pb2.CheckpointRequest.SerializeToString,
+            proto_dot_spinn__v1__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class DeviceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Classify = channel.unary_unary(
+                '/spinn.v1.Device/Classify',
+                request_serializer=proto_dot_spinn__v1__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=proto_dot_spinn__v1__pb2.ClassifyReply.FromString,
+                _registered_method=True)
+
+
+class DeviceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Classify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DeviceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=proto_dot_spinn__v1__pb2.ClassifyRequest.FromString,
+                    response_serializer=proto_dot_spinn__v1__pb2.ClassifyReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'spinn.v1.Device', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('spinn.v1.Device', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Device:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spinn.v1.Device/Classify',
+            proto_dot_spinn__v1__pb2.ClassifyRequest.SerializeToString,
+            proto_dot_spinn__v1__pb2.ClassifyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -38,7 +38,7 @@ def checkpoint(small_model, tmp_path):
 
 def start(checkpoint, **overrides):
     cfg = CloudConfig(checkpoint=str(checkpoint), **{"address": "127.0.0.1:0", **overrides})
-    served = ServedModel.from_checkpoint(load_checkpoint(checkpoint), cfg.model_id, cfg.model_version)
+    served = ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version)
     return build_server(cfg, served)
 
 
@@ -362,3 +362,28 @@ def test_shipped_cloud_configs_are_valid():
 
     for path in sorted((ROOT / "apps").glob("cloud*.yml")):
         from_dict(CloudConfig, load_yaml(path), source=str(path))
+
+
+def test_intra_op_threads_leave_a_core_for_grpc():
+    from cloud.server import intra_op_threads_for
+
+    assert intra_op_threads_for(CloudConfig(), cores=2) == 1
+    assert intra_op_threads_for(CloudConfig(), cores=1) == 1
+    assert intra_op_threads_for(CloudConfig(), cores=16) == 15
+    assert intra_op_threads_for(CloudConfig(intra_op_threads=3), cores=2) == 3
+
+
+def test_checkpoint_download_is_the_served_file(cloud, checkpoint):
+    import hashlib
+
+    running, stub, _ = cloud
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    delivery = pb_grpc.ModelDeliveryStub(channel)
+    chunks = list(delivery.GetCheckpoint(pb.CheckpointRequest(), timeout=30))
+    data = b"".join(c.data for c in chunks)
+    assert data == checkpoint.read_bytes() and chunks[0].total_bytes == len(data)
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(grpc.RpcError) as err:
+        list(delivery.GetCheckpoint(pb.CheckpointRequest(model=pb.ModelRef(model_id="other", model_version="9")),
+                                    timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'other'" in err.value.details()
