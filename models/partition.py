@@ -7,6 +7,7 @@ of the same ``nn.Sequential``, no copies), so ``tail(s)(head(s)(x).activation)``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,17 @@ class Head(nn.Module):
             self.blocks, dict(zip(self.exit_points, self.exits)), x, 0, self.split_point
         )
         return HeadOutput(activation, logits)
+
+    def steps(self, x: Tensor) -> Iterator[tuple[int, Tensor, Optional[Tensor]]]:
+        """Run the head one block at a time, so a caller can stop at a confident exit.
+
+        Yields ``(boundary, activation (B, C, H, W), exit logits (B, classes) or None)`` for boundaries
+        1..split_point; the ops are those of ``forward`` (same ``run_segment``).
+        """
+        exits = dict(zip(self.exit_points, self.exits))
+        for k in range(self.split_point):
+            x, logits = run_segment(self.blocks, exits, x, k, k + 1)
+            yield k + 1, x, (logits[0] if logits else None)
 
 
 class Tail(nn.Module):

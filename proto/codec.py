@@ -58,6 +58,15 @@ class CodecSpec:
         per_channel = quant.endswith("-pc")
         return cls(quant[:-3] if per_channel else quant, compression, per_channel)
 
+    @classmethod
+    def from_message(cls, msg: pb.Codec, per_channel: bool = False) -> "CodecSpec":
+        """The spec a ``Codec`` message announces (e.g. ModelInfo's default codec); raises ValueError."""
+        try:
+            quant, compression = Q.Name(msg.quantization), C.Name(msg.compression)
+        except ValueError:
+            raise ValueError(f"codec {msg.quantization}/{msg.compression} is not a known codec") from None
+        return cls(quant.lower(), compression.lower(), per_channel)
+
     def message(self) -> pb.Codec:
         """The codec as announced in ModelInfo (no scale/zero point: those are per tensor)."""
         return pb.Codec(quantization=getattr(Q, self.quantization.upper()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import sys
 from pathlib import Path
 
@@ -12,7 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # train.py / test.py live at the repo root
 
+from models.checkpoint import save_checkpoint  # noqa: E402
+from models.datasets import Preprocess  # noqa: E402
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig  # noqa: E402
+
+SIZE = 32  # input size of the small test checkpoint
+NAMES = [f"c{i}" for i in range(10)]
 
 
 @pytest.fixture
@@ -34,3 +40,36 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (real data and weights) is not present")
     return SHARED
+
+
+@pytest.fixture
+def checkpoint(small_model, tmp_path) -> Path:
+    """``small_model`` saved as a train.py checkpoint (32 px input, classes c0..c9)."""
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, small_model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
+    return path
+
+
+def make_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed CA certificate for "localhost" and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+

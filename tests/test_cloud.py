@@ -1,7 +1,5 @@
 """The cloud daemon on a real loopback port with a real (small) model."""
 
-import datetime
-import os
 import signal
 import subprocess
 import sys
@@ -17,23 +15,13 @@ from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server, load_codec_table
 from models.config import ConfigError
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.datasets import Preprocess
+from models.checkpoint import load_checkpoint
 from models.partition import head
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import CodecSpec, encode
-from tests.conftest import ROOT
+from tests.conftest import NAMES, ROOT, SIZE, make_cert
 
-SIZE = 32
-NAMES = [f"c{i}" for i in range(10)]
-
-
-@pytest.fixture
-def checkpoint(small_model, tmp_path):
-    path = tmp_path / "model.pt"
-    save_checkpoint(path, small_model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
-    return path
 
 
 def start(checkpoint, **overrides):
@@ -296,28 +284,6 @@ def test_bad_cloud_config_names_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cloud", "max_batch_size=0"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "max_batch_size" in proc.stderr
-
-
-def make_cert(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_tls_and_bearer_token(checkpoint, small_model, tmp_path):

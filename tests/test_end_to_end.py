@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from models.checkpoint import load_checkpoint
 from tests.conftest import ROOT

@@ -77,3 +77,17 @@ def test_exit_resolution_errors_name_the_key():
         resolve_exit_points([9, 0.45], flops)
     with pytest.raises(ConfigError, match=r"exits\[1\]"):
         ModelConfig(exits=[0.2, 1.5]).validate()
+
+
+def test_head_steps_match_forward(small_model):
+    x = torch.randn(2, 3, 32, 32)
+    h = head(small_model, 9)
+    with torch.no_grad():
+        want = h(x)
+        steps = list(h.steps(x))
+    assert [b for b, _, _ in steps] == list(range(1, 10))
+    assert torch.equal(steps[-1][1], want.activation)
+    got = [logits for _, _, logits in steps if logits is not None]
+    assert [b for b, _, logits in steps if logits is not None] == h.exit_points
+    for a, b in zip(got, want.exit_logits):
+        assert torch.equal(a, b)

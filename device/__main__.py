@@ -1,0 +1,90 @@
+"""``python -m device serve|classify --config apps/device.yml [key=value ...]``: the device daemon and CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from device.config import DeviceConfig
+from device.images import ImageError
+from device.runtime import DeviceRuntime
+from device.server import serve
+from models.checkpoint import CheckpointError
+from models.config import ConfigError, load_config
+
+log = logging.getLogger("device")
+
+
+def split_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from image paths (an existing file is always an image)."""
+    overrides, images = [], []
+    for item in items:
+        (overrides if "=" in item and not Path(item).exists() else images).append(item)
+    return overrides, images
+
+
+def format_row(image: str, r: dict) -> str:
+    return (f"{image[-32:]:<32} {r['label'][:20]:<20} {r['confidence']:>6.3f} {r['answered_by']:<14} "
+            f"{('yes' if r['degraded'] else 'no'):<8} {r['bytes_sent']:>7} {r['latency_ms']:>9.1f}")
+
+
+def classify(cfg: DeviceConfig, images: list[str], as_json: bool) -> int:
+    """Classify each image once; prints a table or JSON lines. Returns 1 if any image could not be read."""
+    runtime = DeviceRuntime.start(cfg)
+    failed = False
+    try:
+        if not as_json:
+            print(f"{'image':<32} {'label':<20} {'conf':>6} {'answered_by':<14} {'degraded':<8} {'bytes':>7} "
+                  f"{'ms':>9}")
+        for image in images:
+            try:
+                result = runtime.classify_bytes(Path(image).read_bytes()).to_json(image=image)
+            except (ImageError, OSError) as err:
+                failed = True
+                if as_json:
+                    print(json.dumps({"image": image, "error": str(err)}), flush=True)
+                else:
+                    print(f"{image[-32:]:<32} error: {err}", flush=True)
+                continue
+            print(json.dumps(result) if as_json else format_row(image, result), flush=True)
+            if result["degraded"] and not as_json:
+                print(f"    degraded: {result['reason']}")
+    finally:
+        runtime.close()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device", description="SPINN device daemon and CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the daemon (local Classify API, optional folder watch)")
+    p_serve.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
+    p_serve.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_classify = sub.add_parser("classify", help="classify images once and print the answers")
+    p_classify.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
+    p_classify.add_argument("--json", action="store_true", help="one JSON object per image")
+    p_classify.add_argument("items", nargs="+", help="image files, and key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "serve":
+            cfg = load_config(DeviceConfig, args.config, args.overrides)
+            logging.getLogger().setLevel(cfg.log_level.upper())
+            return serve(cfg)
+        overrides, images = split_args(args.items)
+        if not images:
+            parser.error("classify needs at least one image file")
+        cfg = load_config(DeviceConfig, args.config, overrides)
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        return classify(cfg, images, args.json)
+    except (ConfigError, CheckpointError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Keys of ``apps/device.yml``: what the device daemon and ``python -m device classify`` read."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from models.config import ConfigError
+from proto.codec import CodecSpec
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
+
+
+@dataclass
+class DeviceConfig:
+    """Device config (README: device config reference). Times are milliseconds unless the name says seconds."""
+
+    checkpoint: str = "runs/quickstart/best_model.pt"  # local file, or "cloud": download it from the cloud
+    cloud: Union[str, list[str]] = "127.0.0.1:50051"  # host:port, a comma-separated list, or a YAML list
+    model_id: str = "spinn"
+    model_version: str = "1"
+    split_point: int = 7
+    z_confidence_threshold: float = 0.7
+    confidence: str = "top1"  # top1 | entropy (models.exit_policy.confidence)
+    deadline_ms: float = 500.0
+    codec: Optional[str] = None  # e.g. "int8+zstd"; None: the cloud's default for the split (int8+zstd offline)
+    top_k: int = 5
+    # channel
+    max_attempts: int = 3  # gRPC retry policy on UNAVAILABLE, always within deadline_ms
+    keepalive_ms: int = 30_000
+    max_message_bytes: int = 16 * 1024 * 1024
+    tls_ca: Optional[str] = None  # set: TLS to the cloud, trusting this CA bundle
+    tls_cert: Optional[str] = None  # client certificate for mutual TLS
+    tls_key: Optional[str] = None
+    tls_server_name: Optional[str] = None  # name on the cloud's certificate when it differs from the address
+    auth_token: Optional[str] = None  # sent as "authorization: Bearer <token>"
+    # circuit breaker
+    breaker_failures: int = 3  # consecutive network failures that open it
+    breaker_probe_seconds: float = 1.0  # health probe period while open
+    # measurements
+    ewma_alpha: float = 0.2
+    # local API and folder watch (python -m device serve)
+    listen: str = "127.0.0.1:50061"
+    watch_dir: Optional[str] = None
+    watch_results: Optional[str] = None  # JSON lines; None: <watch_dir>/results.jsonl
+    watch_interval_seconds: float = 1.0
+    # input limits
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    intra_op_threads: int = 0  # 0: torch's default
+    log_level: str = "INFO"
+
+    def addresses(self) -> list[str]:
+        """The cloud addresses as a list of ``host:port``."""
+        items = self.cloud if isinstance(self.cloud, list) else self.cloud.split(",")
+        return [a.strip() for a in items if a.strip()]
+
+    def codec_spec(self) -> Optional[CodecSpec]:
+        return None if self.codec is None else CodecSpec.from_name(self.codec)
+
+    def validate(self) -> None:
+        addresses = self.addresses()
+        if not addresses:
+            raise ConfigError("config key 'cloud': no address given")
+        for address in addresses + [self.listen]:
+            if not _ADDRESS.match(address):
+                key = "listen" if address == self.listen and address not in addresses else "cloud"
+                raise ConfigError(f"config key '{key}': {address!r} is not host:port")
+        if self.split_point < 0:
+            raise ConfigError(f"config key 'split_point': must be >= 0, got {self.split_point}")
+        if not 0.0 <= self.z_confidence_threshold <= 1.0:
+            raise ConfigError(
+                f"config key 'z_confidence_threshold': must be in [0, 1], got {self.z_confidence_threshold}")
+        if self.confidence not in ("top1", "entropy"):
+            raise ConfigError(f"config key 'confidence': must be 'top1' or 'entropy', got {self.confidence!r}")
+        for key in ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
+        for key in ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
+                    "max_image_bytes", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if self.max_attempts > 5:
+            raise ConfigError(f"config key 'max_attempts': gRPC allows at most 5, got {self.max_attempts}")
+        if not 0.0 < self.ewma_alpha <= 1.0:
+            raise ConfigError(f"config key 'ewma_alpha': must be in (0, 1], got {self.ewma_alpha}")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"config key 'intra_op_threads': must be >= 0, got {self.intra_op_threads}")
+        try:
+            self.codec_spec()
+        except ValueError as err:
+            raise ConfigError(f"config key 'codec': {err}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ConfigError("config key 'tls_ca': a client certificate needs TLS (set tls_ca)")
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config key '{key}': file {path!r} does not exist")
+        if self.checkpoint != "cloud" and not Path(self.checkpoint).is_file():
+            raise ConfigError(f"config key 'checkpoint': file {self.checkpoint!r} does not exist (train one with "
+                              "train.py, or set checkpoint=cloud to download the cloud's)")
+        if self.watch_dir is not None and not Path(self.watch_dir).is_dir():
+            raise ConfigError(f"config key 'watch_dir': {self.watch_dir!r} is not a folder")
+        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
+            raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")

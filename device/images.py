@@ -1,0 +1,40 @@
+"""Turning untrusted image bytes into a model input, with a clear error for anything that is not an image."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """The ``image`` field cannot be used; the message says why (empty, too big, not an image, truncated)."""
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode JPEG/PNG/... bytes into an RGB PIL image (grayscale and palette images are converted).
+
+    Size limits are checked before decoding pixels: ``max_bytes`` on the encoded size and ``max_pixels`` on
+    width x height read from the header, so a decompression bomb costs nothing. Raises ImageError.
+    """
+    if not data:
+        raise ImageError("image: empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(f"image: {len(data)} bytes is over the limit of {max_bytes} (max_image_bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image: {width}x{height} pixels is over the limit of {max_pixels} "
+                                 "(max_image_pixels)")
+            image.load()  # decodes now, so truncated data fails here and not inside the transform
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("image: not a recognised image format (JPEG or PNG expected)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"image: cannot be decoded ({err})") from None
+    return image.convert("RGB")
