@@ -1,10 +1,16 @@
 """Evaluate a trained early-exit model offline: the confidence-threshold table.
 
     python test.py app:apps/quickstart_test.yml [z_confidence_threshold=0.5] [split_point=7] [key=value ...]
+    python test.py app:apps/quickstart_test.yml --live 127.0.0.1:50051   # also through a running cloud
 
 One pass over the validation set caches every exit's output; each threshold is then a cheap replay of the
 first-confident-exit policy (models/exit_policy.py). Writes ``test_results.json``, ``test_results.csv`` and
 ``test_results.png`` (accuracy vs uploading rate) into ``log_dir``.
+
+``--live HOST:PORT`` then sends the same images, one request at a time, through the real device runtime
+(device/runtime.py) to a running cloud, for each threshold, and reports the same table measured live plus bytes
+per image and latency; results in ``test_results_live.json``. On the same checkpoint the live accuracy equals the
+offline one up to the codec's loss.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -89,8 +96,63 @@ def write_plot(path: Path, rows: list[ThresholdRow], cloud_only: float, device_o
     plt.close(fig)
 
 
-def run(cfg: AppConfig) -> dict:
-    """Evaluate ``cfg.checkpoint`` and write the reports; returns the JSON written to test_results.json."""
+def run_live(cfg: AppConfig, address: str, split: int, dataset, offline: list[ThresholdRow]) -> dict:
+    """Send ``dataset`` through a DeviceRuntime talking to the cloud at ``address``, once per threshold.
+
+    Returns (and writes to ``test_results_live.json``) per threshold: uploading rate, accuracy, per-exit rates,
+    mean bytes sent per image, latency p50/p95 (ms), degraded count, and the offline accuracy next to it.
+    """
+    from device.config import DeviceConfig
+    from device.runtime import DeviceRuntime
+    from models.config import from_dict
+
+    device_cfg = from_dict(DeviceConfig, {"checkpoint": str(cfg.checkpoint_path()), "cloud": address,
+                                          "split_point": split, "confidence": cfg.confidence,
+                                          "deadline_ms": 30_000.0, "log_level": "WARNING"},
+                           source="--live")
+    runtime = DeviceRuntime.start(device_cfg)
+    rows = []
+    try:
+        exit_points = runtime.head.exit_points
+        for threshold, ref in zip([r.threshold for r in offline], offline):
+            runtime.set_threshold(threshold)
+            by, correct, sent, latency, degraded = [], 0, 0, [], 0
+            for x, label in tqdm(dataset, desc=f"live tau={threshold:g}", leave=False, disable=None):
+                result = runtime.classify_tensor(x)
+                by.append(result.answered_by)
+                correct += int(result.class_id == int(label))
+                sent += result.bytes_sent
+                latency.append(result.latency_ms)
+                degraded += int(result.degraded)
+            n = len(by)
+            rows.append({
+                "threshold": threshold, "uploading_rate": by.count("cloud") / n, "accuracy": correct / n,
+                "exit_rates": [by.count(f"device:exit-{k}") / n for k in exit_points],
+                "bytes_per_image": sent / n, "latency_p50_ms": float(np.percentile(latency, 50)),
+                "latency_p95_ms": float(np.percentile(latency, 95)), "degraded": degraded,
+                "offline_accuracy": ref.accuracy, "offline_uploading_rate": ref.uploading_rate,
+            })
+    finally:
+        runtime.close()
+    return {"address": address, "codec": runtime.codec.name, "split_point": split, "num_images": len(dataset),
+            "exit_points": exit_points, "rows": rows}
+
+
+def format_live_table(live: dict) -> str:
+    head = (f"{'threshold':>9} {'upload':>7} {'accuracy':>8} {'offline':>8} {'bytes/img':>10} {'p50 ms':>7} "
+            f"{'p95 ms':>7} {'degraded':>8}")
+    lines = [head, "-" * len(head)]
+    for r in live["rows"]:
+        lines.append(f"{r['threshold']:9.3f} {r['uploading_rate']:7.3f} {r['accuracy']:8.4f} "
+                     f"{r['offline_accuracy']:8.4f} {r['bytes_per_image']:10.0f} {r['latency_p50_ms']:7.1f} "
+                     f"{r['latency_p95_ms']:7.1f} {r['degraded']:8d}")
+    return "\n".join(lines)
+
+
+def run(cfg: AppConfig, live: str | None = None) -> dict:
+    """Evaluate ``cfg.checkpoint`` and write the reports; returns the JSON written to test_results.json.
+
+    With ``live`` (``HOST:PORT`` of a running cloud) also runs the live evaluation (``run_live``)."""
     ckpt = load_checkpoint(cfg.checkpoint_path())
     model = ckpt.model
     split = cfg.split_point if cfg.split_point is not None else max(model.exit_points)
@@ -143,13 +205,36 @@ def run(cfg: AppConfig) -> dict:
           f"{'n/a' if device_only is None else f'{device_only:.4f}'}")
     print(format_table(rows, cache.exit_points))
     print(f"wrote {out / 'test_results.json'}, .csv and .png")
+    if live is not None:
+        result["live"] = run_live(cfg, live, split, data.val, rows)
+        (out / "test_results_live.json").write_text(json.dumps(result["live"], indent=2))
+        print(f"live through the device runtime and the cloud at {live} (codec {result['live']['codec']}):")
+        print(format_live_table(result["live"]))
+        print(f"wrote {out / 'test_results_live.json'}")
     return result
+
+
+def split_live(argv: list[str]) -> tuple[list[str], str | None]:
+    """Take ``--live HOST:PORT`` (or ``--live=HOST:PORT``) out of ``argv``; ConfigError if it has no value."""
+    rest, live = [], None
+    items = iter(argv)
+    for item in items:
+        if item == "--live":
+            live = next(items, None)
+            if live is None or "=" in live:
+                raise ConfigError("--live needs the cloud's HOST:PORT")
+        elif item.startswith("--live="):
+            live = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return rest, live
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run(parse_app_argv(AppConfig, argv))
+        rest, live = split_live(argv)
+        run(parse_app_argv(AppConfig, rest), live)
     except (ConfigError, CheckpointError) as err:
         log.error("%s", err)
         return 2

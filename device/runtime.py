@@ -129,6 +129,12 @@ class DeviceRuntime:
                     break
         return OFFLINE_CODEC
 
+    def set_threshold(self, threshold: float) -> None:
+        """Change the confidence threshold for the next requests (test.py --live sweeps it; a scheduler tunes it)."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"z_confidence_threshold must be in [0, 1], got {threshold}")
+        self.cfg.z_confidence_threshold = threshold
+
     # -- classification -------------------------------------------------------------------------------------
 
     def classify_bytes(self, data: bytes, top_k: Optional[int] = None) -> ClassifyResult:

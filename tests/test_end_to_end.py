@@ -75,6 +75,35 @@ def test_bad_split_point_names_the_key(tmp_path):
     assert proc.returncode == 2 and "split_point" in proc.stderr
 
 
+def test_live_evaluation_through_device_and_cloud_matches_offline(tmp_path):
+    from cloud.inference import ServedModel
+    from cloud.server import CloudConfig, build_server
+
+    log_dir = tmp_path / "run"
+    run("train.py", "app:apps/quickstart_train.yml", *TINY, "num_epochs=1", f"log_dir={log_dir}")
+    checkpoint = str(log_dir / "best_model.pt")
+    cloud = build_server(CloudConfig(checkpoint=checkpoint, address="127.0.0.1:0", log_level="WARNING"),
+                         ServedModel.from_file(checkpoint, "spinn", "1"))
+    try:
+        proc = run("test.py", "app:apps/quickstart_test.yml", *TINY, f"log_dir={log_dir}", "split_point=7",
+                   "thresholds=[0.0,0.5,1.0]", "--live", f"127.0.0.1:{cloud.port}")
+    finally:
+        cloud.stop()
+    assert "live through the device runtime" in proc.stdout
+    live = json.loads((log_dir / "test_results_live.json").read_text())
+    assert live["codec"] == "int8+zstd" and live["num_images"] == 128
+    by_threshold = {r["threshold"]: r for r in live["rows"]}
+    assert by_threshold[0.0]["accuracy"] == by_threshold[0.0]["offline_accuracy"]  # device exits only: exact
+    assert by_threshold[0.0]["bytes_per_image"] == 0
+    assert by_threshold[1.0]["uploading_rate"] == 1.0 and by_threshold[1.0]["bytes_per_image"] > 0
+    for row in live["rows"]:
+        assert row["degraded"] == 0
+        assert abs(row["uploading_rate"] - row["offline_uploading_rate"]) <= 1 / 128
+        assert abs(row["accuracy"] - row["offline_accuracy"]) <= 2 / 128  # int8 codec loss, if any
+    bad = run("test.py", "app:apps/quickstart_test.yml", f"log_dir={log_dir}", "--live", check=False)
+    assert bad.returncode == 2 and "--live" in bad.stderr
+
+
 @pytest.mark.slow
 def test_full_quickstart_shows_a_real_trade_off(tmp_path):
     """The README's quickstart at its real size (about 3-4 minutes on 2 cores)."""
