@@ -33,6 +33,7 @@ from models.config import ConfigError, parse_app_argv
 from models.datasets import build_datasets
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import CachedOutputs, ThresholdRow, confidence, device_only_accuracy, evaluate_threshold
+from models.hardware import resolve_device
 from models.partition import check_split_point, profile
 
 log = logging.getLogger("test")
@@ -165,7 +166,7 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
                           cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, with_train=False)
     if data.class_names != ckpt.class_names:
         raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({cfg.checkpoint_path()})")
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     loader = DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
     cache = cache_outputs(model, loader, split, cfg.confidence, device)
 

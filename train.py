@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from models.app_config import AppConfig
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.hardware import resolve_device
 from models.config import ConfigError, parse_app_argv
 from models.datasets import build_datasets
 from models.early_exit import EarlyExitMobileNetV2, load_pretrained
@@ -44,13 +45,10 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': cuda requested but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_initialized():
+    device = resolve_device(name)
+    if device.type == "cuda" and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+    return device
 
 
 def lr_factor(cfg: AppConfig, step: int, steps_per_epoch: int) -> float:

@@ -44,21 +44,28 @@ class ServedModel:
     def checkpoint_sha256(self) -> str:
         return hashlib.sha256(self.checkpoint_bytes).hexdigest()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, model_id: str, model_version: str, checkpoint_bytes: bytes = b""
+        cls, ckpt: Checkpoint, model_id: str, model_version: str, checkpoint_bytes: bytes = b"",
+        device: torch.device = torch.device("cpu"),
     ) -> "ServedModel":
         model = ckpt.model.eval()
         shapes = {p.split_point: p.activation_shape for p in profile(model, ckpt.preprocess.input_size)}
+        model.to(device)  # after profiling, which runs on the CPU
         tails = {s: tail(model, s) for s in shapes}
         return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes,
                    checkpoint_bytes)
 
     @classmethod
-    def from_file(cls, path: str, model_id: str, model_version: str) -> "ServedModel":
+    def from_file(cls, path: str, model_id: str, model_version: str,
+                  device: torch.device = torch.device("cpu")) -> "ServedModel":
         """Load ``path`` once; the bytes that built the model are the bytes devices may download."""
         data = open(path, "rb").read()
-        return cls.from_checkpoint(load_checkpoint_bytes(data, path), model_id, model_version, data)
+        return cls.from_checkpoint(load_checkpoint_bytes(data, path), model_id, model_version, data, device)
 
 
 def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int) -> torch.Tensor:
@@ -99,8 +106,10 @@ def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int
 
 @torch.no_grad()
 def run_tail(served: ServedModel, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
-    """Run the tail of ``split_point`` on a batch ``(B, C, H, W)``; returns later exits' and final logits."""
-    return served.tails[split_point](activations)
+    """Run the tail of ``split_point`` on a batch ``(B, C, H, W)``; returns later exits' and final logits
+    ``(B, classes)`` on the CPU, wherever the model runs."""
+    outputs = served.tails[split_point](activations.to(served.device))
+    return [o.float().cpu() for o in outputs]
 
 
 def answer(

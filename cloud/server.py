@@ -13,7 +13,7 @@ import uuid
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import grpc
 import torch
@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
+from cloud.worker import ForwardWorker, WorkerError
 from models.config import ConfigError
+from models.hardware import resolve_device
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import C, CodecSpec, Q
@@ -67,6 +69,8 @@ class CloudConfig:
     auth_token: Optional[str] = None  # set: every call needs "authorization: Bearer <token>"
     codec_table: Optional[str] = None  # bench/codec.py JSON: default codec per split point; None: int8+zstd
     grace_seconds: float = 10.0
+    torch_device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
+    forward_process: bool = False  # run the tail forward in a worker process (cloud/worker.py)
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -89,6 +93,7 @@ class CloudConfig:
             raise ConfigError(f"config key 'codec_table': file {self.codec_table!r} does not exist")
         if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
             raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
+        resolve_device(self.torch_device, "torch_device")
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -99,10 +104,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         default_codecs: dict[int, CodecSpec],
     ) -> None:
         self.served = served  # None while the daemon is still loading its checkpoint
+        self.forward: Optional[Callable[[int, torch.Tensor], list[torch.Tensor]]] = None  # None: in-process
         self.counts: collections.Counter[str] = collections.Counter()  # final status name -> requests
         self.batcher = batcher
         self.max_batch = max_batch
         self.default_codecs = default_codecs
+
+    def run_batch(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
+        """The batcher's forward: the worker process when there is one, else this process."""
+        if self.forward is not None:
+            return self.forward(split_point, activations)
+        return run_tail(self._model(), split_point, activations)
 
     def _model(self) -> ServedModel:
         served = self.served
@@ -127,6 +139,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
             except DeadlineExpired as err:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
+            except WorkerError as err:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
             batch = result.batch_size
             images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
             return pb.Prediction(
@@ -227,9 +241,12 @@ class CloudServer:
     health: health.HealthServicer
     servicer: InferenceServicer
     grace_seconds: float
+    worker: Optional[ForwardWorker] = None
 
-    def set_model(self, served: ServedModel) -> None:
-        """Start answering with ``served``; health turns SERVING."""
+    def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
+        """Start answering with ``served`` (its forward in ``worker`` when given); health turns SERVING."""
+        self.worker = worker
+        self.servicer.forward = worker.run if worker is not None else None
         self.servicer.served = served
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -241,6 +258,8 @@ class CloudServer:
         done = self.server.stop(self.grace_seconds)
         done.wait()
         self.batcher.close(drain=True)
+        if self.worker is not None:
+            self.worker.close()
 
 
 def intra_op_threads_for(cfg: CloudConfig, cores: int | None = None) -> int:
@@ -261,8 +280,8 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     With ``served=None`` the port opens at once with health NOT_SERVING and Inference calls answered
     UNAVAILABLE, until ``CloudServer.set_model``: orchestrators see a loading daemon, not a dead one.
     """
-    servicer: InferenceServicer  # assigned below; the batcher calls this only once requests arrive
-    batcher = DynamicBatcher(lambda s, x: run_tail(servicer._model(), s, x), cfg.max_batch_size,
+    servicer: InferenceServicer  # assigned below; the batcher calls it only once requests arrive
+    batcher = DynamicBatcher(lambda s, x: servicer.run_batch(s, x), cfg.max_batch_size,
                              cfg.max_queue_delay_ms, cfg.max_queue_size)
     options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -311,19 +330,27 @@ def serve(cfg: CloudConfig) -> int:
     """
     if not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"config key 'checkpoint': file {cfg.checkpoint!r} does not exist")
-    torch.set_num_threads(intra_op_threads_for(cfg))  # process-wide, so set by the daemon, not build_server
+    # Process-wide, so set by the daemon, not build_server; with a worker process this one only decodes.
+    torch.set_num_threads(1 if cfg.forward_process else intra_op_threads_for(cfg))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     running = build_server(cfg, None)
     log.info("listening on port %d; loading %s", running.port, cfg.checkpoint)
+    device = resolve_device(cfg.torch_device, "torch_device")
     try:
-        served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version)
+        if cfg.forward_process:
+            # The worker owns the model that computes; this process keeps a CPU copy for metadata only.
+            served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version)
+            worker = ForwardWorker(served.checkpoint_bytes, cfg.checkpoint, device, intra_op_threads_for(cfg))
+        else:
+            served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version, device)
+            worker = None
     except BaseException:
         running.server.stop(0)
         running.batcher.close(drain=False)
         raise
-    running.set_model(served)
+    running.set_model(served, worker)
     log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
              running.port)
     stop.wait()

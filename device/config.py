@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from models.config import ConfigError
+from models.hardware import resolve_device
 from proto.codec import CodecSpec
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
@@ -51,6 +52,7 @@ class DeviceConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     intra_op_threads: int = 0  # 0: torch's default
+    torch_device: str = "auto"  # auto: CUDA when torch sees a GPU (e.g. a Jetson), else CPU
     log_level: str = "INFO"
 
     def addresses(self) -> list[str]:
@@ -108,3 +110,4 @@ class DeviceConfig:
             raise ConfigError(f"config key 'watch_dir': {self.watch_dir!r} is not a folder")
         if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
             raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
+        resolve_device(self.torch_device, "torch_device")

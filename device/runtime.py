@@ -20,6 +20,7 @@ from device.stats import BlockTimes, LinkStats
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from models.config import ConfigError
 from models.exit_policy import confidence
+from models.hardware import resolve_device
 from models.early_exit import run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
@@ -73,7 +74,8 @@ class DeviceRuntime:
         except ValueError as err:
             raise ConfigError(f"config key 'split_point': {err}") from None
         self.cfg = cfg
-        self.model = checkpoint.model.eval()
+        self.torch_device = resolve_device(cfg.torch_device, "torch_device")
+        self.model = checkpoint.model.eval().to(self.torch_device)
         self.class_names = checkpoint.class_names
         self.preprocess = checkpoint.preprocess
         self.transform = checkpoint.preprocess.eval_transform()
@@ -148,7 +150,7 @@ class DeviceRuntime:
         """Classify one preprocessed image ``(3, H, W)`` (or ``(1, 3, H, W)``)."""
         started = time.perf_counter() if started is None else started
         k = top_k or self.cfg.top_k
-        x = x.unsqueeze(0) if x.dim() == 3 else x
+        x = (x.unsqueeze(0) if x.dim() == 3 else x).to(self.torch_device)
         deepest: Optional[tuple[int, Tensor]] = None
         threshold = self.cfg.z_confidence_threshold
         with torch.no_grad():

@@ -231,8 +231,10 @@ def test_graceful_stop_finishes_in_flight_work(checkpoint, small_model):
         stub.Infer(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=2)
 
 
-def test_sigterm_drains_and_exits_zero(checkpoint):
-    proc = subprocess.Popen([sys.executable, "-m", "cloud", f"checkpoint={checkpoint}", "address=127.0.0.1:0"],
+@pytest.mark.parametrize("forward_process", [False, True])
+def test_sigterm_drains_and_exits_zero(checkpoint, small_model, forward_process):
+    proc = subprocess.Popen([sys.executable, "-m", "cloud", f"checkpoint={checkpoint}", "address=127.0.0.1:0",
+                             f"forward_process={str(forward_process).lower()}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
@@ -243,8 +245,13 @@ def test_sigterm_drains_and_exits_zero(checkpoint):
             if "serving spinn" in line:
                 break
         assert "serving spinn" in "".join(lines), "".join(lines)
+        port = int(lines[-1].rsplit("on port ", 1)[1])
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        assert len(stub.Infer(request(small_model, 4, torch.randn(1, 3, SIZE, SIZE)), timeout=60).images) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        rest = proc.stdout.read()
+        assert "Traceback" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -353,3 +360,36 @@ def test_checkpoint_download_is_the_served_file(cloud, checkpoint):
         list(delivery.GetCheckpoint(pb.CheckpointRequest(model=pb.ModelRef(model_id="other", model_version="9")),
                                     timeout=30))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'other'" in err.value.details()
+
+
+def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoint, small_model):
+    from cloud.worker import ForwardWorker, WorkerError
+
+    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
+    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1)
+    running = start(checkpoint)
+    running.set_model(served, worker)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with torch.no_grad():
+            want = torch.softmax(small_model(x)[-1], -1)
+        for attempt in range(2):
+            reply = stub.Infer(request(small_model, 5, x), timeout=120)
+            got = torch.tensor([[c.probability for c in image.top_k] for image in reply.images])
+            torch.testing.assert_close(got, want.topk(3).values, atol=1e-5, rtol=0)
+            if attempt == 0:
+                worker.process.kill()  # the next batch restarts it
+                worker.process.join()
+        with pytest.raises(WorkerError, match="KeyError|split"):
+            worker.run(99, torch.zeros(1, 1, 1, 1))  # an error inside the worker comes back as WorkerError
+    finally:
+        running.stop()
+    assert not worker.process.is_alive()
+
+
+def test_forward_process_with_a_bad_checkpoint_fails_clearly():
+    from cloud.worker import ForwardWorker, WorkerError
+
+    with pytest.raises(WorkerError, match="cannot be read"):
+        ForwardWorker(b"not a checkpoint", "bad.pt", torch.device("cpu"), 1)

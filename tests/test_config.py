@@ -64,3 +64,17 @@ def test_train_py_reports_the_bad_key_and_exits_2(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "bogus_key" in proc.stderr
+
+
+def test_resolve_device_names_the_key():
+    import torch
+
+    from models.hardware import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'torch_device'"):
+        resolve_device("gpu", "torch_device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'torch_device'.*no CUDA"):
+            resolve_device("cuda", "torch_device")

@@ -356,3 +356,24 @@ def test_round_robin_spreads_offloads_over_replicas(checkpoint):
         for r in replicas:
             r.stop()
     assert all(r.servicer.counts["OK"] >= 3 for r in replicas)
+
+
+def test_device_daemon_serves_and_exits_zero_on_sigterm(checkpoint, cloud):
+    proc = subprocess.Popen([sys.executable, "-m", "device", "serve", f"checkpoint={checkpoint}",
+                             f"cloud=127.0.0.1:{cloud.port}", "listen=127.0.0.1:0"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            if "device API on port" in line:
+                port = int(line.split("device API on port ")[1].split()[0].rstrip(","))
+                break
+        assert port, "the daemon did not report its port"
+        stub = pb_grpc.DeviceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        reply = stub.Classify(pb.ClassifyRequest(request_id="a", image=image_bytes(7)), timeout=30)
+        assert reply.request_id == "a" and reply.label in NAMES
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
