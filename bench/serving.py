@@ -1,8 +1,9 @@
 """Serving benchmark: 16 concurrent gRPC clients against the cloud daemon vs the in-process tail forward.
 
-    python bench/serving.py --checkpoint runs/quickstart/best_model.pt --split-point 7
+    python bench/serving.py --checkpoint runs/quickstart/best_model.pt --split-point 7 [--out serving]
     python bench/serving.py --checkpoint runs/cars_dev_exits/best_model.pt --split-point 9 \
         --images ../shared/data/stanford_cars_dev/stanford_cars/cars_test --out serving_cars_dev
+    ... [--out serving_cars_dev_worker] forward_process=true    # trailing key=value go to python -m cloud
 
 The daemon runs as its own process (``python -m cloud``, as deployed) and the clients in another, so neither
 pays for the other's GIL. Modes: unary ``Infer`` with batching on (max batch 16) and off (max batch 1), and
@@ -272,7 +273,8 @@ def main() -> None:
     (out / f"{args.out}.json").write_text(json.dumps(results, indent=2))
     lines = [f"# Serving: {CLIENTS} concurrent gRPC clients vs in-process tail forward", "",
              f"checkpoint {args.checkpoint}, split point {args.split_point}, codec {args.codec}; "
-             f"{results['cpu_cores']} CPU cores shared by daemon and clients (separate processes)", "",
+             f"{results['cpu_cores']} CPU cores shared by daemon and clients (separate processes); daemon "
+             f"overrides: {' '.join(args.daemon_overrides) or 'none'}", "",
              f"Server forward on {server_threads} intra-op thread(s); in-process reference at the same batch with "
              f"all {all_threads} threads and with the server's {server_threads}.", "",
              "| mode | img/s | p50 ms | p95 ms | mean batch | in-process img/s | ratio | in-process img/s, "
