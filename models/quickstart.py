@@ -8,6 +8,8 @@ Sample ``i`` of split ``s`` depends only on ``(seed, s, i)``: the dataset is ide
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -112,3 +114,34 @@ class QuickstartShapes(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return (image - self._mean) / self._std, int(self.labels[index])
+
+
+def write_samples(folder: str | Path, count: int, image_size: int = 32, seed: int = 0) -> list[Path]:
+    """Save the first ``count`` validation samples as PNG files named ``<index>_<class>.png``; returns the paths.
+
+    Images to try the device CLI on (``python -m device classify ... samples/*.png``) on a machine with no data.
+    """
+    from PIL import Image
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels, label, _ = render_sample(seed, "val", i, image_size)
+        path = out / f"{i:04d}_{CLASS_NAMES[label]}.png"
+        Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m models.quickstart",
+                                     description="write quickstart validation images as PNG files")
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args()
+    for written in write_samples(args.folder, args.count, args.size):
+        print(written)

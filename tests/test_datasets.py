@@ -79,3 +79,15 @@ def test_shared_stanford_cars_dev_loads(shared_dir):
     data = build_datasets("stanford_cars", str(root), 112, 128, 0.35, 1, 1, 0)
     assert len(data.class_names) == 196 and len(data.train) == 5333 and len(data.val) == 1243
     assert data.val[0][0].shape == (3, 112, 112)
+
+
+def test_quickstart_samples_written_as_labelled_pngs(tmp_path):
+    from models.quickstart import write_samples
+
+    paths = write_samples(tmp_path / "s", 3)
+    for i, path in enumerate(paths):
+        pixels, label, _ = render_sample(0, "val", i, 32)
+        assert path.name == f"{i:04d}_{CLASS_NAMES[label]}.png"
+        image = np.asarray(Image.open(path))
+        assert image.shape == (32, 32, 3)
+        assert np.abs(image / 255.0 - pixels.transpose(1, 2, 0)).max() <= 0.5 / 255 + 1e-6
