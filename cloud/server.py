@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
 from cloud.worker import ForwardWorker, WorkerError
-from models.config import ConfigError
+from models.config import ConfigError, check_at_least, check_files, check_log_level
 from models.hardware import resolve_device
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -74,25 +74,14 @@ class CloudConfig:
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        for key in ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
-        if self.max_queue_delay_ms < 0:
-            raise ConfigError(f"config key 'max_queue_delay_ms': must be >= 0, got {self.max_queue_delay_ms}")
-        if self.intra_op_threads < 0:
-            raise ConfigError(f"config key 'intra_op_threads': must be >= 0, got {self.intra_op_threads}")
+        check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes"), 1)
+        check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("config key 'tls_client_ca': mutual TLS needs tls_cert and tls_key too")
-        for key in ("tls_cert", "tls_key", "tls_client_ca"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"config key '{key}': file {path!r} does not exist")
-        if self.codec_table is not None and not Path(self.codec_table).is_file():
-            raise ConfigError(f"config key 'codec_table': file {self.codec_table!r} does not exist")
-        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
-            raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
+        check_files(self, ("tls_cert", "tls_key", "tls_client_ca", "codec_table"))
+        check_log_level(self)
         resolve_device(self.torch_device, "torch_device")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from models.config import ConfigError
+from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
 from proto.codec import CodecSpec
 
@@ -78,19 +77,14 @@ class DeviceConfig:
                 f"config key 'z_confidence_threshold': must be in [0, 1], got {self.z_confidence_threshold}")
         if self.confidence not in ("top1", "entropy"):
             raise ConfigError(f"config key 'confidence': must be 'top1' or 'entropy', got {self.confidence!r}")
-        for key in ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
-        for key in ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
-                    "max_image_bytes", "max_image_pixels"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds"))
+        check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
+                              "max_image_bytes", "max_image_pixels"), 1)
+        check_at_least(self, ("intra_op_threads",), 0)
         if self.max_attempts > 5:
             raise ConfigError(f"config key 'max_attempts': gRPC allows at most 5, got {self.max_attempts}")
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ConfigError(f"config key 'ewma_alpha': must be in (0, 1], got {self.ewma_alpha}")
-        if self.intra_op_threads < 0:
-            raise ConfigError(f"config key 'intra_op_threads': must be >= 0, got {self.intra_op_threads}")
         try:
             self.codec_spec()
         except ValueError as err:
@@ -99,15 +93,11 @@ class DeviceConfig:
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("config key 'tls_ca': a client certificate needs TLS (set tls_ca)")
-        for key in ("tls_ca", "tls_cert", "tls_key"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"config key '{key}': file {path!r} does not exist")
+        check_files(self, ("tls_ca", "tls_cert", "tls_key"))
         if self.checkpoint != "cloud" and not Path(self.checkpoint).is_file():
             raise ConfigError(f"config key 'checkpoint': file {self.checkpoint!r} does not exist (train one with "
                               "train.py, or set checkpoint=cloud to download the cloud's)")
         if self.watch_dir is not None and not Path(self.watch_dir).is_dir():
             raise ConfigError(f"config key 'watch_dir': {self.watch_dir!r} is not a folder")
-        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
-            raise ConfigError(f"config key 'log_level': unknown level {self.log_level!r}")
+        check_log_level(self)
         resolve_device(self.torch_device, "torch_device")

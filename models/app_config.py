@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from models.config import ConfigError
+from models.config import ConfigError, check_at_least
 from models.early_exit import SPINN_EXIT_FRACTIONS, ModelConfig
 
 DEFAULT_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
@@ -62,9 +62,7 @@ class AppConfig:
     def validate(self) -> None:
         positive = ["image_size", "batch_size", "num_epochs", "exit_channels", "quickstart_train_samples",
                     "quickstart_val_samples", "lr_step_epochs"]
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        check_at_least(self, positive, 1)
         if self.lr <= 0:
             raise ConfigError(f"config key 'lr': must be > 0, got {self.lr}")
         if not 0 < self.crop_scale_min <= 1:

@@ -169,3 +169,36 @@ def parse_app_argv(cls: type[T], argv: Sequence[str]) -> T:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain dict of a config dataclass (for checkpoints and logs)."""
     return dataclasses.asdict(cfg)
+
+
+# Checks shared by the configs' ``validate`` methods; each raises ConfigError naming the key.
+
+def check_at_least(cfg: Any, keys: Sequence[str], minimum: float) -> None:
+    """Every ``cfg.<key>`` must be ``>= minimum``."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value < minimum:
+            raise ConfigError(f"config key '{key}': must be >= {minimum}, got {value}")
+
+
+def check_positive(cfg: Any, keys: Sequence[str]) -> None:
+    """Every ``cfg.<key>`` must be ``> 0``."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {value}")
+
+
+def check_files(cfg: Any, keys: Sequence[str]) -> None:
+    """Every ``cfg.<key>`` that is set must name an existing file."""
+    for key in keys:
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"config key '{key}': file {path!r} does not exist")
+
+
+def check_log_level(cfg: Any, key: str = "log_level") -> None:
+    """``cfg.<key>`` must be a logging level name (DEBUG, INFO, WARNING, ERROR, CRITICAL; any case)."""
+    value = getattr(cfg, key)
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"config key '{key}': unknown level {value!r}")
