@@ -95,6 +95,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.served = served  # None while the daemon is still loading its checkpoint
         self.forward: Optional[Callable[[int, torch.Tensor], list[torch.Tensor]]] = None  # None: in-process
         self.counts: collections.Counter[str] = collections.Counter()  # final status name -> requests
+        self._counts_lock = threading.Lock()
         self.batcher = batcher
         self.max_batch = max_batch
         self.default_codecs = default_codecs
@@ -141,7 +142,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             status = err.code.name
             context.abort(err.code, err.detail)
         finally:
-            self.counts[status] += 1
+            with self._counts_lock:
+                self.counts[status] += 1
             if log.isEnabledFor(logging.INFO):  # json.dumps per request is measurable at high rates
                 log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
                                      "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,7 @@ class DeviceRuntime:
         self.block_times = BlockTimes(cfg.ewma_alpha)
         self.breaker = CircuitBreaker(cfg.breaker_failures, self._probe, cfg.breaker_probe_seconds)
         self.rpc_calls = 0  # Infer calls actually attempted (tests count them)
+        self._calls_lock = threading.Lock()
 
     @classmethod
     def start(cls, cfg: DeviceConfig) -> "DeviceRuntime":
@@ -176,7 +178,8 @@ class DeviceRuntime:
             features=encode(activation, self.codec), top_k=k,
         )
         size = request.ByteSize()
-        self.rpc_calls += 1
+        with self._calls_lock:
+            self.rpc_calls += 1
         try:
             reply, total_ms = self.link.infer(request, self.cfg.deadline_ms / 1000.0)
         except grpc.RpcError as err:
