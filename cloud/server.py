@@ -131,6 +131,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
             except WorkerError as err:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+            except Exception as err:  # a failing forward: the batcher logged it; answer (and count) INTERNAL
+                raise RequestError(grpc.StatusCode.INTERNAL, f"forward failed: {type(err).__name__}") from None
             batch = result.batch_size
             images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
             return pb.Prediction(

@@ -31,10 +31,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
                 raise ImageError(f"image: {width}x{height} pixels is over the limit of {max_pixels} "
                                  "(max_image_pixels)")
             image.load()  # decodes now, so truncated data fails here and not inside the transform
+            return image.convert("RGB")  # inside the try: an exotic mode that cannot convert is an ImageError
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("image: not a recognised image format (JPEG or PNG expected)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"image: cannot be decoded ({err})") from None
-    return image.convert("RGB")

@@ -393,3 +393,18 @@ def test_forward_process_with_a_bad_checkpoint_fails_clearly():
 
     with pytest.raises(WorkerError, match="cannot be read"):
         ForwardWorker(b"not a checkpoint", "bad.pt", torch.device("cpu"), 1)
+
+
+def test_a_failing_forward_answers_internal_and_the_server_stays_up(cloud):
+    running, stub, model = cloud
+
+    def broken(split_point, activations):
+        raise RuntimeError("boom")
+
+    running.servicer.forward = broken
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Infer(request(model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "RuntimeError" in err.value.details()
+    assert running.servicer.counts["INTERNAL"] == 1
+    running.servicer.forward = None
+    assert len(stub.Infer(request(model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=30).images) == 1

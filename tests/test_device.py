@@ -377,3 +377,11 @@ def test_device_daemon_serves_and_exits_zero_on_sigterm(checkpoint, cloud):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_unusual_image_modes_are_converted():
+    pixels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    for image in (Image.fromarray(pixels), Image.new("RGBA", (8, 8)), Image.new("P", (8, 8))):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        assert decode_image(buf.getvalue(), 10**7, 10**7).mode == "RGB"
