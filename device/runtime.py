@@ -29,7 +29,7 @@ from proto.codec import CodecSpec, encode
 
 log = logging.getLogger("device")
 
-OFFLINE_CODEC = CodecSpec("int8", "zstd")  # when the cloud cannot be asked for its default at start-up
+OFFLINE_CODEC = CodecSpec("int8", "zstd")  # until the cloud can be asked for its default
 
 
 @dataclass
@@ -69,7 +69,9 @@ class DeviceRuntime:
     """
 
     def __init__(self, cfg: DeviceConfig, checkpoint: Checkpoint, link: Optional[CloudLink],
-                 codec: CodecSpec) -> None:
+                 codec: Optional[CodecSpec]) -> None:
+        """``codec`` None: the cloud has not told its default yet; offload with OFFLINE_CODEC and ask it again
+        after the first offload it answers."""
         try:
             check_split_point(checkpoint.model, cfg.split_point)
         except ValueError as err:
@@ -81,7 +83,8 @@ class DeviceRuntime:
         self.preprocess = checkpoint.preprocess
         self.transform = checkpoint.preprocess.eval_transform()
         self.head: Head = head(self.model, cfg.split_point)
-        self.codec = codec
+        self.codec = codec or OFFLINE_CODEC
+        self._ask_codec = codec is None and link is not None
         self.link = link
         self.link_stats = LinkStats(cfg.ewma_alpha)
         self.block_times = BlockTimes(cfg.ewma_alpha)
@@ -109,18 +112,20 @@ class DeviceRuntime:
         else:
             checkpoint = load_checkpoint(cfg.checkpoint)
         codec = cfg.codec_spec() or cls._cloud_codec(link, cfg)
+        runtime = cls(cfg, checkpoint, link, codec)
         log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s", cfg.split_point,
-                 cfg.z_confidence_threshold, codec.name, link.target)
-        return cls(cfg, checkpoint, link, codec)
+                 cfg.z_confidence_threshold, runtime.codec.name, link.target)
+        return runtime
 
     @staticmethod
-    def _cloud_codec(link: CloudLink, cfg: DeviceConfig) -> CodecSpec:
+    def _cloud_codec(link: CloudLink, cfg: DeviceConfig) -> Optional[CodecSpec]:
+        """The cloud's default codec for ``cfg.split_point``; None when the cloud did not answer."""
         try:
             info = link.model_info(timeout_s=max(1.0, cfg.deadline_ms / 1000))
         except grpc.RpcError as err:
-            log.warning("cloud %s did not answer GetModelInfo (%s); using %s until restart", link.target,
+            log.warning("cloud %s did not answer GetModelInfo (%s); using %s until it does", link.target,
                         err.code().name, OFFLINE_CODEC.name)
-            return OFFLINE_CODEC
+            return None
         if (info.model.model_id, info.model.model_version) != (cfg.model_id, cfg.model_version):
             log.warning("cloud serves %s version %s, this device is configured for %s version %s: offloads will "
                         "be refused and answered locally", info.model.model_id, info.model.model_version,
@@ -192,6 +197,7 @@ class DeviceRuntime:
                 log.warning("cloud refused request %s: %s", request.request_id, reason)
             return self._fallback(activation, deepest, k, started, reason, bytes_sent=size)
         self.breaker.record_success()
+        self._maybe_ask_codec()
         self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size)
         image = reply.images[0]
         scores = [(c.class_id, c.name, c.probability) for c in image.top_k]
@@ -200,6 +206,26 @@ class DeviceRuntime:
             degraded=False, reason="", bytes_sent=size, latency_ms=(time.perf_counter() - started) * 1000.0,
             top_k=scores,
         )
+
+    def _maybe_ask_codec(self) -> None:
+        """After an answered offload, fetch the codec the cloud prefers if it was down at start-up; on a thread
+        of its own so that no request waits for it."""
+        with self._calls_lock:
+            ask, self._ask_codec = self._ask_codec, False
+        if ask:
+            threading.Thread(target=self._ask_cloud_codec, name="spinn-codec", daemon=True).start()
+
+    def _ask_cloud_codec(self) -> None:
+        assert self.link is not None
+        codec = self._cloud_codec(self.link, self.cfg)
+        if codec is None:  # gone again: ask after the next answered offload
+            with self._calls_lock:
+                self._ask_codec = True
+            return
+        if codec != self.codec:
+            log.info("cloud %s prefers codec %s at split point %d; switching from %s", self.link.target,
+                     codec.name, self.cfg.split_point, self.codec.name)
+        self.codec = codec  # one attribute store: requests encode with the old or the new spec, both accepted
 
     def _fallback(self, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int, started: float,
                   reason: str, bytes_sent: int) -> ClassifyResult:

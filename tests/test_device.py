@@ -106,6 +106,26 @@ def test_codec_comes_from_the_cloud_unless_configured(checkpoint, cloud):
     runtime.close()
 
 
+def test_device_started_before_the_cloud_adopts_its_codec_later(checkpoint, tmp_path):
+    port = free_port()
+    runtime = device(checkpoint, port, z_confidence_threshold=1.0, deadline_ms=300, breaker_probe_seconds=0.2)
+    table = tmp_path / "codec.json"
+    table.write_text('{"defaults": {"9": "float16+zstd"}}')
+    try:
+        assert runtime.codec.name == "int8+zstd"  # the cloud did not answer: the offline codec
+        assert runtime.classify_bytes(image_bytes(0)).degraded
+        late = start_cloud(checkpoint, address=f"127.0.0.1:{port}", codec_table=str(table))
+        try:
+            assert wait_until(lambda: runtime.classify_bytes(image_bytes(1)).answered_by == "cloud", 30)
+            assert wait_until(lambda: runtime.codec.name == "float16+zstd", 10)
+            result = runtime.classify_bytes(image_bytes(2))
+            assert result.answered_by == "cloud" and not result.degraded
+        finally:
+            late.stop()
+    finally:
+        runtime.close()
+
+
 def test_checkpoint_downloaded_from_the_cloud(checkpoint, cloud):
     runtime = device("cloud", cloud.port, z_confidence_threshold=0.0)
     local = load_checkpoint(checkpoint)
