@@ -4,6 +4,7 @@
     python bench/serving.py --checkpoint runs/cars_dev_exits/best_model.pt --split-point 9 \
         --images ../shared/data/stanford_cars_dev/stanford_cars/cars_test --out serving_cars_dev
     ... [--out serving_cars_dev_worker] forward_process=true    # trailing key=value go to python -m cloud
+    ... --input-size 224 --out serving_cars_dev_224_worker forward_process=true   # same weights at 224 px
 
 The daemon runs as its own process (``python -m cloud``, as deployed) and the clients in another, so neither
 pays for the other's GIL. Modes: unary ``Infer`` with batching on (max batch 16) and off (max batch 1), and
@@ -27,6 +28,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cloud.server import CloudConfig, intra_op_threads_for  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
+from models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from models.datasets import Preprocess  # noqa: E402
 from models.partition import head, tail  # noqa: E402
 from models.quickstart import render_sample  # noqa: E402
 from proto import spinn_v1_pb2 as pb  # noqa: E402
@@ -52,8 +55,9 @@ CLIENTS = 16
 CODECS = ("float32+none", "float16+zstd", "int8+zstd", "int4+zstd")
 
 
-def in_process(model, split: int, activation: torch.Tensor, batch: int, seconds: float, threads: int) -> float:
-    """Images/s of ``tail(split)`` on batches of ``batch`` activations in this process with ``threads``."""
+def in_process(model, split: int, activation: torch.Tensor, batch: int, seconds: float,
+               threads: int) -> tuple[float, float]:
+    """Images/s and CPU ms per image of ``tail(split)`` on batches of ``batch`` in this process with ``threads``."""
     t = tail(model, split)
     x = activation[:1].repeat(batch, 1, 1, 1)
     default = torch.get_num_threads()
@@ -64,15 +68,15 @@ def in_process(model, split: int, activation: torch.Tensor, batch: int, seconds:
         torch.set_num_threads(default)
 
 
-def _forward_rate(t, x: torch.Tensor, seconds: float) -> float:
+def _forward_rate(t, x: torch.Tensor, seconds: float) -> tuple[float, float]:
     batch = x.shape[0]
     with torch.no_grad():
         t(x)
-        done, started = 0, time.perf_counter()
+        done, started, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds:
             t(x)
             done += batch
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), 1000 * (time.process_time() - cpu0) / done
 
 
 def client_load(port: int, request: bytes, clients: int, seconds: float, stream: bool, results) -> None:
@@ -122,6 +126,30 @@ def client_load(port: int, request: bytes, clients: int, seconds: float, stream:
                  "batches": batches, "forward_busy": sum(busy_ms) / 1000 / wall})
 
 
+def tree_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) used so far by process ``pid`` itself and by its live children (the forward
+    worker), as ``(own, children)``.
+
+    Reads /proc, so None where there is none; the benchmark then leaves the server's CPU out.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    own, children, found = 0.0, 0.0, False
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        # fields[1] is the parent pid; fields[11], fields[12] are utime and stime in clock ticks.
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(entry.name) == pid:
+            own, found = own + seconds, True
+        elif int(fields[1]) == pid:
+            children += seconds
+    return (own, children) if found else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,10 +190,17 @@ def run_mode(checkpoint: str, request: pb.FeatureRequest, max_batch: int, stream
             queue = ctx.Queue()
             child = ctx.Process(target=client_load,
                                 args=(port, request.SerializeToString(), CLIENTS, duration, stream, queue))
+            server_cpu0 = tree_cpu_seconds(proc.pid)
             child.start()
             results.append(queue.get(timeout=duration + 300))
+            server_cpu1 = tree_cpu_seconds(proc.pid)
             child.join()
         stats = results[-1]
+        # The window also spans the client process's start-up, when the daemon idles: per image it adds nothing.
+        stats["server_cpu_s"] = stats["server_worker_cpu_s"] = None
+        if server_cpu0 is not None and server_cpu1 is not None:
+            stats["server_cpu_s"] = sum(server_cpu1) - sum(server_cpu0)
+            stats["server_worker_cpu_s"] = server_cpu1[1] - server_cpu0[1]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -199,10 +234,21 @@ def main() -> None:
     parser.add_argument("--images", default=None, help="folder of JPEGs for the bytes comparison")
     parser.add_argument("--out", default="serving", help="result file stem under bench/results/")
     parser.add_argument("--modes", default="batching,no_batching,batching_stream")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="serve the checkpoint's weights at this input size (px) instead of its own: the "
+                             "forward's cost per image grows with it while the serving cost does not")
     parser.add_argument("daemon_overrides", nargs="*", help="key=value passed to python -m cloud")
     args = parser.parse_args()
 
     ckpt = load_checkpoint(args.checkpoint)
+    served_checkpoint = args.checkpoint
+    if args.input_size:
+        # Throughput only: the weights were trained at another size, so the answers' accuracy means nothing.
+        pre = ckpt.preprocess
+        ckpt.preprocess = Preprocess(args.input_size, args.input_size, pre.mean, pre.std)
+        workdir = tempfile.TemporaryDirectory(prefix="spinn-bench-")  # removed when main() returns
+        served_checkpoint = str(Path(workdir.name) / "model.pt")
+        save_checkpoint(served_checkpoint, ckpt.model, ckpt.class_names, ckpt.preprocess)
     model = ckpt.model.eval()
     images = input_images(args.images, ckpt.preprocess, 32)
     transform = ckpt.preprocess.eval_transform()
@@ -215,7 +261,8 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     overrides = dict(o.split("=", 1) for o in args.daemon_overrides)
     server_threads = intra_op_threads_for(CloudConfig(intra_op_threads=int(overrides.get("intra_op_threads", 0))))
-    results = {"checkpoint": args.checkpoint, "server_intra_op_threads": server_threads, "split_point": args.split_point, "clients": CLIENTS,
+    results = {"checkpoint": args.checkpoint, "input_size": ckpt.preprocess.input_size,
+               "server_intra_op_threads": server_threads, "split_point": args.split_point, "clients": CLIENTS,
                "codec": args.codec, "daemon_overrides": args.daemon_overrides, "cpu_cores": os.cpu_count(),
                "in_process_threads": all_threads,
                "modes": {}}
@@ -225,14 +272,15 @@ def main() -> None:
             continue
         # This machine's speed drifts (shared VM), so the reference is measured right before and right after
         # the server run and averaged; the batch size is the one the server formed in a short pilot.
-        pilot = run_mode(args.checkpoint, req, max_batch, stream, 2.0, args.daemon_overrides)
+        pilot = run_mode(served_checkpoint, req, max_batch, stream, 2.0, args.daemon_overrides)
         ref_batch = max(1, int(round(float(np.mean(pilot["batches"])))))
-        refs = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)
-                for n in (all_threads, server_threads)]
-        stats = run_mode(args.checkpoint, req, max_batch, stream, args.seconds, args.daemon_overrides)
-        refs = [(r + in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)) / 2
-                for r, n in zip(refs, (all_threads, server_threads))]
-        ref, ref_same_threads = refs
+        before = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)
+                  for n in (all_threads, server_threads)]
+        stats = run_mode(served_checkpoint, req, max_batch, stream, args.seconds, args.daemon_overrides)
+        after = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)
+                 for n in (all_threads, server_threads)]
+        (ref, ref_cpu_ms), (ref_same_threads, ref_same_cpu_ms) = [
+            ((b[0] + a[0]) / 2, (b[1] + a[1]) / 2) for b, a in zip(before, after)]
         rps = stats["images"] / stats["wall_s"]
         mean_batch = float(np.mean(stats["batches"]))
         row = {
@@ -245,15 +293,35 @@ def main() -> None:
             "server_forward_busy": stats["forward_busy"],
             "server_forward_ms_per_image": 1000 * stats["forward_busy"] / rps,
             "in_process_forward_ms_per_image": 1000 / ref,
+            "in_process_cpu_ms_per_image": ref_cpu_ms,
+            "in_process_cpu_ms_per_image_server_threads": ref_same_cpu_ms,
+            "client_cpu_ms_per_image": 1000 * stats["client_cpu_s"] / stats["images"],
+            "server_cpu_ms_per_image": None, "server_worker_cpu_ms_per_image": None,
+            "ceiling_ratio_on_this_machine": None,
         }
+        if stats["server_cpu_s"] is not None:
+            row["server_cpu_ms_per_image"] = 1000 * stats["server_cpu_s"] / stats["images"]
+            row["server_worker_cpu_ms_per_image"] = 1000 * stats["server_worker_cpu_s"] / stats["images"]
+            # What the cores could serve if every core-ms went to the daemon and the clients with no contention
+            # at all, over the in-process rate: no server on this machine can beat this ratio.
+            cores = os.cpu_count() or 1
+            ceiling = 1000 * cores / (row["server_cpu_ms_per_image"] + row["client_cpu_ms_per_image"])
+            row["ceiling_ratio_on_this_machine"] = ceiling / ref
         results["modes"][mode] = row
         print(f"{mode}: {rps:.0f} img/s, p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, mean batch "
               f"{mean_batch:.1f}; in-process tail at batch {ref_batch}: {ref:.0f} img/s with {all_threads} threads "
               f"(ratio {rps / ref:.2f}), {ref_same_threads:.0f} img/s with the server's {server_threads} "
               f"(ratio {rps / ref_same_threads:.2f}); "
-              f"clients used {100 * row['client_cpu_share']:.0f}% of the machine's CPU; the server's forward was busy "
-              f"{100 * row['server_forward_busy']:.0f}% of the time at {row['server_forward_ms_per_image']:.2f} ms/image "
+              f"clients used {100 * row['client_cpu_share']:.0f}% of the machine's CPU; the server's forward was "
+              f"busy {100 * row['server_forward_busy']:.0f}% of the time at "
+              f"{row['server_forward_ms_per_image']:.2f} ms/image "
               f"(in-process {row['in_process_forward_ms_per_image']:.2f})", flush=True)
+        if row["server_cpu_ms_per_image"] is not None:
+            print(f"  CPU per image: daemon {row['server_cpu_ms_per_image']:.2f} ms (forward process "
+                  f"{row['server_worker_cpu_ms_per_image']:.2f}) + clients "
+                  f"{row['client_cpu_ms_per_image']:.2f} ms vs in-process {ref_cpu_ms:.2f} ms ({all_threads} "
+                  f"threads) / {ref_same_cpu_ms:.2f} ms ({server_threads}); at these costs this machine's "
+                  f"{os.cpu_count()} cores cap the ratio at {row['ceiling_ratio_on_this_machine']:.2f}", flush=True)
 
     sizes = {"input_jpeg": float(np.mean([n for _, n in images]))}
     for name in CODECS:
@@ -272,20 +340,33 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.out}.json").write_text(json.dumps(results, indent=2))
     lines = [f"# Serving: {CLIENTS} concurrent gRPC clients vs in-process tail forward", "",
-             f"checkpoint {args.checkpoint}, split point {args.split_point}, codec {args.codec}; "
+             f"checkpoint {args.checkpoint} at {ckpt.preprocess.input_size} px, split point {args.split_point}, "
+             f"codec {args.codec}; "
              f"{results['cpu_cores']} CPU cores shared by daemon and clients (separate processes); daemon "
              f"overrides: {' '.join(args.daemon_overrides) or 'none'}", "",
              f"Server forward on {server_threads} intra-op thread(s); in-process reference at the same batch with "
              f"all {all_threads} threads and with the server's {server_threads}.", "",
              "| mode | img/s | p50 ms | p95 ms | mean batch | in-process img/s | ratio | in-process img/s, "
-             "server threads | ratio | client CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "server threads | ratio | client CPU | CPU ms/img: daemon (its forward process) + clients | "
+             "CPU ms/img: in-process "
+             "(all / server threads) | ratio ceiling from CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results["modes"].items():
+        cpu = ceiling = "n/a"
+        if r["server_cpu_ms_per_image"] is not None:
+            cpu = (f"{r['server_cpu_ms_per_image']:.2f} ({r['server_worker_cpu_ms_per_image']:.2f}) + "
+                   f"{r['client_cpu_ms_per_image']:.2f}")
+            ceiling = f"{r['ceiling_ratio_on_this_machine']:.2f}"
         lines.append(f"| {mode} | {r['throughput_images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                      f"{r['mean_batch_size']:.1f} | {r['in_process_images_per_s_same_batch']:.0f} | "
                      f"{r['ratio_server_over_in_process']:.2f} | {r['in_process_images_per_s_server_threads']:.0f} | "
-                     f"{r['ratio_server_over_in_process_server_threads']:.2f} | {100 * r['client_cpu_share']:.0f}% |")
-    lines += ["", f"Bytes per image ({results['images']}): "
+                     f"{r['ratio_server_over_in_process_server_threads']:.2f} | {100 * r['client_cpu_share']:.0f}% | "
+                     f"{cpu} | {r['in_process_cpu_ms_per_image']:.2f} / "
+                     f"{r['in_process_cpu_ms_per_image_server_threads']:.2f} | {ceiling} |")
+    lines += ["", "Ratio ceiling from CPU: the rate this machine's cores would reach if they did nothing but the "
+              "daemon's and the clients' work at the CPU per image measured here, over the in-process rate (all "
+              "threads).",
+              "", f"Bytes per image ({results['images']}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items())]
     (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
 
