@@ -18,7 +18,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 import threading
 import time
@@ -33,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from proto import spinn_v1_pb2 as pb  # noqa: E402
 from proto import spinn_v1_pb2_grpc as pb_grpc  # noqa: E402
+
+from probes import context_switches, free_port, tree_cpu_seconds  # noqa: E402  (bench/: this script's folder)
 
 CLIENTS = 16
 REQUEST = pb.FeatureRequest(request_id="floor", split_point=9, features=pb.Tensor(data=os.urandom(2900)))
@@ -138,26 +139,6 @@ def clients(port: int, seconds: float, results) -> None:
     results.put(sum(counts))
 
 
-def process_usage(pid: int) -> tuple[float, int]:
-    """CPU seconds and context switches (all threads) of process ``pid`` so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    switches = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            for line in (task / "status").read_text().splitlines():
-                if "ctxt_switches" in line:
-                    switches += int(line.split()[1])
-        except OSError:  # the thread ended while we looked
-            continue
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(kind: str, seconds: float) -> dict:
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -168,12 +149,12 @@ def measure(kind: str, seconds: float) -> dict:
         for duration in (1.0, seconds):  # warm-up, then the measurement
             results = ctx.Queue()
             load = ctx.Process(target=clients, args=(port, duration, results))
-            cpu0, switches0 = process_usage(server.pid)
+            cpu0, switches0 = tree_cpu_seconds(server.pid)[0], context_switches(server.pid)
             started = time.monotonic()
             load.start()
             calls = results.get(timeout=duration + 120)
             wall = time.monotonic() - started
-            cpu1, switches1 = process_usage(server.pid)
+            cpu1, switches1 = tree_cpu_seconds(server.pid)[0], context_switches(server.pid)
             load.join()
     finally:
         server.kill()

@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ from models.quickstart import render_sample  # noqa: E402
 from proto import spinn_v1_pb2 as pb  # noqa: E402
 from proto import spinn_v1_pb2_grpc as pb_grpc  # noqa: E402
 from proto.codec import CodecSpec, encode  # noqa: E402
+
+from probes import free_port, tree_cpu_seconds  # noqa: E402  (bench/: this script's folder)
 
 CLIENTS = 16
 CODECS = ("float32+none", "float16+zstd", "int8+zstd", "int4+zstd")
@@ -124,36 +125,6 @@ def client_load(port: int, request: bytes, clients: int, seconds: float, stream:
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     results.put({"images": len(latencies), "wall_s": wall, "client_cpu_s": cpu, "latencies": latencies,
                  "batches": batches, "forward_busy": sum(busy_ms) / 1000 / wall})
-
-
-def tree_cpu_seconds(pid: int) -> tuple[float, float] | None:
-    """CPU seconds (user + system) used so far by process ``pid`` itself and by its live children (the forward
-    worker), as ``(own, children)``.
-
-    Reads /proc, so None where there is none; the benchmark then leaves the server's CPU out.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    own, children, found = 0.0, 0.0, False
-    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        # fields[1] is the parent pid; fields[11], fields[12] are utime and stime in clock ticks.
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        if int(entry.name) == pid:
-            own, found = own + seconds, True
-        elif int(fields[1]) == pid:
-            children += seconds
-    return (own, children) if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_daemon(checkpoint: str, max_batch: int, overrides: list[str]) -> tuple[subprocess.Popen, int]:
