@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from models.checkpoint import Checkpoint, load_checkpoint_bytes
+from models.checkpoint import Checkpoint, checkpoint_metadata, load_checkpoint_bytes
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.partition import Tail, profile, tail
@@ -39,6 +39,7 @@ class ServedModel:
     tails: dict[int, Tail]
     activation_shapes: dict[int, tuple[int, ...]]
     checkpoint_bytes: bytes = b""  # the file the model came from, for ModelDelivery (empty: not offered)
+    metadata: dict = field(default_factory=dict)  # models.checkpoint.checkpoint_metadata, for manifests
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -58,7 +59,7 @@ class ServedModel:
         model.to(device)  # after profiling, which runs on the CPU
         tails = {s: tail(model, s) for s in shapes}
         return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes,
-                   checkpoint_bytes)
+                   checkpoint_bytes, checkpoint_metadata(model, ckpt.class_names, ckpt.preprocess))
 
     @classmethod
     def from_file(cls, path: str, model_id: str, model_version: str,

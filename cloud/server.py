@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloud.delivery import PackageCache, check_package_request, weight_messages
 from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
 from cloud.worker import ForwardWorker, WorkerError
@@ -27,7 +28,9 @@ from models.config import ConfigError, check_at_least, check_files, check_log_le
 from models.hardware import resolve_device
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
+from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
+from proto.manifest import manifest_message
 
 log = logging.getLogger("cloud")
 
@@ -71,11 +74,27 @@ class CloudConfig:
     grace_seconds: float = 10.0
     torch_device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
     forward_process: bool = False  # run the tail forward in a worker process (cloud/worker.py)
+    # progressive weight delivery (models/progressive.py): packages are built on first request and cached
+    delivery_bits: int = 16  # sign + 15 magnitude bit planes
+    delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
+    delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing, resuming, swapping)
+    delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
+    delivery_message_bytes: int = 512 * 1024  # payload per StreamWeights message (a chunk may span several)
     log_level: str = "INFO"
 
     def validate(self) -> None:
         check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes"), 1)
         check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
+        check_at_least(self, ("delivery_chunk_bytes", "delivery_cache_packages", "delivery_usable_planes",
+                              "delivery_message_bytes"), 1)
+        if self.delivery_message_bytes > 1 << 20:
+            raise ConfigError("config key 'delivery_message_bytes': at most 1 MiB (1048576), got "
+                              f"{self.delivery_message_bytes}")
+        if not 2 <= self.delivery_bits <= 24:
+            raise ConfigError(f"config key 'delivery_bits': must be in 2..24, got {self.delivery_bits}")
+        if self.delivery_usable_planes > self.delivery_bits - 1:
+            raise ConfigError(f"config key 'delivery_usable_planes': at most delivery_bits - 1 = "
+                              f"{self.delivery_bits - 1}, got {self.delivery_usable_planes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -180,10 +199,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
-    """gRPC adapter over cloud.inference.checkpoint_chunks, reading the model the Inference servicer serves."""
+    """gRPC adapter over cloud.inference.checkpoint_chunks and cloud.delivery, for the model the Inference
+    servicer serves."""
 
-    def __init__(self, inference: InferenceServicer) -> None:
+    def __init__(self, inference: InferenceServicer, packages: PackageCache, message_bytes: int) -> None:
         self.inference = inference
+        self.packages = packages
+        self.message_bytes = message_bytes
+
+    def _package(self, model: pb.ModelRef, split_point: int, order: str) -> Package:
+        served = self.inference._model()
+        order = check_package_request(served, model, split_point, order)
+        return self.packages.get(served, split_point, order)
+
+    def GetManifest(self, request: pb.ManifestRequest, context: grpc.ServicerContext) -> pb.Manifest:
+        try:
+            package = self._package(request.model, request.split_point, request.order)
+        except RequestError as err:
+            context.abort(err.code, err.detail)
+        return manifest_message(package.manifest)
+
+    def StreamWeights(self, request: pb.WeightRequest, context: grpc.ServicerContext):
+        try:
+            if not request.model.model_id:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model.model_id: required")
+            package = self._package(request.model, request.split_point, request.order)
+            messages = weight_messages(package, request.from_chunk, self.message_bytes)
+        except RequestError as err:
+            context.abort(err.code, err.detail)
+        yield from messages
 
     def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
         try:
@@ -221,7 +265,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         if handler_call_details.method.endswith("/InferStream"):
             return self._deny_stream
-        if handler_call_details.method.endswith("/GetCheckpoint"):
+        if handler_call_details.method.endswith(("/GetCheckpoint", "/StreamWeights")):
             return self._deny_unary_stream
         return self._deny
 
@@ -287,7 +331,10 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                          interceptors=interceptors)
     servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table))
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
-    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(servicer), server)
+    packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
+                            cfg.delivery_usable_planes)
+    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(servicer, packages,
+                                                                      cfg.delivery_message_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,4 +1,4 @@
-"""``python -m device serve|classify --config apps/device.yml [key=value ...]``: the device daemon and CLI."""
+"""``python -m device serve|classify|fetch --config apps/device.yml [key=value ...]``: the device daemon and CLI."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import argparse
 import json
 import logging
 import sys
+import threading
+import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from device.config import DeviceConfig
 from device.images import ImageError
-from device.runtime import DeviceRuntime
+from device.runtime import DeviceRuntime, NoModelError
 from device.server import serve
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
@@ -31,9 +35,36 @@ def format_row(image: str, r: dict) -> str:
             f"{('yes' if r['degraded'] else 'no'):<8} {r['bytes_sent']:>7} {r['latency_ms']:>9.1f}")
 
 
+class StreamProgress:
+    """A tqdm bar on stderr with the share of the weights received, while the device streams them."""
+
+    def __init__(self, runtime: DeviceRuntime) -> None:
+        self.runtime = runtime
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spinn-progress", daemon=True)
+        if runtime.streamed is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        with tqdm(total=100, unit="%", desc="weights", file=sys.stderr, leave=False,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
+            while not self._stop.wait(0.2):
+                m = self.runtime.measurements()
+                if "weights_fraction" in m:
+                    bar.n = round(100 * m["weights_fraction"], 1)
+                    bar.set_postfix_str(f"v{m['model_version']} split {m['split_point']} head {m['head_bits']:.1f} "
+                                        "bits")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 def classify(cfg: DeviceConfig, images: list[str], as_json: bool) -> int:
     """Classify each image once; prints a table or JSON lines. Returns 1 if any image could not be read."""
     runtime = DeviceRuntime.start(cfg)
+    progress = StreamProgress(runtime)
     failed = False
     try:
         if not as_json:
@@ -42,7 +73,7 @@ def classify(cfg: DeviceConfig, images: list[str], as_json: bool) -> int:
         for image in images:
             try:
                 result = runtime.classify_bytes(Path(image).read_bytes()).to_json(image=image)
-            except (ImageError, OSError) as err:
+            except (ImageError, OSError, NoModelError) as err:
                 failed = True
                 if as_json:
                     print(json.dumps({"image": image, "error": str(err)}), flush=True)
@@ -53,8 +84,32 @@ def classify(cfg: DeviceConfig, images: list[str], as_json: bool) -> int:
             if result["degraded"] and not as_json:
                 print(f"    degraded: {result['reason']}")
     finally:
+        progress.close()
         runtime.close()
     return 1 if failed else 0
+
+
+def fetch(cfg: DeviceConfig, timeout_s: float) -> int:
+    """Stream the whole model into ``weights_cache`` (progress bar on stderr); 0 once every chunk is verified,
+    1 when ``timeout_s`` passes first."""
+    if cfg.checkpoint != "stream":
+        raise ConfigError("config key 'checkpoint': fetch needs checkpoint=stream")
+    runtime = DeviceRuntime.start(cfg)
+    progress = StreamProgress(runtime)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            active = runtime.active
+            if active is not None and active.complete:
+                log.info("model %s version %s complete in %s", active.ref.model_id, active.ref.model_version,
+                         cfg.weights_cache)
+                return 0
+            time.sleep(0.1)
+        log.error("the model was not complete after %.0f s", timeout_s)
+        return 1
+    finally:
+        progress.close()
+        runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,14 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     p_classify.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
     p_classify.add_argument("--json", action="store_true", help="one JSON object per image")
     p_classify.add_argument("items", nargs="+", help="image files, and key=value overrides")
+    p_fetch = sub.add_parser("fetch", help="stream the whole model into weights_cache (checkpoint=stream)")
+    p_fetch.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
+    p_fetch.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    p_fetch.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "fetch"):
             cfg = load_config(DeviceConfig, args.config, args.overrides)
             logging.getLogger().setLevel(cfg.log_level.upper())
-            return serve(cfg)
+            return serve(cfg) if args.command == "serve" else fetch(cfg, args.timeout)
         overrides, images = split_args(args.items)
         if not images:
             parser.error("classify needs at least one image file")

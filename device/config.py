@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
+from models.progressive import ORDERS
 from proto.codec import CodecSpec
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
@@ -18,7 +19,8 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
 class DeviceConfig:
     """Device config (README: device config reference). Times are milliseconds unless the name says seconds."""
 
-    checkpoint: str = "runs/quickstart/best_model.pt"  # local file, or "cloud": download it from the cloud
+    # a local file; "cloud": download the whole checkpoint file from the cloud; "stream": progressive delivery
+    checkpoint: str = "runs/quickstart/best_model.pt"
     cloud: Union[str, list[str]] = "127.0.0.1:50051"  # host:port, a comma-separated list, or a YAML list
     model_id: str = "spinn"
     model_version: str = "1"
@@ -28,6 +30,11 @@ class DeviceConfig:
     deadline_ms: float = 500.0
     codec: Optional[str] = None  # e.g. "int8+zstd"; None: the cloud's default for the split (int8+zstd offline)
     top_k: int = 5
+    fallback: str = "final"  # final | exit: what answers when the cloud fails (final: needs the whole model)
+    # progressive delivery (checkpoint: stream)
+    weights_cache: str = "runs/weights_cache"  # verified chunks persist here: a cut stream or restart resumes
+    stream_order: str = "split"  # split | value (models/progressive.py)
+    stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
     # channel
     max_attempts: int = 3  # gRPC retry policy on UNAVAILABLE, always within deadline_ms
     keepalive_ms: int = 30_000
@@ -75,9 +82,14 @@ class DeviceConfig:
         if not 0.0 <= self.z_confidence_threshold <= 1.0:
             raise ConfigError(
                 f"config key 'z_confidence_threshold': must be in [0, 1], got {self.z_confidence_threshold}")
+        if self.fallback not in ("final", "exit"):
+            raise ConfigError(f"config key 'fallback': must be 'final' or 'exit', got {self.fallback!r}")
+        if self.stream_order not in ORDERS:
+            raise ConfigError(f"config key 'stream_order': must be one of {ORDERS}, got {self.stream_order!r}")
         if self.confidence not in ("top1", "entropy"):
             raise ConfigError(f"config key 'confidence': must be 'top1' or 'entropy', got {self.confidence!r}")
-        check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds"))
+        check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds",
+                              "stream_poll_seconds"))
         check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
                               "max_image_bytes", "max_image_pixels"), 1)
         check_at_least(self, ("intra_op_threads",), 0)
@@ -94,9 +106,9 @@ class DeviceConfig:
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("config key 'tls_ca': a client certificate needs TLS (set tls_ca)")
         check_files(self, ("tls_ca", "tls_cert", "tls_key"))
-        if self.checkpoint != "cloud" and not Path(self.checkpoint).is_file():
+        if self.checkpoint not in ("cloud", "stream") and not Path(self.checkpoint).is_file():
             raise ConfigError(f"config key 'checkpoint': file {self.checkpoint!r} does not exist (train one with "
-                              "train.py, or set checkpoint=cloud to download the cloud's)")
+                              "train.py, or set checkpoint=stream to stream the cloud's)")
         if self.watch_dir is not None and not Path(self.watch_dir).is_dir():
             raise ConfigError(f"config key 'watch_dir': {self.watch_dir!r} is not a folder")
         check_log_level(self)

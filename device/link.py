@@ -123,6 +123,16 @@ class CloudLink:
         """GetModelInfo. Raises grpc.RpcError."""
         return self._inference.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self.metadata)
 
+    def manifest(self, request: pb.ManifestRequest, timeout_s: float) -> pb.Manifest:
+        """GetManifest for this device's model id (any version the cloud serves). Raises grpc.RpcError."""
+        request.model.model_id = request.model.model_id or self.model.model_id
+        return self._delivery.GetManifest(request, timeout=timeout_s, metadata=self.metadata)
+
+    def stream_weights(self, request: pb.WeightRequest, timeout_s: float):
+        """StreamWeights: an iterator of WeightChunk messages that can be ``cancel()``-ed. Raises grpc.RpcError
+        while iterating."""
+        return self._delivery.StreamWeights(request, timeout=timeout_s, metadata=self.metadata)
+
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """True when the cloud's Inference service reports SERVING."""
         try:

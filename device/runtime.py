@@ -7,13 +7,15 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import grpc
 import torch
 from torch import Tensor
 
 from device.breaker import CircuitBreaker
+from device.delivery import Snapshot, StreamedModel
 from device.config import DeviceConfig
 from device.images import decode_image
 from device.link import NETWORK_CODES, CloudLink, LinkError
@@ -22,7 +24,7 @@ from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load
 from models.config import ConfigError
 from models.exit_policy import confidence
 from models.hardware import resolve_device
-from models.early_exit import run_segment
+from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecSpec, encode
@@ -47,6 +49,10 @@ class ClassifyResult:
     bytes_sent: int
     latency_ms: float
     top_k: list[tuple[int, str, float]] = field(default_factory=list)
+    model_version: str = ""
+    split_point: int = 0
+    weights_fraction: float = 1.0  # share of the model's weight bits the device holds
+    head_bits: float = 32.0  # mean bits per weight of the head (32: a float32 checkpoint)
 
     def to_json(self, image: Optional[str] = None) -> dict:
         """The JSON object of ``python -m device classify --json`` (``image`` first when given)."""
@@ -54,6 +60,29 @@ class ClassifyResult:
         out.update({k: v for k, v in asdict(self).items() if k != "top_k"})
         out["top_k"] = [{"class_id": c, "label": n, "probability": p} for c, n, p in self.top_k]
         return out
+
+
+class NoModelError(RuntimeError):
+    """The device holds no model yet (streaming, the cloud not reached and nothing cached)."""
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """What one request runs on, read once at its start: swapping in a new one is a single reference store,
+    so a request never sees a half-updated model nor mixes two versions."""
+
+    model: EarlyExitMobileNetV2
+    head: Head
+    ref: pb.ModelRef
+    class_names: list[str]
+    transform: Callable
+    complete: bool  # the whole model at full precision: a failed offload may run on to the final classifier
+    weights_fraction: float = 1.0
+    head_bits: float = 32.0
+
+    @property
+    def split_point(self) -> int:
+        return self.head.split_point
 
 
 def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, float]]:
@@ -68,21 +97,21 @@ class DeviceRuntime:
     ``classify_*`` are safe to call from several threads at once; a network fault never raises.
     """
 
-    def __init__(self, cfg: DeviceConfig, checkpoint: Checkpoint, link: Optional[CloudLink],
+    def __init__(self, cfg: DeviceConfig, checkpoint: Optional[Checkpoint], link: Optional[CloudLink],
                  codec: Optional[CodecSpec]) -> None:
         """``codec`` None: the cloud has not told its default yet; offload with OFFLINE_CODEC and ask it again
-        after the first offload it answers."""
-        try:
-            check_split_point(checkpoint.model, cfg.split_point)
-        except ValueError as err:
-            raise ConfigError(f"config key 'split_point': {err}") from None
+        after the first offload it answers. ``checkpoint`` None: no model until ``install`` (streaming)."""
         self.cfg = cfg
         self.torch_device = resolve_device(cfg.torch_device, "torch_device")
-        self.model = checkpoint.model.eval().to(self.torch_device)
-        self.class_names = checkpoint.class_names
-        self.preprocess = checkpoint.preprocess
-        self.transform = checkpoint.preprocess.eval_transform()
-        self.head: Head = head(self.model, cfg.split_point)
+        self.active: Optional[ActiveModel] = None
+        self.streamed: Optional[StreamedModel] = None
+        if checkpoint is not None:
+            self._check_split(checkpoint.model)
+            ref = link.model if link is not None else pb.ModelRef(model_id=cfg.model_id,
+                                                                  model_version=cfg.model_version)
+            model = checkpoint.model.eval().to(self.torch_device)
+            self.active = ActiveModel(model, head(model, cfg.split_point), ref, checkpoint.class_names,
+                                      checkpoint.preprocess.eval_transform(), complete=True)
         self.codec = codec or OFFLINE_CODEC
         self._ask_codec = codec is None and link is not None
         self.link = link
@@ -102,6 +131,8 @@ class DeviceRuntime:
         if cfg.intra_op_threads:
             torch.set_num_threads(cfg.intra_op_threads)
         link = CloudLink(cfg)
+        if cfg.checkpoint == "stream":
+            return cls._start_streaming(cfg, link)
         if cfg.checkpoint == "cloud":
             try:
                 data = link.fetch_checkpoint(timeout_s=max(30.0, cfg.deadline_ms / 1000))
@@ -116,6 +147,59 @@ class DeviceRuntime:
         log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s", cfg.split_point,
                  cfg.z_confidence_threshold, runtime.codec.name, link.target)
         return runtime
+
+    @classmethod
+    def _start_streaming(cls, cfg: DeviceConfig, link: CloudLink) -> "DeviceRuntime":
+        runtime = cls(cfg, None, link, cfg.codec_spec() or cls._cloud_codec(link, cfg))
+        runtime.streamed = StreamedModel(
+            link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
+            cfg.stream_poll_seconds, max(1.0, cfg.deadline_ms / 1000))
+        runtime.streamed.start()
+        active = runtime.active
+        log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",
+                 cfg.split_point, "no model" if active is None else active.split_point, cfg.z_confidence_threshold,
+                 link.target)
+        return runtime
+
+    def _check_split(self, model: EarlyExitMobileNetV2) -> None:
+        try:
+            check_split_point(model, self.cfg.split_point)
+        except ValueError as err:
+            raise ConfigError(f"config key 'split_point': {err}") from None
+
+    def install(self, snapshot: Snapshot) -> None:
+        """Serve ``snapshot`` from the next request on: at the configured split point once its head is usable,
+        before that at split point 0 (the cloud runs the whole network on the input)."""
+        model, progress = snapshot.checkpoint.model, snapshot.progress
+        self._check_split(model)
+        split = self.cfg.split_point if progress.usable else 0
+        m = snapshot.manifest
+        previous = self.active
+        self.active = ActiveModel(
+            model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess.eval_transform(),
+            complete=progress.complete, weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
+        if previous is None or (previous.split_point, previous.ref.model_version) != (split, m.model_version):
+            log.info("serving %s version %s at split point %d (head %.1f bits per weight)", m.model_id,
+                     m.model_version, split, progress.head_bits)
+
+    def _current(self) -> ActiveModel:
+        active = self.active
+        if active is None:
+            raise NoModelError("no model yet: the cloud has not been reached and the weights cache is empty")
+        return active
+
+    @property
+    def model(self) -> EarlyExitMobileNetV2:
+        return self._current().model
+
+    @property
+    def head(self) -> Head:
+        return self._current().head
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._current().class_names
 
     @staticmethod
     def _cloud_codec(link: CloudLink, cfg: DeviceConfig) -> Optional[CodecSpec]:
@@ -150,11 +234,16 @@ class DeviceRuntime:
         """Classify an encoded image (JPEG/PNG bytes). Raises device.images.ImageError for bad bytes only."""
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels)
-        return self.classify_tensor(self.transform(image), top_k, started)
+        active = self._current()
+        return self._classify(active, active.transform(image), top_k, started)
 
     def classify_tensor(self, x: Tensor, top_k: Optional[int] = None,
                         started: Optional[float] = None) -> ClassifyResult:
-        """Classify one preprocessed image ``(3, H, W)`` (or ``(1, 3, H, W)``)."""
+        """Classify one preprocessed image ``(3, H, W)`` (or ``(1, 3, H, W)``). Raises NoModelError."""
+        return self._classify(self._current(), x, top_k, started)
+
+    def _classify(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
+                  started: Optional[float]) -> ClassifyResult:
         started = time.perf_counter() if started is None else started
         k = top_k or self.cfg.top_k
         x = (x.unsqueeze(0) if x.dim() == 3 else x).to(self.torch_device)
@@ -162,7 +251,7 @@ class DeviceRuntime:
         threshold = self.cfg.z_confidence_threshold
         with torch.no_grad():
             tick = time.perf_counter()
-            for boundary, x, logits in self.head.steps(x):
+            for boundary, x, logits in active.head.steps(x):
                 now = time.perf_counter()
                 self.block_times.record("block", boundary - 1, (now - tick) * 1000.0)
                 tick = now
@@ -170,17 +259,18 @@ class DeviceRuntime:
                     continue
                 deepest = (boundary, logits[0])
                 if float(confidence(logits[0], self.cfg.confidence)) >= threshold:
-                    return self._local(boundary, logits[0], k, started, degraded=False, reason="")
-        return self._offload(x, deepest, k, started)
+                    return self._local(active, boundary, logits[0], k, started, degraded=False, reason="")
+        return self._offload(active, x, deepest, k, started)
 
-    def _offload(self, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
+    def _offload(self, active: ActiveModel, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
                  started: float) -> ClassifyResult:
         if self.link is None or not self.breaker.allow():
             reason = "cloud circuit open" + (f" after {self.breaker.last_error}" if self.breaker.last_error else "")
-            return self._fallback(activation, deepest, k, started, reason, bytes_sent=0)
+            return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=0)
+        codec = self.codec if active.split_point == self.cfg.split_point else OFFLINE_CODEC
         request = pb.FeatureRequest(
-            request_id=uuid.uuid4().hex, model=self.link.model, split_point=self.cfg.split_point,
-            features=encode(activation, self.codec), top_k=k,
+            request_id=uuid.uuid4().hex, model=active.ref, split_point=active.split_point,
+            features=encode(activation, codec), top_k=k,
         )
         size = request.ByteSize()
         with self._calls_lock:
@@ -195,16 +285,25 @@ class DeviceRuntime:
                 self.link_stats.record_failure()
             else:
                 log.warning("cloud refused request %s: %s", request.request_id, reason)
-            return self._fallback(activation, deepest, k, started, reason, bytes_sent=size)
+                if code == grpc.StatusCode.FAILED_PRECONDITION and self.streamed is not None:
+                    self.streamed.check_soon()  # the cloud may serve a new version: stream it
+            return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=size)
         self.breaker.record_success()
         self._maybe_ask_codec()
         self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size)
         image = reply.images[0]
         scores = [(c.class_id, c.name, c.probability) for c in image.top_k]
+        return self._result(active, scores, "cloud", False, "", size, started)
+
+    @staticmethod
+    def _result(active: ActiveModel, scores: list[tuple[int, str, float]], answered_by: str, degraded: bool,
+                reason: str, bytes_sent: int, started: float) -> ClassifyResult:
         return ClassifyResult(
-            class_id=scores[0][0], label=scores[0][1], confidence=scores[0][2], answered_by="cloud",
-            degraded=False, reason="", bytes_sent=size, latency_ms=(time.perf_counter() - started) * 1000.0,
-            top_k=scores,
+            class_id=scores[0][0], label=scores[0][1], confidence=scores[0][2], answered_by=answered_by,
+            degraded=degraded, reason=reason, bytes_sent=bytes_sent,
+            latency_ms=(time.perf_counter() - started) * 1000.0, top_k=scores,
+            model_version=active.ref.model_version, split_point=active.split_point,
+            weights_fraction=active.weights_fraction, head_bits=active.head_bits,
         )
 
     def _maybe_ask_codec(self) -> None:
@@ -227,36 +326,39 @@ class DeviceRuntime:
                      codec.name, self.cfg.split_point, self.codec.name)
         self.codec = codec  # one attribute store: requests encode with the old or the new spec, both accepted
 
-    def _fallback(self, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int, started: float,
-                  reason: str, bytes_sent: int) -> ClassifyResult:
-        """Answer from the deepest exit computed; with none before the split, run on to the next exit locally
-        (the device holds the whole checkpoint) so that there is always an answer."""
-        if deepest is None:
-            boundary, logits = self._next_local_exit(activation)
-            reason += f"; no exit before split point {self.cfg.split_point}, ran on to exit {boundary} on device"
+    def _fallback(self, active: ActiveModel, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
+                  started: float, reason: str, bytes_sent: int) -> ClassifyResult:
+        """Answer locally so that there is always an answer: with the whole model at full precision and
+        ``fallback: final``, the final classifier (run on from the split); otherwise the deepest exit computed,
+        or with none before the split, the next exit after it."""
+        to_final = active.complete and self.cfg.fallback == "final"
+        if deepest is None or to_final:
+            boundary, logits = self._run_on(active, activation, to_final)
+            where = "the final classifier" if boundary == -1 else f"exit {boundary}"
+            reason += f"; ran on from split point {active.split_point} to {where} on device"
             deepest = (boundary, logits)
-        return self._local(deepest[0], deepest[1], k, started, degraded=True, reason=reason,
+        return self._local(active, deepest[0], deepest[1], k, started, degraded=True, reason=reason,
                            bytes_sent=bytes_sent)
 
-    def _next_local_exit(self, activation: Tensor) -> tuple[int, Tensor]:
-        later = [e for e in self.model.exit_points if e > self.cfg.split_point]
-        stop = later[0] if later else self.model.num_blocks
-        exits = {stop: self.model.exit_map()[stop]} if later else {}
+    @staticmethod
+    def _run_on(active: ActiveModel, activation: Tensor, to_final: bool) -> tuple[int, Tensor]:
+        """Run the model on from the split: to the next exit (``(boundary, logits)``), or with ``to_final`` or
+        no later exit, to the final classifier (``(-1, logits)``)."""
+        model, split = active.model, active.split_point
+        later = [e for e in model.exit_points if e > split]
+        stop = model.num_blocks if to_final or not later else later[0]
+        exits = {} if stop == model.num_blocks else {stop: model.exit_map()[stop]}
         with torch.no_grad():
-            x, logits = run_segment(self.model.features, exits, activation, self.cfg.split_point, stop)
-            if not later:
-                return -1, self.model.final(x)[0]
+            x, logits = run_segment(model.features, exits, activation, split, stop)
+            if stop == model.num_blocks:
+                return -1, model.final(x)[0]
         return stop, logits[0][0]
 
-    def _local(self, boundary: int, logits: Tensor, k: int, started: float, degraded: bool, reason: str,
-               bytes_sent: int = 0) -> ClassifyResult:
-        scores = _top_k(logits, self.class_names, k)
-        return ClassifyResult(
-            class_id=scores[0][0], label=scores[0][1], confidence=scores[0][2],
-            answered_by="device:final" if boundary == -1 else f"device:exit-{boundary}",
-            degraded=degraded, reason=reason, bytes_sent=bytes_sent,
-            latency_ms=(time.perf_counter() - started) * 1000.0, top_k=scores,
-        )
+    def _local(self, active: ActiveModel, boundary: int, logits: Tensor, k: int, started: float, degraded: bool,
+               reason: str, bytes_sent: int = 0) -> ClassifyResult:
+        scores = _top_k(logits, active.class_names, k)
+        answered_by = "device:final" if boundary == -1 else f"device:exit-{boundary}"
+        return self._result(active, scores, answered_by, degraded, reason, bytes_sent, started)
 
     # -- measurements and lifecycle -------------------------------------------------------------------------
 
@@ -266,11 +368,17 @@ class DeviceRuntime:
     def measurements(self) -> dict:
         """Live estimates for a scheduler: link RTT/bandwidth (EWMA), per-block device time, breaker state."""
         link = self.link_stats.snapshot()
+        active = self.active
+        model = {} if active is None else {
+            "model_version": active.ref.model_version, "split_point": active.split_point,
+            "weights_fraction": active.weights_fraction, "head_bits": active.head_bits}
         return {"rtt_ms": link.rtt_ms, "upload_bytes_per_s": link.upload_bytes_per_s, "offloads": link.calls,
                 "offload_failures": link.failures, "breaker_open": self.breaker.is_open,
-                **self.block_times.snapshot()}
+                **model, **self.block_times.snapshot()}
 
     def close(self) -> None:
+        if self.streamed is not None:
+            self.streamed.close()
         self.breaker.close()
         if self.link is not None:
             self.link.close()

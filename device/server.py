@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from device.config import DeviceConfig
 from device.images import ImageError
-from device.runtime import ClassifyResult, DeviceRuntime
+from device.runtime import ClassifyResult, DeviceRuntime, NoModelError
 from device.watch import FolderWatcher
 from models.config import ConfigError
 from proto import spinn_v1_pb2 as pb
@@ -32,6 +32,8 @@ def to_reply(request_id: str, result: ClassifyResult) -> pb.ClassifyReply:
         answered_by=result.answered_by, degraded=result.degraded, reason=result.reason,
         bytes_sent=result.bytes_sent, latency_ms=result.latency_ms,
         top_k=[pb.ClassScore(class_id=c, name=n, probability=p) for c, n, p in result.top_k],
+        model_version=result.model_version, split_point=result.split_point,
+        weights_fraction=result.weights_fraction, head_bits=result.head_bits,
     )
 
 
@@ -46,6 +48,8 @@ class DeviceServicer(pb_grpc.DeviceServicer):
             result = self.runtime.classify_bytes(request.image, request.top_k or None)
         except ImageError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except NoModelError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         return to_reply(request.request_id, result)
 
 

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from device.images import ImageError
+from device.runtime import NoModelError
 from device.runtime import DeviceRuntime
 
 log = logging.getLogger("device.watch")
@@ -45,6 +46,9 @@ class FolderWatcher:
                 continue
             try:
                 record = self.runtime.classify_bytes(path.read_bytes()).to_json(image=path.name)
+            except NoModelError as err:  # streaming, nothing received yet: answer it on a later scan
+                log.info("%s waits: %s", path.name, err)
+                return count
             except (ImageError, OSError) as err:
                 record = {"image": path.name, "error": str(err)}
             with self.results.open("a") as out:

@@ -14,6 +14,7 @@ A checkpoint is a plain dict of tensors and builtins (so ``torch.load(..., weigh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from models.config import from_dict
+from models.config import ConfigError, from_dict
 from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
 
@@ -44,6 +45,25 @@ class Checkpoint:
     training_state: dict[str, Any] | None = None
 
 
+def checkpoint_metadata(model: EarlyExitMobileNetV2, class_names: list[str], preprocess: Preprocess) -> dict:
+    """What rebuilds the model without its weights (JSON-safe): ``model_config``, ``class_names``, ``preprocess``.
+
+    Raises ValueError when the class names do not match the model's class count.
+    """
+    if len(class_names) != model.config.num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names for {model.config.num_classes} classes")
+    return {
+        "model_config": dataclasses.asdict(model.config),
+        "class_names": list(class_names),
+        "preprocess": {
+            "input_size": int(preprocess.input_size),
+            "resize_size": int(preprocess.resize_size),
+            "mean": [float(m) for m in preprocess.mean],
+            "std": [float(s) for s in preprocess.std],
+        },
+    }
+
+
 def save_checkpoint(
     path: str | Path,
     model: EarlyExitMobileNetV2,
@@ -53,19 +73,10 @@ def save_checkpoint(
     training_state: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temp file + rename, so a crash never leaves half a file)."""
-    if len(class_names) != model.config.num_classes:
-        raise ValueError(f"class_names has {len(class_names)} names for {model.config.num_classes} classes")
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "model_config": dataclasses.asdict(model.config),
+        **checkpoint_metadata(model, class_names, preprocess),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "class_names": list(class_names),
-        "preprocess": {
-            "input_size": int(preprocess.input_size),
-            "resize_size": int(preprocess.resize_size),
-            "mean": [float(m) for m in preprocess.mean],
-            "std": [float(s) for s in preprocess.std],
-        },
         "metrics": dict(metrics or {}),
     }
     if training_state is not None:
@@ -99,23 +110,40 @@ def load_checkpoint_bytes(data: bytes, source: str, map_location: str | torch.de
         raise CheckpointError(f"checkpoint {source!r} cannot be read: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {source!r} is not a {FORMAT} file")
-    for key in ("model_config", "state_dict", "class_names", "preprocess"):
-        if key not in payload:
+    if "state_dict" not in payload:
+        raise CheckpointError(f"checkpoint {source!r} lacks 'state_dict'")
+    ckpt = checkpoint_from_metadata(payload, payload["state_dict"], source)
+    ckpt.metrics = dict(payload.get("metrics", {}))
+    ckpt.training_state = payload.get("training_state")
+    return ckpt
+
+
+def checkpoint_from_metadata(metadata: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str,
+                             assign: bool = False) -> Checkpoint:
+    """Build the model of ``metadata`` (see ``checkpoint_metadata``) with ``state_dict`` as its weights.
+
+    ``assign=True`` builds the module on the meta device and adopts the given tensors without copying them
+    (fast, and the tensors are shared: a caller that never modifies them can swap whole models cheaply).
+    Raises CheckpointError naming ``source`` and the missing or malformed key.
+    """
+    for key in ("model_config", "class_names", "preprocess"):
+        if key not in metadata:
             raise CheckpointError(f"checkpoint {source!r} lacks '{key}'")
-    config = from_dict(ModelConfig, payload["model_config"], source=f"{source} model_config")
-    model = EarlyExitMobileNetV2(config, exit_points=[int(k) for k in config.exits])
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        config = from_dict(ModelConfig, metadata["model_config"], source=f"{source} model_config")
+        pre = metadata["preprocess"]
+        preprocess = Preprocess(int(pre["input_size"]), int(pre["resize_size"]),
+                                tuple(float(m) for m in pre["mean"]), tuple(float(s) for s in pre["std"]))
+        class_names = [str(n) for n in metadata["class_names"]]
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {source!r}: malformed metadata ({err})") from None
+    if len(class_names) != config.num_classes:
+        raise CheckpointError(f"checkpoint {source!r}: {len(class_names)} class_names for "
+                              f"{config.num_classes} classes")
+    with torch.device("meta") if assign else contextlib.nullcontext():
+        model = EarlyExitMobileNetV2(config, exit_points=[int(k) for k in config.exits])
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {source!r}: weights do not fit its model_config: {err}") from None
-    model.eval()
-    pre = payload["preprocess"]
-    return Checkpoint(
-        model=model,
-        class_names=list(payload["class_names"]),
-        preprocess=Preprocess(
-            int(pre["input_size"]), int(pre["resize_size"]), tuple(pre["mean"]), tuple(pre["std"])  # type: ignore
-        ),
-        metrics=dict(payload.get("metrics", {})),
-        training_state=payload.get("training_state"),
-    )
+    return Checkpoint(model=model.eval(), class_names=class_names, preprocess=preprocess)

@@ -197,12 +197,34 @@ class ModelDeliveryStub:
                 request_serializer=proto_dot_spinn__v1__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=proto_dot_spinn__v1__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
+        self.GetManifest = channel.unary_unary(
+                '/spinn.v1.ModelDelivery/GetManifest',
+                request_serializer=proto_dot_spinn__v1__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=proto_dot_spinn__v1__pb2.Manifest.FromString,
+                _registered_method=True)
+        self.StreamWeights = channel.unary_stream(
+                '/spinn.v1.ModelDelivery/StreamWeights',
+                request_serializer=proto_dot_spinn__v1__pb2.WeightRequest.SerializeToString,
+                response_deserializer=proto_dot_spinn__v1__pb2.WeightChunk.FromString,
+                _registered_method=True)
 
 
 class ModelDeliveryServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetManifest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamWeights(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +237,16 @@ def add_ModelDeliveryServicer_to_server(servicer, server):
                     servicer.GetCheckpoint,
                     request_deserializer=proto_dot_spinn__v1__pb2.CheckpointRequest.FromString,
                     response_serializer=proto_dot_spinn__v1__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=proto_dot_spinn__v1__pb2.ManifestRequest.FromString,
+                    response_serializer=proto_dot_spinn__v1__pb2.Manifest.SerializeToString,
+            ),
+            'StreamWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamWeights,
+                    request_deserializer=proto_dot_spinn__v1__pb2.WeightRequest.FromString,
+                    response_serializer=proto_dot_spinn__v1__pb2.WeightChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,6 +276,60 @@ class ModelDelivery:
             '/spinn.v1.ModelDelivery/GetCheckpoint',
             proto_dot_spinn__v1__pb2.CheckpointRequest.SerializeToString,
             proto_dot_spinn__v1__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spinn.v1.ModelDelivery/GetManifest',
+            proto_dot_spinn__v1__pb2.ManifestRequest.SerializeToString,
+            proto_dot_spinn__v1__pb2.Manifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spinn.v1.ModelDelivery/StreamWeights',
+            proto_dot_spinn__v1__pb2.WeightRequest.SerializeToString,
+            proto_dot_spinn__v1__pb2.WeightChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,7 @@ def start_cloud(checkpoint, **overrides):
 
 def device(checkpoint, port, **overrides) -> DeviceRuntime:
     cfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": f"127.0.0.1:{port}",
-                                   "split_point": 9, "deadline_ms": 5000, **overrides})
+                                   "split_point": 9, "deadline_ms": 5000, "fallback": "exit", **overrides})
     return DeviceRuntime.start(cfg)
 
 
@@ -209,6 +209,18 @@ def test_slow_cloud_falls_back_within_the_deadline(checkpoint):
     assert result.degraded and result.reason.startswith("DEADLINE_EXCEEDED")
     assert result.answered_by == f"device:exit-{runtime.head.exit_points[-1]}"  # the deepest one computed
     assert result.latency_ms < 2000  # long before the cloud's 3 s batching delay would have answered
+
+
+def test_a_device_with_the_whole_model_falls_back_to_the_final_classifier(checkpoint, cloud):
+    runtime = device(checkpoint, cloud.port, z_confidence_threshold=1.0, model_version="7", fallback="final")
+    x = torch.randn(3, SIZE, SIZE)
+    try:
+        result = runtime.classify_tensor(x)
+        expected = int(runtime.model(x.unsqueeze(0))[-1].argmax())
+    finally:
+        runtime.close()
+    assert result.degraded and result.reason.startswith("FAILED_PRECONDITION")
+    assert result.answered_by == "device:final" and result.class_id == expected
 
 
 def test_refusal_and_no_device_exit_still_answers(checkpoint, cloud):

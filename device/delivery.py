@@ -1,0 +1,315 @@
+"""Progressive weight delivery on the device: fetch the manifest, stream the chunks into a decoder, verify and
+persist each one, and hand the refined model to the runtime after every chunk (``checkpoint: stream``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import grpc
+import torch
+
+from device.link import CloudLink
+from models.checkpoint import Checkpoint, checkpoint_from_metadata
+from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
+from proto import spinn_v1_pb2 as pb
+from proto.manifest import manifest_from_message, manifest_message
+
+log = logging.getLogger("device")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One state of a streamed model: never modified after it is handed out (requests may hold it)."""
+
+    manifest: Manifest
+    checkpoint: Checkpoint  # model in eval mode, on the device's torch device
+    progress: Progress
+
+
+def blank_state(manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Weights before any chunk: coded weights 0; norm layers at identity (scale and running_var 1, the rest 0)
+    so that a layer whose statistics have not arrived passes its input through instead of exploding."""
+    state = {}
+    for t in manifest.tensors:
+        dtype = torch.int64 if t.dtype == "int64" else torch.float32
+        one = t.kind == "raw" and (t.name.endswith("running_var") or (t.name.endswith(".weight") and
+                                                                       len(t.shape) == 1))
+        state[t.name] = (torch.ones if one else torch.zeros)(t.shape, dtype=dtype)
+    return state
+
+
+class ChunkStore:
+    """Verified chunks of one package on disk, so that a cut stream or a restart resumes where it was:
+    ``<root>/<model_id>/<version>/split<S>-<order>/manifest.pb`` and ``chunks/<index>.bin``."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.dir = root / manifest.model_id / manifest.model_version / f"split{manifest.split_point}-{manifest.order}"
+        self.chunks = self.dir / "chunks"
+        self.chunks.mkdir(parents=True, exist_ok=True)
+        known = self.dir / "manifest.pb"
+        data = manifest_message(manifest).SerializeToString()
+        if known.is_file() and known.read_bytes() != data:  # same name, other package: start again
+            shutil.rmtree(self.chunks)
+            self.chunks.mkdir()
+        _write_atomic(known, data)
+
+    def path(self, index: int) -> Path:
+        return self.chunks / f"{index:06d}.bin"
+
+    def save(self, index: int, payload: bytes) -> None:
+        _write_atomic(self.path(index), payload)
+
+    def load(self, index: int) -> Optional[bytes]:
+        path = self.path(index)
+        return path.read_bytes() if path.is_file() else None
+
+    def drop(self, index: int) -> None:
+        self.path(index).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def latest_cached_manifest(root: Path, model_id: str, split_point: int, order: str) -> Optional[Manifest]:
+    """The most recently written cached manifest for this device's package (to start with the cloud down)."""
+    candidates = sorted((root / model_id).glob(f"*/split{split_point}-{order}/manifest.pb"),
+                        key=lambda p: p.stat().st_mtime)
+    for path in reversed(candidates):
+        try:
+            return manifest_from_message(pb.Manifest.FromString(path.read_bytes()))
+        except (ProgressiveError, ValueError) as err:
+            log.warning("ignoring cached manifest %s: %s", path, err)
+    return None
+
+
+class WeightStream:
+    """Streams one package into a decoder on a thread of its own.
+
+    ``snapshot`` holds the model after the cached chunks; ``on_snapshot`` gets a new one after every chunk
+    streamed (on the stream's thread); the decoder
+    and the model of the previous snapshot are never modified in place (``updated_model`` shares unchanged
+    tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
+    next chunk with a bounded backoff; every call has a deadline.
+    """
+
+    def __init__(self, link: CloudLink, manifest: Manifest, store: ChunkStore, device: torch.device,
+                 on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0) -> None:
+        """``call_timeout_s``: deadline of one StreamWeights call; a stream still running then is resumed."""
+        self.link = link
+        self.manifest = manifest
+        self.store = store
+        self.on_snapshot = on_snapshot
+        self.call_timeout_s = call_timeout_s
+        self.decoder = Decoder(manifest)
+        self.refused = 0  # chunks whose hash did not match (tests and logs)
+        self._stop = threading.Event()
+        ckpt = checkpoint_from_metadata(manifest.metadata, blank_state(manifest),
+                                        f"manifest of {manifest.model_id} {manifest.model_version}", assign=True)
+        ckpt.model.to(device)
+        self.snapshot = Snapshot(manifest, ckpt, self.decoder.progress())
+        self._load_cached()
+        self._thread = threading.Thread(target=self._run, name="spinn-weights", daemon=True)
+
+    def start(self) -> "WeightStream":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def complete(self) -> bool:
+        return self.decoder.next_chunk == len(self.manifest.chunks)
+
+    def _load_cached(self) -> None:
+        changed: set[str] = set()
+        while not self.complete:
+            index = self.decoder.next_chunk
+            payload = self.store.load(index)
+            if payload is None:
+                break
+            try:
+                changed.update(self.decoder.apply(index, payload))
+            except ProgressiveError as err:
+                log.warning("cached chunk %d refused (%s); fetching it again", index, err)
+                self.refused += 1
+                self.store.drop(index)
+                break
+        if changed:
+            log.info("resumed %s version %s from the weights cache: %d of %d chunks", self.manifest.model_id,
+                     self.manifest.model_version, self.decoder.next_chunk, len(self.manifest.chunks))
+            self._refine(changed)
+
+    def _refine(self, changed: set[str]) -> None:
+        values = {name: value for name, value in self.decoder.state_dict().items()
+                  if name in changed and value is not None}
+        old = self.snapshot.checkpoint
+        ckpt = Checkpoint(updated_model(old.model, values), old.class_names, old.preprocess)
+        self.snapshot = Snapshot(self.manifest, ckpt, self.decoder.progress())
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set() and not self.complete:
+            try:
+                self._stream_once()
+                backoff = 0.2
+            except grpc.RpcError as err:
+                log.warning("weight stream from %s cut at chunk %d (%s: %s); resuming in %.1f s", self.link.target,
+                            self.decoder.next_chunk, err.code().name, err.details(), backoff)
+                self._stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+            except ProgressiveError as err:
+                self.refused += 1
+                log.warning("chunk refused (%s); fetching it again", err)
+                self._stop.wait(backoff)
+        if self.complete:
+            ok = self.decoder.digest() == self.manifest.final_sha256
+            log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
+                     self.manifest.model_version, self.decoder.bytes, "verified" if ok else "MISMATCH")
+
+    def _stream_once(self) -> None:
+        m = self.manifest
+        request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+                                   split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk)
+        calls = self.link.stream_weights(request, self.call_timeout_s)
+        buffer = bytearray()
+        try:
+            for message in calls:
+                if self._stop.is_set():
+                    return
+                index = self.decoder.next_chunk
+                if message.index != index or message.offset != len(buffer) or \
+                        len(buffer) + len(message.data) > m.chunks[index].size:
+                    raise ProgressiveError(f"chunk {message.index} at offset {message.offset} does not continue "
+                                           f"chunk {index} at {len(buffer)}")
+                buffer += message.data
+                if not message.last:
+                    continue
+                changed = self.decoder.apply(index, bytes(buffer))  # verifies the hash first
+                self.store.save(index, bytes(buffer))
+                buffer.clear()
+                p = self.decoder.progress()
+                log.info("weights %s v%s: chunk %d/%d (%s), %d bytes, %.1f %% of the weights, head %.1f bits",
+                         m.model_id, m.model_version, index + 1, len(m.chunks), m.chunks[index].stage, p.bytes,
+                         100 * p.weights_fraction, p.head_bits)
+                self._refine(set(changed))
+                self.on_snapshot(self.snapshot)
+        finally:
+            calls.cancel()
+
+
+def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float) -> Manifest:
+    """The manifest of the package the cloud serves for this split point and order.
+
+    Raises grpc.RpcError (cloud down or refusing) or ProgressiveError (malformed manifest).
+    """
+    message = link.manifest(pb.ManifestRequest(split_point=split_point, order=order), timeout_s)
+    return manifest_from_message(message)
+
+
+class StreamedModel:
+    """The device's model when it streams its weights (``checkpoint: stream``).
+
+    Keeps one ``WeightStream`` for the version in use and, when the cloud starts serving another version, a
+    second one beside it; ``install`` (the runtime) gets every snapshot of the version in use, and the new
+    version's first usable snapshot, after which the old stream stops. The cloud is asked for its manifest every
+    ``poll_seconds`` and whenever ``check_soon`` is called (e.g. after the cloud refused a version);
+    ``timeout_s`` is the deadline of one GetManifest call.
+    """
+
+    def __init__(self, link: CloudLink, root: Path, split_point: int, order: str, device: torch.device,
+                 install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float) -> None:
+        self.link, self.root, self.split_point, self.order = link, root, split_point, order
+        self.device, self.install = device, install
+        self.poll_seconds, self.timeout_s = poll_seconds, timeout_s
+        self.current: Optional[WeightStream] = None
+        self.pending: Optional[WeightStream] = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
+
+    def start(self) -> None:
+        """Fetch the manifest (or, with the cloud down, take the cached one) and start streaming.
+
+        With neither, the device has no model yet; the poller keeps asking the cloud.
+        """
+        try:
+            manifest: Optional[Manifest] = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s)
+        except (grpc.RpcError, ProgressiveError) as err:
+            log.warning("no manifest from %s (%s); trying the weights cache", self.link.target, _describe(err))
+            manifest = latest_cached_manifest(self.root, self.link.model.model_id, self.split_point, self.order)
+        if manifest is not None:
+            self._begin(manifest)
+        self._poller.start()
+
+    def check_soon(self) -> None:
+        self._wake.set()
+
+    def _begin(self, manifest: Manifest) -> None:
+        stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
+                              lambda snap: self._on_snapshot(stream, snap))
+        with self._lock:
+            if self.current is None:
+                self.current = stream
+            else:
+                log.info("cloud serves %s version %s: streaming it beside version %s, which keeps serving",
+                         manifest.model_id, manifest.model_version, self.current.manifest.model_version)
+                self.pending = stream
+        self._on_snapshot(stream, stream.snapshot)
+        stream.start()
+
+    def _on_snapshot(self, stream: WeightStream, snapshot: Snapshot) -> None:
+        with self._lock:
+            if stream is self.pending and snapshot.progress.usable:
+                old, self.current, self.pending = self.current, stream, None
+                assert old is not None
+                old.stop(timeout_s=0)  # it may be this very call's caller thread: do not join
+                log.info("switched to %s version %s", snapshot.manifest.model_id, snapshot.manifest.model_version)
+            if stream is not self.current:
+                return
+            self.install(snapshot)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s)
+            except (grpc.RpcError, ProgressiveError) as err:
+                log.debug("manifest poll: %s", _describe(err))
+                continue
+            with self._lock:
+                known = [s.manifest for s in (self.current, self.pending) if s is not None]
+            if all((m.model_id, m.model_version, m.final_sha256) !=
+                   (manifest.model_id, manifest.model_version, manifest.final_sha256) for m in known):
+                if self.pending is not None:
+                    self.pending.stop()
+                self._begin(manifest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for stream in (self.current, self.pending):
+            if stream is not None:
+                stream.stop()
+        if self._poller.is_alive():
+            self._poller.join(5.0)
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)

@@ -1,0 +1,62 @@
+"""The progressive package's manifest <-> ``spinn.v1.Manifest`` (models/progressive.py holds the coding)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from models.progressive import ChunkInfo, Manifest, ProgressiveError, TensorInfo
+from proto import spinn_v1_pb2 as pb
+
+
+def manifest_message(m: Manifest) -> pb.Manifest:
+    """The wire form of a manifest."""
+    return pb.Manifest(
+        model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+        metadata_json=json.dumps(m.metadata), bits=m.bits, order=m.order, split_point=m.split_point,
+        usable_planes=m.usable_planes, usable_chunk=m.usable_chunk, final_sha256=m.final_sha256,
+        tensors=[pb.TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype, planes=t.kind == "planes",
+                                group=t.group, part=t.part,
+                                scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes())
+                 for t in m.tensors],
+        chunks=[pb.ChunkEntry(index=c.index, unit_groups=[g for g, _ in c.units],
+                              unit_planes=[p for _, p in c.units], raw=list(c.raw), size=c.size, sha256=c.sha256,
+                              stage=c.stage)
+                for c in m.chunks],
+    )
+
+
+def _tensor(i: int, t: pb.TensorEntry, count: int) -> TensorInfo:
+    where = f"manifest.tensors[{i}]"
+    if t.dtype not in ("float32", "int64") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
+        raise ProgressiveError(f"{where}: bad dtype, shape or group ({t.name!r})")
+    scales = None
+    if t.planes:
+        if not t.shape or len(t.scales) != 4 * t.shape[0]:
+            raise ProgressiveError(f"{where}.scales: need one float32 per output channel ({t.name!r})")
+        scales = np.frombuffer(t.scales, "<f4").astype(np.float32)
+    return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales)
+
+
+def manifest_from_message(msg: pb.Manifest) -> Manifest:
+    """Parse and check a manifest from the wire; raises ProgressiveError naming the bad field."""
+    try:
+        metadata = json.loads(msg.metadata_json)
+    except ValueError as err:
+        raise ProgressiveError(f"manifest.metadata_json: {err}") from None
+    if not isinstance(metadata, dict):
+        raise ProgressiveError("manifest.metadata_json: not a JSON object")
+    if not 2 <= msg.bits <= 24:
+        raise ProgressiveError(f"manifest.bits: {msg.bits} is outside 2..24")
+    tensors = [_tensor(i, t, len(msg.tensors)) for i, t in enumerate(msg.tensors)]
+    chunks = []
+    for i, c in enumerate(msg.chunks):
+        units = tuple(zip(c.unit_groups, c.unit_planes))
+        if c.index != i or len(c.unit_groups) != len(c.unit_planes) or any(
+                not 0 <= g < len(tensors) or tensors[g].kind != "planes" or not 0 <= p < msg.bits - 1
+                for g, p in units) or any(not 0 <= r < len(tensors) for r in c.raw) or len(c.sha256) != 64:
+            raise ProgressiveError(f"manifest.chunks[{i}]: malformed")
+        chunks.append(ChunkInfo(c.index, units, tuple(c.raw), c.size, c.sha256, c.stage))
+    return Manifest(msg.model.model_id, msg.model.model_version, metadata, msg.bits, msg.order, msg.split_point,
+                    msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk)

@@ -1,0 +1,376 @@
+"""Progressive weight delivery: the bit-plane coder (models/progressive.py), the cloud's ModelDelivery stream
+and the device streaming its model, against a real cloud on loopback with real small models."""
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cloud.inference import ServedModel
+from cloud.server import CloudConfig, build_server
+from device.config import DeviceConfig
+from device.delivery import ChunkStore, WeightStream, fetch_manifest
+from device.link import CloudLink
+from device.runtime import DeviceRuntime
+from device.server import build_server as build_device_server
+from models.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
+from models.datasets import Preprocess
+from models.early_exit import EarlyExitMobileNetV2, ModelConfig
+from models.progressive import Decoder, ProgressiveError, build_package, quantize, updated_model
+from models.config import from_dict
+from proto import spinn_v1_pb2 as pb
+from proto import spinn_v1_pb2_grpc as pb_grpc
+from proto.manifest import manifest_from_message, manifest_message
+from tests.conftest import NAMES, SIZE
+from tests.test_device import image_bytes
+
+
+def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6):
+    meta = checkpoint_metadata(model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
+    return build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
+                         usable_planes, chunk_bytes)
+
+
+def reference(weight: torch.Tensor, bits: int, planes_known: int) -> np.ndarray:
+    """Independent reference: per-channel sign-magnitude, top ``planes_known`` magnitude bits, missing bits at
+    the middle of their interval, zero until the first 1 bit."""
+    w = weight.double().reshape(weight.shape[0], -1).numpy()
+    levels = 2 ** (bits - 1) - 1
+    scale = (np.abs(w).max(1) / levels).astype(np.float32)
+    q = np.rint(np.abs(w) / np.where(scale > 0, scale, 1)[:, None]).astype(np.int64)
+    missing = bits - 1 - planes_known
+    top = q >> missing
+    value = np.where(top > 0, (top << missing).astype(np.float64) + (2 ** missing - 1) / 2, 0.0)
+    return (np.sign(w) * value).astype(np.float32) * scale[:, None]
+
+
+def test_every_prefix_equals_the_reference_quantisation_and_the_end_is_exact(small_model):
+    package = package_of(small_model)
+    m = package.manifest
+    state = small_model.state_dict()
+    decoder = Decoder(m)
+    known = {g: 0 for g in m.groups()}
+    for index, payload in enumerate(package.payloads):
+        changed = decoder.apply(index, payload)
+        for g, _ in m.chunks[index].units:
+            known[g] += 1
+        assert {m.tensors[g].name for g, _ in m.chunks[index].units} <= set(changed)
+        for g in {g for g, _ in m.chunks[index].units}:
+            got = decoder.tensor(g).reshape(m.tensors[g].shape[0], -1).numpy()
+            np.testing.assert_array_equal(got, reference(state[m.tensors[g].name], 16, known[g]))
+    final = decoder.state_dict()
+    for name, value in state.items():
+        if value.dtype == torch.float32 and value.dim() >= 2:
+            np.testing.assert_array_equal(final[name].reshape(value.shape[0], -1).numpy(),
+                                          reference(value, 16, 15))
+        else:
+            assert torch.equal(final[name], value), name  # BN and biases travel whole
+    assert decoder.digest() == m.final_sha256
+
+
+def test_the_head_is_usable_first_and_the_order_is_recorded(small_model):
+    m = package_of(small_model, split_point=7).manifest
+    stages = [c.stage for c in m.chunks]
+    assert stages == sorted(stages, key=["head-usable", "head-refine", "rest-usable", "rest-refine"].index)
+    head = {i for i, t in enumerate(m.tensors) if t.part == "head" and t.kind == "planes"}
+    assert {t.name.split(".")[0] for i, t in enumerate(m.tensors) if i in head} == {"features", "exits"}
+    usable = m.chunks[: m.usable_chunk + 1]
+    assert {g for c in usable for g, _ in c.units} == head  # nothing of the rest before the head is usable
+    assert all(sum(g == h for c in usable for g, _ in c.units) == 6 for h in head)
+    value = package_of(small_model, split_point=7, order="value").manifest
+    assert value.final_sha256 == m.final_sha256 and value.order == "value"
+    assert [c.units for c in value.chunks] != [c.units for c in m.chunks]
+
+
+def test_the_whole_stream_is_not_larger_than_a_plain_16_bit_package(small_model):
+    m = package_of(small_model, chunk_bytes=16384).manifest
+    plain = sum(2 * t.numel + 4 * t.shape[0] if t.kind == "planes" else 4 * t.numel for t in m.tensors)
+    assert m.total_bytes <= plain
+
+
+def test_a_tampered_chunk_is_refused_and_changes_nothing(small_model):
+    package = package_of(small_model)
+    decoder = Decoder(package.manifest)
+    decoder.apply(0, package.payloads[0])
+    before = decoder.digest()
+    bad = bytearray(package.payloads[1])
+    bad[len(bad) // 2] ^= 0x01
+    with pytest.raises(ProgressiveError, match="SHA-256"):
+        decoder.apply(1, bytes(bad))
+    with pytest.raises(ProgressiveError, match="out of order"):
+        decoder.apply(2, package.payloads[2])
+    assert decoder.digest() == before and decoder.next_chunk == 1
+    decoder.apply(1, package.payloads[1])
+
+
+def test_manifest_survives_the_wire_and_bad_manifests_name_the_field(small_model):
+    m = package_of(small_model).manifest
+    back = manifest_from_message(pb.Manifest.FromString(manifest_message(m).SerializeToString()))
+    assert [c.sha256 for c in back.chunks] == [c.sha256 for c in m.chunks]
+    assert back.final_sha256 == m.final_sha256 and back.metadata == m.metadata
+    assert all(np.array_equal(a.scales, b.scales) for a, b in zip(back.tensors, m.tensors) if a.scales is not None)
+    msg = manifest_message(m)
+    msg.tensors[0].scales = b"\0"
+    with pytest.raises(ProgressiveError, match=r"tensors\[0\].scales"):
+        manifest_from_message(msg)
+    msg = manifest_message(m)
+    msg.chunks[3].unit_planes[0] = 99
+    with pytest.raises(ProgressiveError, match=r"chunks\[3\]"):
+        manifest_from_message(msg)
+
+
+def test_quantize_keeps_zeros_and_signs():
+    w = torch.tensor([[0.0, -1.0, 0.5, 1e-9], [0.0, 0.0, 0.0, 0.0]])
+    mag, neg, scales = quantize(w, 8)
+    assert mag.tolist() == [[0, 127, 64, 0], [0, 0, 0, 0]] and neg.tolist()[0] == [False, True, False, False]
+    assert scales[1] == 0
+
+
+def test_updated_model_leaves_the_serving_model_untouched(small_model):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    before = small_model(x)[-1]
+    name = "features.0.0.weight"
+    new = updated_model(small_model, {name: torch.zeros_like(small_model.state_dict()[name])})
+    assert torch.equal(small_model(x)[-1], before)
+    assert not torch.equal(new(x)[-1], before)
+    assert new.features[1].conv[0][0].weight is small_model.features[1].conv[0][0].weight  # shared, not copied
+
+
+# -- the cloud's ModelDelivery and the streaming device, on loopback -----------------------------------------
+
+
+def start_cloud(checkpoint, version="1", **overrides):
+    cfg = CloudConfig(checkpoint=str(checkpoint), address=overrides.pop("address", "127.0.0.1:0"),
+                      model_version=version, log_level="WARNING", delivery_chunk_bytes=2048, **overrides)
+    return build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+
+
+def device_cfg(port, cache: Path, **overrides) -> DeviceConfig:
+    return from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": f"127.0.0.1:{port}", "split_point": 7,
+                                    "deadline_ms": 5000, "weights_cache": str(cache), "log_level": "WARNING",
+                                    **overrides})
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def cloud(checkpoint):
+    running = start_cloud(checkpoint, delivery_message_bytes=1000)  # chunks span several messages
+    yield running
+    running.stop()
+
+
+def test_delivery_requests_are_validated(cloud):
+    stub = pb_grpc.ModelDeliveryStub(grpc.insecure_channel(f"127.0.0.1:{cloud.port}"))
+    ref = pb.ModelRef(model_id="spinn", model_version="1")
+    cases = [
+        (lambda: stub.GetManifest(pb.ManifestRequest(model=pb.ModelRef(model_id="spinn", model_version="2")),
+                                  timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "version '2'"),
+        (lambda: stub.GetManifest(pb.ManifestRequest(split_point=99), timeout=10),
+         grpc.StatusCode.INVALID_ARGUMENT, "split_point 99"),
+        (lambda: stub.GetManifest(pb.ManifestRequest(order="random"), timeout=10),
+         grpc.StatusCode.INVALID_ARGUMENT, "order"),
+        (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref, from_chunk=10 ** 6), timeout=10)),
+         grpc.StatusCode.INVALID_ARGUMENT, "from_chunk"),
+        (lambda: list(stub.StreamWeights(pb.WeightRequest(), timeout=10)),
+         grpc.StatusCode.INVALID_ARGUMENT, "model_id"),
+    ]
+    for call, code, detail in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and detail in err.value.details()
+    manifest = manifest_from_message(stub.GetManifest(pb.ManifestRequest(split_point=7), timeout=30))
+    messages = list(stub.StreamWeights(pb.WeightRequest(model=ref, split_point=7, from_chunk=3), timeout=30))
+    assert messages[0].index == 3 and max(len(x.data) for x in messages) <= 1000
+    assert sum(len(x.data) for x in messages) == sum(c.size for c in manifest.chunks[3:])
+
+
+def test_a_device_with_nothing_answers_via_split_point_0_then_moves_to_its_split(checkpoint, cloud, tmp_path):
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=1.0))
+    full = load_checkpoint(checkpoint).model
+    x = torch.randn(3, SIZE, SIZE)
+    try:
+        assert wait_until(lambda: runtime.active.complete, 30)
+        # Put the device back to the state of a device with nothing (no chunk yet): split point 0.
+        empty = WeightStream(runtime.link, runtime.streamed.current.manifest,
+                             ChunkStore(tmp_path / "empty", runtime.streamed.current.manifest), torch.device("cpu"),
+                             lambda snap: None)
+        latest = runtime.active
+        runtime.install(empty.snapshot)
+        first = runtime.classify_tensor(x)
+        runtime.active = latest
+        last = runtime.classify_tensor(x)
+        measured = runtime.measurements()
+    finally:
+        runtime.close()
+    expected = int(full(x.unsqueeze(0))[-1].argmax())
+    assert (first.answered_by, first.split_point, first.degraded) == ("cloud", 0, False)
+    assert first.class_id == expected and first.weights_fraction == 0 and first.head_bits == 0
+    assert first.bytes_sent > 3 * SIZE * SIZE // 2  # the input itself went up
+    assert (last.split_point, last.weights_fraction, last.head_bits) == (7, 1.0, 16.0)
+    assert measured["weights_fraction"] == 1.0 and measured["model_version"] == "1"
+
+
+def test_streamed_weights_equal_the_cloud_package_and_the_device_answers_alone(checkpoint, cloud, tmp_path):
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=1.0))
+    try:
+        assert wait_until(lambda: runtime.active is not None and runtime.active.complete, 30)
+        stream = runtime.streamed.current
+        assert stream.decoder.digest() == stream.manifest.final_sha256
+        cloud.stop()  # the cloud is gone: the whole model answers with its final classifier
+        result = runtime.classify_tensor(torch.randn(3, SIZE, SIZE))
+    finally:
+        runtime.close()
+    assert result.degraded and result.answered_by == "device:final"
+
+
+def test_twenty_cuts_and_restarts_resume_to_identical_weights(checkpoint, cloud, tmp_path):
+    link = CloudLink(device_cfg(cloud.port, tmp_path))
+    manifest = fetch_manifest(link, 7, "split", 30)
+    n = len(manifest.chunks)
+    cuts = sorted(random.Random(0).sample(range(1, n), 20))
+    resumed_from = []
+    try:
+        for cut in cuts + [n]:
+            # a new WeightStream is a device restart: it resumes from the chunks verified on disk
+            stream = WeightStream(link, manifest, ChunkStore(tmp_path / "cache", manifest), torch.device("cpu"),
+                                  lambda snap: None)
+            resumed_from.append(stream.decoder.next_chunk)
+            stream.on_snapshot = lambda snap, s=stream, c=cut: s._stop.set() if s.decoder.next_chunk >= c else None
+            stream.start()
+            assert wait_until(lambda: stream.decoder.next_chunk >= cut, 30)
+            stream.stop()
+    finally:
+        link.close()
+    assert resumed_from[1:] == [max(c, r) for c, r in zip(cuts, resumed_from)] and resumed_from[-1] < n
+    assert stream.complete and stream.decoder.digest() == manifest.final_sha256
+
+
+def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, tmp_path):
+    cfg = device_cfg(cloud.port, tmp_path / "cache")
+    runtime = DeviceRuntime.start(cfg)
+    assert wait_until(lambda: runtime.active is not None and runtime.active.complete, 30)
+    store = runtime.streamed.current.store
+    runtime.close()
+    bad = bytearray(store.load(5))
+    bad[0] ^= 0xFF
+    store.save(5, bytes(bad))
+    runtime = DeviceRuntime.start(cfg)
+    try:
+        stream = runtime.streamed.current
+        assert stream.refused == 1 and stream.decoder.next_chunk >= 5
+        assert wait_until(lambda: runtime.active.complete, 30)
+        assert stream.decoder.digest() == stream.manifest.final_sha256
+    finally:
+        runtime.close()
+
+
+def test_classify_from_threads_during_swaps_never_errors(checkpoint, tmp_path):
+    # one message per 300 bytes, so that the stream takes long enough for many swaps under load
+    cloud = start_cloud(checkpoint, delivery_message_bytes=300)
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=0.5))
+    results, errors, swaps = [], [], set()
+    done = threading.Event()
+
+    def work(seed):
+        rng = torch.Generator().manual_seed(seed)
+        while not done.is_set():
+            try:
+                results.append(runtime.classify_tensor(torch.randn(3, SIZE, SIZE, generator=rng)))
+                swaps.add(round(runtime.active.weights_fraction, 4))
+            except Exception as err:  # any exception at all is the failure this test looks for
+                errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: runtime.active.complete, 60)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        runtime.close()
+        cloud.stop()
+    assert not errors and len(results) > 20 and len(swaps) > 5
+    assert not any(r.degraded for r in results)
+    assert {r.split_point for r in results} <= {0, 7}
+
+
+def test_a_new_version_streams_beside_the_old_one_which_keeps_serving(checkpoint, tmp_path):
+    torch.manual_seed(1)
+    other = EarlyExitMobileNetV2(ModelConfig(width_mult=0.35, num_classes=10, exits=[0.15, 0.45, 0.75],
+                                             exit_channels=16)).eval()
+    second = tmp_path / "v2.pt"
+    save_checkpoint(second, other, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
+    first = start_cloud(checkpoint, "1")
+    port = first.port
+    runtime = DeviceRuntime.start(device_cfg(port, tmp_path / "cache", stream_poll_seconds=0.2,
+                                             z_confidence_threshold=1.0))
+    versions, errors, done = [], [], threading.Event()
+
+    def work():
+        while not done.is_set():
+            try:
+                versions.append(runtime.classify_tensor(torch.randn(3, SIZE, SIZE)).model_version)
+            except Exception as err:
+                errors.append(err)
+
+    thread = threading.Thread(target=work)
+    try:
+        assert wait_until(lambda: runtime.active.complete, 30)
+        thread.start()
+        first.stop()
+        upgraded = start_cloud(second, "2", address=f"127.0.0.1:{port}")
+        try:
+            assert wait_until(lambda: runtime.active.ref.model_version == "2" and runtime.active.complete, 60)
+        finally:
+            done.set()
+            thread.join()
+            upgraded.stop()
+    finally:
+        runtime.close()
+    assert not errors and versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions)  # never back to the old version once switched
+    assert (tmp_path / "cache" / "spinn" / "1").is_dir() and (tmp_path / "cache" / "spinn" / "2").is_dir()
+    got = runtime.active.model.state_dict()["final.classifier.1.bias"]
+    assert torch.equal(got, other.state_dict()["final.classifier.1.bias"])
+
+
+def test_the_local_api_reports_the_version_and_progress(checkpoint, cloud, tmp_path):
+    cfg = device_cfg(cloud.port, tmp_path / "cache", listen="127.0.0.1:0")
+    runtime = DeviceRuntime.start(cfg)
+    assert wait_until(lambda: runtime.active.complete, 30)
+    server = build_device_server(cfg, runtime)
+    try:
+        stub = pb_grpc.DeviceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        reply = stub.Classify(pb.ClassifyRequest(image=image_bytes(0)), timeout=10)
+    finally:
+        server.stop()
+    assert (reply.model_version, reply.split_point, reply.weights_fraction, reply.head_bits) == ("1", 7, 1.0, 16.0)
+
+
+def test_no_cloud_and_no_cache_is_a_clear_unavailable(tmp_path):
+    from tests.test_device import free_port
+    cfg = device_cfg(free_port(), tmp_path / "cache", listen="127.0.0.1:0", deadline_ms=300)
+    runtime = DeviceRuntime.start(cfg)
+    server = build_device_server(cfg, runtime)
+    try:
+        stub = pb_grpc.DeviceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(image=image_bytes(0)), timeout=10)
+    finally:
+        server.stop()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no model yet" in err.value.details()
