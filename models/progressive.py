@@ -308,19 +308,18 @@ def _code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo
     return _Units(infos, data, distortion)
 
 
-def _order_split(groups: list[int], planes: int, usable: int) -> list[tuple[str, list[tuple[int, int]]]]:
-    stages = []
-    for lo, hi, name in ((0, usable, "usable"), (usable, planes, "refine")):
-        stages.append((name, [(g, p) for p in range(lo, hi) for g in groups]))
-    return stages
+def _plane_major(groups: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(g, p) for p in range(lo, hi) for g in groups]
 
 
-def _order_value(groups: list[int], planes: int, units: _Units) -> list[tuple[int, int]]:
+def _greedy_by_value(units: _Units, start: dict[int, int], planes: int) -> list[tuple[int, int]]:
+    """Units from plane ``start[g]`` of each group on, largest distortion drop per byte first (a group's planes
+    stay in order: its next unit enters the queue when the previous one is taken)."""
     def priority(g: int, p: int) -> float:
         gain = units.distortion[g][p] - units.distortion[g][p + 1]
         return -gain / max(1, len(units.data[(g, p)]))
 
-    heap = [(priority(g, 0), g, 0) for g in groups]
+    heap = [(priority(g, p), g, p) for g, p in start.items() if p < planes]
     heapq.heapify(heap)
     out = []
     while heap:
@@ -332,14 +331,17 @@ def _order_value(groups: list[int], planes: int, units: _Units) -> list[tuple[in
 
 
 def _stages(units: _Units, order: str, planes: int, usable: int) -> list[tuple[str, list[tuple[int, int]]]]:
-    stages = []
-    for part in ("head", "rest"):
-        groups = [i for i, t in enumerate(units.infos) if t.kind == "planes" and t.part == part]
-        if order == "split":
-            stages += [(f"{part}-{name}", seq) for name, seq in _order_split(groups, planes, usable)]
-        else:
-            stages.append((f"{part}-value", _order_value(groups, planes, units)))
-    return stages
+    head = [i for i, t in enumerate(units.infos) if t.kind == "planes" and t.part == "head"]
+    rest = [i for i, t in enumerate(units.infos) if t.kind == "planes" and t.part == "rest"]
+    if order == "split":
+        return [("head-usable", _plane_major(head, 0, usable)), ("head-refine", _plane_major(head, usable, planes)),
+                ("rest-usable", _plane_major(rest, 0, usable)), ("rest-refine", _plane_major(rest, usable, planes))]
+    # value: the head usable first, then one plane of every other layer (a layer still all zero kills the
+    # whole network, which the additive proxy underrates: measured, 12.7 % vs 13.3 % of the float32 bytes to
+    # within 1 point on the quickstart model), then everything left by value per byte.
+    return [("head-usable", _plane_major(head, 0, usable)), ("head-refine", _plane_major(head, usable, planes)),
+            ("rest-first", _plane_major(rest, 0, 1)), ("rest-value", _greedy_by_value(units, dict.fromkeys(rest, 1),
+                                                                                     planes))]
 
 
 def _pack_chunks(stages, units: _Units, chunk_bytes: int) -> tuple[list[ChunkInfo], list[bytes]]:

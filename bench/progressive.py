@@ -1,0 +1,273 @@
+"""Progressive delivery benchmark: accuracy after every chunk against cumulative bytes, ours vs the anchor.
+
+    python bench/progressive.py app:apps/quickstart_test.yml --threshold 0.7 --name quickstart
+    python bench/progressive.py app:apps/cars_dev_test.yml checkpoint=../shared/models/cars_dev_joint20.pt \
+        image_size=128 resize_size=128 --threshold 0.5 --name cars_dev
+
+Any app config works (its checkpoint, dataset and ``split_point``). Curves, per scheme:
+
+- *system at the split*: the device runs its head and exits at the app's split point with the weights received
+  so far and answers when an exit reaches ``--threshold``; the other images go to the cloud, which finishes at
+  full precision (from the device's features). Evaluated after every chunk that changes the head.
+- *device-only*: the final classifier of the whole model as received so far (what answers when the cloud is
+  gone), after every chunk up to ``--max-points`` points spread over the bytes (every chunk for small models).
+
+Schemes: ours (models/progressive.py) in the ``split`` and ``value`` orders, and the anchor (bench/
+progressivenet.py: per-tensor range, 2-bit slices, layer order). Bytes are cumulative chunk payloads (ours) or
+part sizes (anchor), as a fraction of the float32 size of the weights. Writes
+``bench/results/progressive_<name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import progressivenet  # noqa: E402
+from device.delivery import blank_state  # noqa: E402
+from models.app_config import AppConfig  # noqa: E402
+from models.checkpoint import Checkpoint, checkpoint_from_metadata, checkpoint_metadata, load_checkpoint  # noqa
+from models.config import parse_app_argv  # noqa: E402
+from models.datasets import build_datasets  # noqa: E402
+from models.exit_policy import CachedOutputs, confidence, evaluate_threshold  # noqa: E402
+from models.partition import Head, tail  # noqa: E402
+from models.progressive import Decoder, build_package, updated_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Evaluator:
+    """Accuracy of partially received models on a fixed evaluation set (``batches`` of ``(x, y)``)."""
+
+    full: torch.nn.Module
+    split_point: int
+    threshold: float
+    confidence: str
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        self.cloud = tail(self.full, self.split_point)
+
+    @torch.no_grad()
+    def system(self, model) -> tuple[float, float]:
+        """(accuracy, uploading rate) of the device at the split with ``model``'s head, the cloud at full
+        precision."""
+        conf, correct, final = [], [], []
+        head = Head(model, self.split_point)
+        for x, y in self.batches:
+            out = head(x)
+            conf.append(torch.stack([confidence(e, self.confidence) for e in out.exit_logits])
+                        if out.exit_logits else torch.zeros(0, len(y)))
+            correct.append(torch.stack([e.argmax(1) == y for e in out.exit_logits])
+                           if out.exit_logits else torch.zeros(0, len(y), dtype=torch.bool))
+            final.append(self.cloud(out.activation)[-1].argmax(1) == y)
+        cache = CachedOutputs(torch.cat(conf, 1), torch.cat(correct, 1), torch.cat(final))
+        row = evaluate_threshold(cache, self.threshold, 0.0)
+        return row.accuracy, row.uploading_rate
+
+    @torch.no_grad()
+    def device_final(self, model) -> float:
+        right = sum(int((model(x)[-1].argmax(1) == y).sum()) for x, y in self.batches)
+        return right / sum(len(y) for _, y in self.batches)
+
+
+def eval_points(sizes: list[int], max_points: int) -> set[int]:
+    """Chunk indices to evaluate: about ``max_points`` spread evenly over log(bytes), and the last one."""
+    if len(sizes) <= max_points:
+        return set(range(len(sizes)))
+    total, cum, chosen, step = sum(sizes), 0, set(), 0
+    marks = [total * (0.0005 * (2000 ** (i / (max_points - 1)))) for i in range(max_points)]
+    for i, size in enumerate(sizes):
+        cum += size
+        while step < len(marks) and cum >= marks[step]:
+            chosen.add(i)
+            step += 1
+    return chosen | {len(sizes) - 1}
+
+
+def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, **package_args) -> dict:
+    """Ours: build the package, apply its chunks one by one, evaluate; also times decode + swap per chunk."""
+    meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
+    package = build_package(ckpt.model.state_dict(), meta, "bench", "1", ev.split_point, ckpt.model.exit_points,
+                            order, **package_args)
+    m = package.manifest
+    head_names = {t.name for t in m.tensors if t.part == "head"}
+    decoder = Decoder(m)
+    model = checkpoint_from_metadata(meta, blank_state(m), "bench", assign=True).model
+    wanted = eval_points([c.size for c in m.chunks], max_points)
+    points, cum, system, swap_ms = [], 0, None, []
+    for i, payload in enumerate(package.payloads):
+        started = time.perf_counter()
+        changed = decoder.apply(i, payload)
+        values = decoder.state_dict()
+        model = updated_model(model, {n: values[n] for n in changed})
+        swap_ms.append((time.perf_counter() - started) * 1000)
+        cum += m.chunks[i].size
+        head_changed = bool(head_names & set(changed))
+        if head_changed:
+            system = ev.system(model)
+        if head_changed or i in wanted:
+            assert system is not None
+            points.append({"chunk": i, "stage": m.chunks[i].stage, "bytes": cum,
+                           "fraction": cum / m.float32_bytes, "system_accuracy": system[0],
+                           "uploading_rate": system[1], "head_bits": decoder.progress().head_bits,
+                           "device_accuracy": ev.device_final(model) if i in wanted else None})
+    return {"order": order, "chunks": len(m.chunks), "total_bytes": m.total_bytes,
+            "usable_chunk": m.usable_chunk, "usable_bytes": sum(c.size for c in m.chunks[:m.usable_chunk + 1]),
+            "swap_ms_mean": sum(swap_ms) / len(swap_ms), "swap_ms_max": max(swap_ms), "points": points}
+
+
+def anchor_curve(ckpt: Checkpoint, ev: Evaluator) -> dict:
+    """The anchor after each of its 8 parts (the device needs whole parts: they hold every tensor)."""
+    state = ckpt.model.state_dict()
+    meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
+    sizes = progressivenet.part_bytes(state)
+    float32 = sum(4 * t.numel() for t in state.values())
+    points, cum, bits = [], 0, 0
+    for k, size in enumerate(sizes):
+        cum += size
+        bits += progressivenet.SLICES[k]
+        model = checkpoint_from_metadata(meta, progressivenet.decode_state(state, bits), "anchor", assign=True).model
+        system = ev.system(model)
+        points.append({"part": k + 1, "bits": bits, "bytes": cum, "fraction": cum / float32,
+                       "system_accuracy": system[0], "uploading_rate": system[1],
+                       "device_accuracy": ev.device_final(model)})
+    return {"total_bytes": cum, "points": points}
+
+
+def within(points: list[dict], key: str, target: float) -> float | None:
+    """Smallest byte fraction from which every later evaluated point is within 1 point of ``target``."""
+    best = None
+    for p in reversed([p for p in points if p.get(key) is not None]):
+        if p[key] < target - 0.01:
+            break
+        best = p["fraction"]
+    return best
+
+
+def plain_package_bytes(state: dict[str, torch.Tensor], bits: int) -> int:
+    """Per-channel ``bits``-bit weights packed plainly, float32 scales, small tensors whole."""
+    total = 0
+    for t in state.values():
+        coded = t.dtype == torch.float32 and t.dim() >= 2
+        total += (t.numel() * bits + 7) // 8 + 4 * t.shape[0] if coded else t.numel() * t.element_size()
+    return total
+
+
+def load(cfg: AppConfig, limit: int | None) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]]]:
+    ckpt = load_checkpoint(cfg.checkpoint_path())
+    pre = ckpt.preprocess
+    data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
+                          cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, with_train=False)
+    batches, seen = [], 0
+    for x, y in DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers):
+        batches.append((x, y))
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    return ckpt, batches
+
+
+def markdown(result: dict) -> str:
+    full = result["full"]
+    lines = [f"# Progressive delivery: {result['name']}", "",
+             f"`{result['command']}`", "",
+             f"Split point {result['split_point']}, threshold {result['threshold']}, {result['images']} images; "
+             f"float32 weights {result['float32_bytes']:,} B. Full precision: system at the split "
+             f"{full['system_accuracy']:.4f} (uploading {full['uploading_rate']:.3f}), device-only final "
+             f"{full['device_accuracy']:.4f}.", "",
+             "| scheme | stream bytes | vs plain 16-bit | system within 1 pt from | device-only within 1 pt from |",
+             "|---|---|---|---|---|"]
+    for name, curve in result["schemes"].items():
+        s, d = curve["within_1pt"]["system"], curve["within_1pt"]["device"]
+        lines.append(f"| {name} | {curve['total_bytes']:,} | {curve['total_bytes'] / result['plain16_bytes']:.3f} "
+                     f"| {'-' if s is None else f'{100 * s:.2f} %'} | {'-' if d is None else f'{100 * d:.2f} %'} |")
+    lines += ["", "Percentages are cumulative bytes as a share of the float32 weights (smallest share from which "
+              "every later point stays within 1 point of full precision).", ""]
+    for name, curve in result["schemes"].items():
+        if "swap_ms_mean" in curve:
+            lines.append(f"- {name}: {curve['chunks']} chunks, head usable after chunk {curve['usable_chunk']} "
+                         f"({curve['usable_bytes']:,} B, {100 * curve['usable_bytes'] / result['float32_bytes']:.2f}"
+                         f" %); decode + swap per chunk {curve['swap_ms_mean']:.1f} ms mean, "
+                         f"{curve['swap_ms_max']:.1f} ms max.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in ((axes[0], "system_accuracy", f"system at split {result['split_point']}"),
+                           (axes[1], "device_accuracy", "device-only final classifier")):
+        for name, curve in result["schemes"].items():
+            pts = [p for p in curve["points"] if p.get(key) is not None]
+            ax.plot([100 * p["fraction"] for p in pts], [p[key] for p in pts], marker=".", label=name)
+        full = result["full"][key]
+        ax.axhline(full - 0.01, color="grey", linestyle="--", linewidth=1, label="full precision - 1 pt")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes received, % of float32 weights")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"Progressive delivery: {result['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threshold", type=float, default=0.7, help="device exit confidence threshold")
+    parser.add_argument("--name", default="quickstart", help="results file suffix")
+    parser.add_argument("--max-points", type=int, default=48, help="device-only evaluations per curve")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--usable-planes", type=int, default=7)
+    parser.add_argument("--chunk-bytes", type=int, default=16384)
+    args, rest = parser.parse_known_args(argv)
+    cfg = parse_app_argv(AppConfig, rest)
+    torch.manual_seed(0)
+    ckpt, batches = load(cfg, args.limit)
+    split = cfg.split_point if cfg.split_point is not None else max(ckpt.model.exit_points)
+    ev = Evaluator(ckpt.model, split, args.threshold, cfg.confidence, batches)
+    system, upload = ev.system(ckpt.model)
+    state = ckpt.model.state_dict()
+    result = {"name": args.name, "command": "python bench/progressive.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                    else argv),
+              "split_point": split, "threshold": args.threshold, "images": sum(len(y) for _, y in batches),
+              "float32_bytes": sum(4 * t.numel() for t in state.values()), "plain16_bytes":
+              plain_package_bytes(state, 16),
+              "full": {"system_accuracy": system, "uploading_rate": upload, "device_accuracy": ev.device_final(
+                  ckpt.model)}, "schemes": {}}
+    for order in ("split", "value"):
+        curve = ours_curve(ckpt, ev, order, args.max_points, usable_planes=args.usable_planes,
+                           chunk_bytes=args.chunk_bytes)
+        result["schemes"][f"ours ({order} order)"] = curve
+        print(f"ours {order}: {len(curve['points'])} points", flush=True)
+    result["schemes"]["anchor (ProgressiveNet)"] = anchor_curve(ckpt, ev)
+    for curve in result["schemes"].values():
+        curve["within_1pt"] = {"system": within(curve["points"], "system_accuracy", system),
+                               "device": within(curve["points"], "device_accuracy", result["full"]["device_accuracy"])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"progressive_{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    plot(result, stem.with_suffix(".png"))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
