@@ -5,8 +5,6 @@ Runs where the machine allows it (root, iproute2 with netns + tbf); skipped with
 
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,57 +13,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import netns
 from tests.conftest import ROOT
 
 RATE_BIT_S = 2_000_000  # tbf rate on each direction of the link
 
 
-def _sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30)
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "needs iproute2 (ip, tc)"
-    probe = f"spinn-probe-{os.getpid()}"
-    if _sh("ip", "netns", "add", probe).returncode != 0:
-        return "ip netns add is not permitted here"
-    _sh("ip", "netns", "del", probe)
-    return None
-
-
 @pytest.fixture
 def two_hosts():
-    reason = _why_not()
+    reason = netns.why_not()
     if reason:
         pytest.skip(reason)
-    tag = os.getpid() % 200 + 20
-    cloud_ns, device_ns = f"spinn-cloud-{tag}", f"spinn-device-{tag}"
-    cloud_ip, device_ip = f"10.231.{tag}.1", f"10.231.{tag}.2"
-    steps = [
-        ("ip", "netns", "add", cloud_ns), ("ip", "netns", "add", device_ns),
-        ("ip", "link", "add", f"vc{tag}", "type", "veth", "peer", "name", f"vd{tag}"),
-        ("ip", "link", "set", f"vc{tag}", "netns", cloud_ns), ("ip", "link", "set", f"vd{tag}", "netns", device_ns),
-        ("ip", "-n", cloud_ns, "addr", "add", f"{cloud_ip}/24", "dev", f"vc{tag}"),
-        ("ip", "-n", device_ns, "addr", "add", f"{device_ip}/24", "dev", f"vd{tag}"),
-        ("ip", "-n", cloud_ns, "link", "set", f"vc{tag}", "up"), ("ip", "-n", device_ns, "link", "set", f"vd{tag}", "up"),
-        ("ip", "-n", cloud_ns, "link", "set", "lo", "up"), ("ip", "-n", device_ns, "link", "set", "lo", "up"),
-        ("ip", "netns", "exec", device_ns, "tc", "qdisc", "add", "dev", f"vd{tag}", "root", "tbf",
-         "rate", f"{RATE_BIT_S}bit", "burst", "4kb", "latency", "200ms"),
-        ("ip", "netns", "exec", cloud_ns, "tc", "qdisc", "add", "dev", f"vc{tag}", "root", "tbf",
-         "rate", f"{RATE_BIT_S}bit", "burst", "4kb", "latency", "200ms"),
-    ]
     try:
-        for step in steps:
-            done = _sh(*step)
-            if done.returncode != 0:
-                pytest.skip(f"{' '.join(step)} failed: {done.stderr.strip()}")
-        yield {"cloud_ns": cloud_ns, "device_ns": device_ns, "cloud_ip": cloud_ip, "device_link": f"vd{tag}"}
-    finally:
-        _sh("ip", "netns", "del", cloud_ns)
-        _sh("ip", "netns", "del", device_ns)
+        with netns.two_hosts(RATE_BIT_S) as hosts:
+            yield {"cloud_ns": hosts.cloud_ns, "device_ns": hosts.device_ns, "cloud_ip": hosts.cloud_ip,
+                   "device_link": hosts.device_link}
+    except netns.SetupError as err:
+        pytest.skip(str(err))
 
 
 HEALTH = ("import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
@@ -110,7 +74,7 @@ def test_device_and_cloud_on_two_shaped_hosts(two_hosts, checkpoint, tmp_path):
             # a physical lower bound that proves the traffic went over the shaped veth, not loopback.
             assert row["latency_ms"] >= 0.8 * row["bytes_sent"] * 8 / RATE_BIT_S * 1000
 
-        _sh(*ns_exec, two_hosts["device_ns"], "ip", "link", "set", two_hosts["device_link"], "down")
+        netns.sh(*ns_exec, two_hosts["device_ns"], "ip", "link", "set", two_hosts["device_link"], "down")
         for row in classify():  # link cut: every image still answered, on the device
             assert row["degraded"] and row["answered_by"].startswith("device:")
     finally:
