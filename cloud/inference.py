@@ -13,7 +13,7 @@ from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.partition import Tail, profile, tail
 from proto import spinn_v1_pb2 as pb
-from proto.codec import CodecError, decode
+from proto.codec import CodecError, decode, decode_jpeg
 
 DEFAULT_TOP_K = 5
 
@@ -100,6 +100,11 @@ def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int
             f"1 <= B <= {max_batch}, got {list(shape)}",
         )
     try:
+        if req.features.codec.quantization == pb.Codec.JPEG:
+            if req.split_point != 0:
+                raise CodecError("features.codec.quantization: JPEG is for the input at split point 0 only")
+            pre = served.metadata["preprocess"]
+            return decode_jpeg(req.features, tuple(pre["mean"]), tuple(pre["std"]))
         return decode(req.features, "features")
     except CodecError as err:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -80,6 +80,8 @@ class CloudConfig:
     delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing, resuming, swapping)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
     delivery_message_bytes: int = 512 * 1024  # payload per StreamWeights message (a chunk may span several)
+    delivery_prebuild: list[int] = field(default_factory=list)  # split points whose package (split order) is
+    # built right after loading, so that the first device does not wait for it
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -87,6 +89,9 @@ class CloudConfig:
         check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
         check_at_least(self, ("delivery_chunk_bytes", "delivery_cache_packages", "delivery_usable_planes",
                               "delivery_message_bytes"), 1)
+        for i, split_point in enumerate(self.delivery_prebuild):
+            if split_point < 0:
+                raise ConfigError(f"config key 'delivery_prebuild[{i}]': a split point is >= 0, got {split_point}")
         if self.delivery_message_bytes > 1 << 20:
             raise ConfigError("config key 'delivery_message_bytes': at most 1 MiB (1048576), got "
                               f"{self.delivery_message_bytes}")
@@ -193,8 +198,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                   default_codec=self.default_codecs.get(k, DEFAULT_CODEC).message())
                 for k, shape in sorted(s.activation_shapes.items())
             ],
-            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4],
+            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4, Q.JPEG],
             compressions=[C.NONE, C.ZLIB, C.ZSTD],
+            resize_size=s.metadata["preprocess"]["resize_size"], mean=s.metadata["preprocess"]["mean"],
+            std=s.metadata["preprocess"]["std"],
         )
 
 
@@ -278,6 +285,7 @@ class CloudServer:
     health: health.HealthServicer
     servicer: InferenceServicer
     grace_seconds: float
+    packages: PackageCache
     worker: Optional[ForwardWorker] = None
 
     def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
@@ -357,7 +365,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
-    running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds)
+    running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds, packages)
     if served is not None:
         running.set_model(served)
     return running
@@ -378,6 +386,7 @@ def serve(cfg: CloudConfig) -> int:
     running = build_server(cfg, None)
     log.info("listening on port %d; loading %s", running.port, cfg.checkpoint)
     device = resolve_device(cfg.torch_device, "torch_device")
+    worker: Optional[ForwardWorker] = None
     try:
         if cfg.forward_process:
             # The worker owns the model that computes; this process keeps a CPU copy for metadata only.
@@ -385,14 +394,21 @@ def serve(cfg: CloudConfig) -> int:
             worker = ForwardWorker(served.checkpoint_bytes, cfg.checkpoint, device, intra_op_threads_for(cfg))
         else:
             served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version, device)
-            worker = None
+        beyond = [s for s in cfg.delivery_prebuild if s > served.model.num_blocks]
+        if beyond:
+            raise ConfigError(f"config key 'delivery_prebuild': split point {beyond[0]} is beyond the model's "
+                              f"{served.model.num_blocks} blocks")
     except BaseException:
+        if worker is not None:
+            worker.close()
         running.server.stop(0)
         running.batcher.close(drain=False)
         raise
     running.set_model(served, worker)
     log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
              running.port)
+    for split_point in cfg.delivery_prebuild:
+        running.packages.get(served, split_point, "split")
     stop.wait()
     log.info("draining and shutting down")
     running.stop()

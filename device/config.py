@@ -35,6 +35,8 @@ class DeviceConfig:
     weights_cache: str = "runs/weights_cache"  # verified chunks persist here: a cut stream or restart resumes
     stream_order: str = "split"  # split | value (models/progressive.py)
     stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
+    input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
+    jpeg_quality: int = 90
     # channel
     max_attempts: int = 3  # gRPC retry policy on UNAVAILABLE, always within deadline_ms
     keepalive_ms: int = 30_000
@@ -101,6 +103,13 @@ class DeviceConfig:
             self.codec_spec()
         except ValueError as err:
             raise ConfigError(f"config key 'codec': {err}") from None
+        if self.input_codec != "jpeg":
+            try:
+                CodecSpec.from_name(self.input_codec)
+            except ValueError as err:
+                raise ConfigError(f"config key 'input_codec': jpeg or {err}") from None
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ConfigError(f"config key 'jpeg_quality': must be in 1..95, got {self.jpeg_quality}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:

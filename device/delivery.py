@@ -240,17 +240,12 @@ class StreamedModel:
         self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
 
     def start(self) -> None:
-        """Fetch the manifest (or, with the cloud down, take the cached one) and start streaming.
-
-        With neither, the device has no model yet; the poller keeps asking the cloud.
-        """
-        try:
-            manifest: Optional[Manifest] = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s)
-        except (grpc.RpcError, ProgressiveError) as err:
-            log.warning("no manifest from %s (%s); trying the weights cache", self.link.target, _describe(err))
-            manifest = latest_cached_manifest(self.root, self.link.model.model_id, self.split_point, self.order)
-        if manifest is not None:
-            self._begin(manifest)
+        """Resume the cached package (if any) at once, then ask the cloud for its manifest on the poller's
+        thread: no request waits for the manifest (with no weights, requests go to the cloud at split 0)."""
+        cached = latest_cached_manifest(self.root, self.link.model.model_id, self.split_point, self.order)
+        if cached is not None:
+            self._begin(cached)
+        self._wake.set()  # first poll right away
         self._poller.start()
 
     def check_soon(self) -> None:

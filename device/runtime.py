@@ -22,12 +22,13 @@ from device.link import NETWORK_CODES, CloudLink, LinkError
 from device.stats import BlockTimes, LinkStats
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from models.config import ConfigError
+from models.datasets import Preprocess
 from models.exit_policy import confidence
 from models.hardware import resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
-from proto.codec import CodecSpec, encode
+from proto.codec import CodecSpec, encode, encode_jpeg
 
 log = logging.getLogger("device")
 
@@ -71,18 +72,29 @@ class ActiveModel:
     """What one request runs on, read once at its start: swapping in a new one is a single reference store,
     so a request never sees a half-updated model nor mixes two versions."""
 
-    model: EarlyExitMobileNetV2
-    head: Head
+    model: Optional[EarlyExitMobileNetV2]  # None: no weights yet (streaming): every image goes to the cloud
+    head: Optional[Head]
     ref: pb.ModelRef
     class_names: list[str]
-    transform: Callable
+    preprocess: Preprocess
     complete: bool  # the whole model at full precision: a failed offload may run on to the final classifier
     weights_fraction: float = 1.0
     head_bits: float = 32.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transform", self.preprocess.eval_transform())
+
     @property
     def split_point(self) -> int:
-        return self.head.split_point
+        return 0 if self.head is None else self.head.split_point
+
+
+def weightless(info: pb.ModelInfo) -> ActiveModel:
+    """What a device with no weights serves: every image offloaded at split point 0 (the cloud runs the whole
+    model), with the preprocessing and class names from the cloud's ModelInfo."""
+    pre = Preprocess(info.input_size, info.resize_size, tuple(info.mean), tuple(info.std))  # type: ignore[arg-type]
+    return ActiveModel(None, None, info.model, list(info.class_names), pre, complete=False, weights_fraction=0.0,
+                       head_bits=0.0)
 
 
 def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, float]]:
@@ -111,7 +123,7 @@ class DeviceRuntime:
                                                                   model_version=cfg.model_version)
             model = checkpoint.model.eval().to(self.torch_device)
             self.active = ActiveModel(model, head(model, cfg.split_point), ref, checkpoint.class_names,
-                                      checkpoint.preprocess.eval_transform(), complete=True)
+                                      checkpoint.preprocess, complete=True)
         self.codec = codec or OFFLINE_CODEC
         self._ask_codec = codec is None and link is not None
         self.link = link
@@ -150,7 +162,13 @@ class DeviceRuntime:
 
     @classmethod
     def _start_streaming(cls, cfg: DeviceConfig, link: CloudLink) -> "DeviceRuntime":
-        runtime = cls(cfg, None, link, cfg.codec_spec() or cls._cloud_codec(link, cfg))
+        """A device with no weights: one GetModelInfo gives the preprocessing, so it offloads its first image
+        at split point 0 at once; the manifest and the chunks follow on threads of their own."""
+        info = cls._model_info(link, cfg)
+        codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
+        runtime = cls(cfg, None, link, codec)
+        if info is not None:
+            runtime.active = weightless(info)
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, max(1.0, cfg.deadline_ms / 1000))
@@ -177,8 +195,7 @@ class DeviceRuntime:
         previous = self.active
         self.active = ActiveModel(
             model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
-            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess.eval_transform(),
-            complete=progress.complete, weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
+            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete, weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
         if previous is None or (previous.split_point, previous.ref.model_version) != (split, m.model_version):
             log.info("serving %s version %s at split point %d (head %.1f bits per weight)", m.model_id,
                      m.model_version, split, progress.head_bits)
@@ -201,16 +218,25 @@ class DeviceRuntime:
     def class_names(self) -> list[str]:
         return self._current().class_names
 
-    @staticmethod
-    def _cloud_codec(link: CloudLink, cfg: DeviceConfig) -> Optional[CodecSpec]:
+    @classmethod
+    def _cloud_codec(cls, link: CloudLink, cfg: DeviceConfig) -> Optional[CodecSpec]:
         """The cloud's default codec for ``cfg.split_point``; None when the cloud did not answer."""
+        info = cls._model_info(link, cfg)
+        return None if info is None else cls._codec_from_info(info, cfg)
+
+    @staticmethod
+    def _model_info(link: CloudLink, cfg: DeviceConfig) -> Optional[pb.ModelInfo]:
         try:
-            info = link.model_info(timeout_s=max(1.0, cfg.deadline_ms / 1000))
+            return link.model_info(timeout_s=max(1.0, cfg.deadline_ms / 1000))
         except grpc.RpcError as err:
             log.warning("cloud %s did not answer GetModelInfo (%s); using %s until it does", link.target,
                         err.code().name, OFFLINE_CODEC.name)
             return None
-        if (info.model.model_id, info.model.model_version) != (cfg.model_id, cfg.model_version):
+
+    @staticmethod
+    def _codec_from_info(info: pb.ModelInfo, cfg: DeviceConfig) -> CodecSpec:
+        served = (info.model.model_id, info.model.model_version)
+        if cfg.checkpoint != "stream" and served != (cfg.model_id, cfg.model_version):
             log.warning("cloud serves %s version %s, this device is configured for %s version %s: offloads will "
                         "be refused and answered locally", info.model.model_id, info.model.model_version,
                         cfg.model_id, cfg.model_version)
@@ -235,7 +261,7 @@ class DeviceRuntime:
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels)
         active = self._current()
-        return self._classify(active, active.transform(image), top_k, started)
+        return self._classify(active, active.transform(image), top_k, started)  # type: ignore[attr-defined]
 
     def classify_tensor(self, x: Tensor, top_k: Optional[int] = None,
                         started: Optional[float] = None) -> ClassifyResult:
@@ -249,9 +275,10 @@ class DeviceRuntime:
         x = (x.unsqueeze(0) if x.dim() == 3 else x).to(self.torch_device)
         deepest: Optional[tuple[int, Tensor]] = None
         threshold = self.cfg.z_confidence_threshold
+        steps = active.head.steps(x) if active.head is not None else ()
         with torch.no_grad():
             tick = time.perf_counter()
-            for boundary, x, logits in active.head.steps(x):
+            for boundary, x, logits in steps:
                 now = time.perf_counter()
                 self.block_times.record("block", boundary - 1, (now - tick) * 1000.0)
                 tick = now
@@ -267,10 +294,9 @@ class DeviceRuntime:
         if self.link is None or not self.breaker.allow():
             reason = "cloud circuit open" + (f" after {self.breaker.last_error}" if self.breaker.last_error else "")
             return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=0)
-        codec = self.codec if active.split_point == self.cfg.split_point else OFFLINE_CODEC
         request = pb.FeatureRequest(
             request_id=uuid.uuid4().hex, model=active.ref, split_point=active.split_point,
-            features=encode(activation, codec), top_k=k,
+            features=self._encode(active, activation), top_k=k,
         )
         size = request.ByteSize()
         with self._calls_lock:
@@ -294,6 +320,15 @@ class DeviceRuntime:
         image = reply.images[0]
         scores = [(c.class_id, c.name, c.probability) for c in image.top_k]
         return self._result(active, scores, "cloud", False, "", size, started)
+
+    def _encode(self, active: ActiveModel, activation: Tensor) -> pb.Tensor:
+        if active.split_point == self.cfg.split_point and (self.cfg.split_point != 0 or self.cfg.codec):
+            return encode(activation, self.codec)
+        if active.split_point == 0 and self.cfg.input_codec == "jpeg":
+            pre = active.preprocess
+            return encode_jpeg(activation, pre.mean, pre.std, self.cfg.jpeg_quality)
+        return encode(activation, OFFLINE_CODEC if self.cfg.input_codec == "jpeg"
+                      else CodecSpec.from_name(self.cfg.input_codec))
 
     @staticmethod
     def _result(active: ActiveModel, scores: list[tuple[int, str, float]], answered_by: str, degraded: bool,
@@ -331,6 +366,8 @@ class DeviceRuntime:
         """Answer locally so that there is always an answer: with the whole model at full precision and
         ``fallback: final``, the final classifier (run on from the split); otherwise the deepest exit computed,
         or with none before the split, the next exit after it."""
+        if active.model is None:
+            raise NoModelError(f"{reason}; and no weights have arrived yet to answer on the device")
         to_final = active.complete and self.cfg.fallback == "final"
         if deepest is None or to_final:
             boundary, logits = self._run_on(active, activation, to_final)
@@ -345,6 +382,7 @@ class DeviceRuntime:
         """Run the model on from the split: to the next exit (``(boundary, logits)``), or with ``to_final`` or
         no later exit, to the final classifier (``(-1, logits)``)."""
         model, split = active.model, active.split_point
+        assert model is not None
         later = [e for e in model.exit_points if e > split]
         stop = model.num_blocks if to_final or not later else later[0]
         exits = {} if stop == model.num_blocks else {stop: model.exit_map()[stop]}

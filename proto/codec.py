@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zstandard
+from PIL import Image
 
 from proto import spinn_v1_pb2 as pb
 
@@ -152,6 +153,8 @@ def decode(msg: pb.Tensor, field: str = "features", max_bytes: int = MAX_DECODED
     n = int(np.prod(shape, dtype=np.int64))
     codec = msg.codec
     bytes_per = {Q.FLOAT32: 4.0, Q.FLOAT16: 2.0, Q.INT8: 1.0, Q.INT4: 0.5}.get(codec.quantization)
+    if codec.quantization == Q.JPEG:
+        raise CodecError(f"{field}.codec.quantization: JPEG is for the input at split point 0 only")
     if bytes_per is None:
         raise CodecError(f"{field}.codec.quantization: unknown quantization {codec.quantization}")
     expected = int(np.ceil(n * bytes_per))
@@ -180,6 +183,41 @@ def decode(msg: pb.Tensor, field: str = "features", max_bytes: int = MAX_DECODED
     if not np.isfinite(a).all():
         raise CodecError(f"{field}.data: contains NaN or Inf")
     return torch.from_numpy(a.reshape(shape).copy())
+
+
+def encode_jpeg(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], quality: int = 90) -> pb.Tensor:
+    """Encode a normalised model input ``(1, 3, H, W)`` as a JPEG file of the image (split point 0 only)."""
+    pixels = (x.detach().to("cpu", torch.float32)[0] * torch.tensor(std)[:, None, None]
+              + torch.tensor(mean)[:, None, None]).clamp(0, 1).mul(255).round().to(torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB").save(buf, format="JPEG", quality=quality)
+    return pb.Tensor(shape=list(x.shape), dtype="float32", data=buf.getvalue(),
+                     codec=pb.Codec(quantization=Q.JPEG, compression=C.NONE))
+
+
+def decode_jpeg(msg: pb.Tensor, mean: tuple[float, ...], std: tuple[float, ...], field: str = "features"
+                ) -> torch.Tensor:
+    """Decode a JPEG-coded input into the normalised ``(1, 3, H, W)`` float32 tensor of ``msg.shape``.
+
+    The image size is read from the header and must equal the shape before any pixel is decoded (a
+    decompression bomb cannot pass). Raises CodecError naming the bad field.
+    """
+    shape = tuple(int(d) for d in msg.shape)
+    if len(shape) != 4 or shape[:2] != (1, 3) or min(shape) <= 0:
+        raise CodecError(f"{field}.shape: a JPEG input is (1, 3, H, W), got {list(shape)}")
+    if msg.codec.compression != C.NONE:
+        raise CodecError(f"{field}.codec.compression: a JPEG input takes NONE")
+    try:
+        image = Image.open(io.BytesIO(msg.data), formats=["JPEG"])
+        if image.size != (shape[3], shape[2]):
+            raise CodecError(f"{field}.data: JPEG of {image.size[0]}x{image.size[1]} px, shape needs "
+                             f"{shape[3]}x{shape[2]}")
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise CodecError(f"{field}.data: not a readable JPEG ({err})") from None
+    x = (torch.from_numpy(rgb).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None,
+                                                                                                         None]
+    return x.unsqueeze(0).contiguous()
 
 
 def encoded_size(msg: pb.Tensor) -> int:

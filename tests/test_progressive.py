@@ -16,7 +16,7 @@ from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.delivery import ChunkStore, WeightStream, fetch_manifest
 from device.link import CloudLink
-from device.runtime import DeviceRuntime
+from device.runtime import DeviceRuntime, NoModelError, weightless
 from device.server import build_server as build_device_server
 from models.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from models.datasets import Preprocess
@@ -25,6 +25,7 @@ from models.progressive import Decoder, ProgressiveError, build_package, quantiz
 from models.config import from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
+from proto.codec import decode_jpeg, encode_jpeg
 from proto.manifest import manifest_from_message, manifest_message
 from tests.conftest import NAMES, SIZE
 from tests.test_device import image_bytes
@@ -203,24 +204,58 @@ def test_a_device_with_nothing_answers_via_split_point_0_then_moves_to_its_split
     x = torch.randn(3, SIZE, SIZE)
     try:
         assert wait_until(lambda: runtime.active.complete, 30)
-        # Put the device back to the state of a device with nothing (no chunk yet): split point 0.
-        empty = WeightStream(runtime.link, runtime.streamed.current.manifest,
-                             ChunkStore(tmp_path / "empty", runtime.streamed.current.manifest), torch.device("cpu"),
-                             lambda snap: None)
         latest = runtime.active
-        runtime.install(empty.snapshot)
+        runtime.active = weightless(runtime.link.model_info(10))  # the state of a device with nothing
         first = runtime.classify_tensor(x)
         runtime.active = latest
         last = runtime.classify_tensor(x)
         measured = runtime.measurements()
     finally:
         runtime.close()
-    expected = int(full(x.unsqueeze(0))[-1].argmax())
+    with torch.no_grad():
+        expected = full(x.unsqueeze(0))[-1].softmax(-1)[0]
     assert (first.answered_by, first.split_point, first.degraded) == ("cloud", 0, False)
-    assert first.class_id == expected and first.weights_fraction == 0 and first.head_bits == 0
-    assert first.bytes_sent > 3 * SIZE * SIZE // 2  # the input itself went up
+    assert first.weights_fraction == 0 and first.head_bits == 0
+    assert first.class_id == int(expected.argmax())  # the whole model ran in the cloud on the JPEG input
+    assert 0 < first.bytes_sent < 3 * SIZE * SIZE  # a JPEG, smaller than the raw uint8 image
     assert (last.split_point, last.weights_fraction, last.head_bits) == (7, 1.0, 16.0)
     assert measured["weights_fraction"] == 1.0 and measured["model_version"] == "1"
+
+
+def test_with_no_weights_and_the_cloud_down_the_device_says_so(checkpoint, tmp_path):
+    cloud = start_cloud(checkpoint)
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", deadline_ms=500, max_attempts=1))
+    try:
+        info = runtime.link.model_info(10)
+        runtime.streamed.close()  # no weights will arrive
+        cloud.stop()
+        runtime.active = weightless(info)
+        with pytest.raises(NoModelError, match="no weights have arrived"):
+            runtime.classify_tensor(torch.randn(3, SIZE, SIZE))
+    finally:
+        runtime.close()
+
+
+def test_the_cloud_takes_a_jpeg_input_at_split_point_0_only(checkpoint, cloud):
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{cloud.port}"))
+    ref = pb.ModelRef(model_id="spinn", model_version="1")
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    jpeg = encode_jpeg(x, (0.5,) * 3, (0.25,) * 3)
+    reply = stub.Infer(pb.FeatureRequest(model=ref, split_point=0, features=jpeg), timeout=10)
+    with torch.no_grad():
+        expected = load_checkpoint(checkpoint).model(decode_jpeg(jpeg, (0.5,) * 3, (0.25,) * 3))[-1].argmax()
+    assert reply.images[0].top_k[0].class_id == int(expected)
+    wrong = encode_jpeg(torch.zeros(1, 3, SIZE, SIZE + 1), (0.5,) * 3, (0.25,) * 3)
+    wrong.shape[:] = [1, 3, SIZE, SIZE]  # the header says 33 px wide: refused before decoding
+    for split_point, features, detail in ((7, jpeg, "split point 0 only"), (0, wrong, "JPEG of"),
+                                          (0, pb.Tensor(shape=jpeg.shape, dtype="float32", data=b"garbage",
+                                                        codec=jpeg.codec), "not a readable JPEG")):
+        request = pb.FeatureRequest(model=ref, split_point=split_point, features=features)
+        if split_point == 7:
+            request.features.shape[:] = [1, *cloud.servicer.served.activation_shapes[7]]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and detail in err.value.details()
 
 
 def test_streamed_weights_equal_the_cloud_package_and_the_device_answers_alone(checkpoint, cloud, tmp_path):
