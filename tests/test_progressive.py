@@ -409,3 +409,27 @@ def test_no_cloud_and_no_cache_is_a_clear_unavailable(tmp_path):
     finally:
         server.stop()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no model yet" in err.value.details()
+
+
+def test_a_torchvision_state_dict_becomes_a_checkpoint_that_streams(tmp_path):
+    import torchvision
+
+    from models.import_torchvision import main as import_main
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2(width_mult=0.35).eval()
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    assert import_main([str(tmp_path / "tv.pth"), str(tmp_path / "ck.pt"), "--width-mult", "0.35"]) == 0
+    ckpt = load_checkpoint(tmp_path / "ck.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(x)[-1], reference(x), atol=1e-5)
+    assert ckpt.model.exit_points == [] and ckpt.class_names[0] == "tench" and len(ckpt.class_names) == 1000
+    assert (ckpt.preprocess.input_size, ckpt.preprocess.resize_size) == (224, 256)
+    meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
+    package = build_package(ckpt.model.state_dict(), meta, "imagenet", "1", 5, [])
+    decoder = Decoder(package.manifest)
+    for i, payload in enumerate(package.payloads):
+        decoder.apply(i, payload)
+    assert decoder.digest() == package.manifest.final_sha256
+    assert import_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pt")]) == 2
