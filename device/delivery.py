@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import grpc
 import torch
 
-from device.link import CloudLink
+from device.link import NETWORK_CODES, CloudLink
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
 from proto import spinn_v1_pb2 as pb
@@ -112,6 +112,7 @@ class WeightStream:
         self.decoder = Decoder(manifest)
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
+        self._call = None  # the StreamWeights call in progress (cancelled by stop)
         ckpt = checkpoint_from_metadata(manifest.metadata, blank_state(manifest),
                                         f"manifest of {manifest.model_id} {manifest.model_version}", assign=True)
         ckpt.model.to(device)
@@ -125,7 +126,11 @@ class WeightStream:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        call = self._call
+        if call is not None:
+            call.cancel()  # a stream waiting for its next message ends now, not when the message comes
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     @property
     def complete(self) -> bool:
@@ -164,6 +169,8 @@ class WeightStream:
                 self._stream_once()
                 backoff = 0.2
             except grpc.RpcError as err:
+                if self._stop.is_set():
+                    break
                 log.warning("weight stream from %s cut at chunk %d (%s: %s); resuming in %.1f s", self.link.target,
                             self.decoder.next_chunk, err.code().name, err.details(), backoff)
                 self._stop.wait(backoff)
@@ -181,7 +188,7 @@ class WeightStream:
         m = self.manifest
         request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
                                    split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk)
-        calls = self.link.stream_weights(request, self.call_timeout_s)
+        calls = self._call = self.link.stream_weights(request, self.call_timeout_s)
         buffer = bytearray()
         try:
             for message in calls:
@@ -265,27 +272,33 @@ class StreamedModel:
         stream.start()
 
     def _on_snapshot(self, stream: WeightStream, snapshot: Snapshot) -> None:
+        old = None
         with self._lock:
             if stream is self.pending and snapshot.progress.usable:
                 old, self.current, self.pending = self.current, stream, None
-                assert old is not None
-                old.stop(timeout_s=0)  # it may be this very call's caller thread: do not join
-                log.info("switched to %s version %s", snapshot.manifest.model_id, snapshot.manifest.model_version)
             if stream is not self.current:
                 return
             self.install(snapshot)
+        if old is not None:  # outside the lock: the old stream's thread may be waiting for it
+            old.stop()
+            log.info("switched to %s version %s", snapshot.manifest.model_id, snapshot.manifest.model_version)
 
     def _poll(self) -> None:
+        retry = 1.0  # while the device has no package, a failed fetch is retried soon, not a poll period later
         while not self._stop.is_set():
-            self._wake.wait(self.poll_seconds)
+            self._wake.wait(self.poll_seconds if self.current is not None else retry)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
                 manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s)
             except (grpc.RpcError, ProgressiveError) as err:
-                log.debug("manifest poll: %s", _describe(err))
+                network = isinstance(err, grpc.RpcError) and err.code() in NETWORK_CODES
+                (log.debug if network else log.warning)("no manifest from %s: %s", self.link.target,
+                                                        _describe(err))
+                retry = min(self.poll_seconds, retry * 2)
                 continue
+            retry = 1.0
             with self._lock:
                 known = [s.manifest for s in (self.current, self.pending) if s is not None]
             if all((m.model_id, m.model_version, m.final_sha256) !=

@@ -33,6 +33,7 @@ from proto.codec import CodecSpec, encode, encode_jpeg
 log = logging.getLogger("device")
 
 OFFLINE_CODEC = CodecSpec("int8", "zstd")  # until the cloud can be asked for its default
+MANIFEST_TIMEOUT_S = 30.0  # a cloud builds a package on the first GetManifest (seconds for MobileNetV2)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ActiveModel:
     complete: bool  # the whole model at full precision: a failed offload may run on to the final classifier
     weights_fraction: float = 1.0
     head_bits: float = 32.0
+    transform: Callable = field(init=False, repr=False, compare=False)  # from ``preprocess``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transform", self.preprocess.eval_transform())
@@ -171,7 +173,7 @@ class DeviceRuntime:
             runtime.active = weightless(info)
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
-            cfg.stream_poll_seconds, max(1.0, cfg.deadline_ms / 1000))
+            cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S)
         runtime.streamed.start()
         active = runtime.active
         log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",
@@ -261,7 +263,7 @@ class DeviceRuntime:
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels)
         active = self._current()
-        return self._classify(active, active.transform(image), top_k, started)  # type: ignore[attr-defined]
+        return self._classify(active, active.transform(image), top_k, started)
 
     def classify_tensor(self, x: Tensor, top_k: Optional[int] = None,
                         started: Optional[float] = None) -> ClassifyResult:

@@ -433,3 +433,21 @@ def test_a_torchvision_state_dict_becomes_a_checkpoint_that_streams(tmp_path):
         decoder.apply(i, payload)
     assert decoder.digest() == package.manifest.final_sha256
     assert import_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_a_device_started_before_the_cloud_streams_soon_after_it_comes_up(checkpoint, tmp_path):
+    from tests.test_device import free_port
+
+    port = free_port()
+    runtime = DeviceRuntime.start(device_cfg(port, tmp_path / "cache", stream_poll_seconds=120, deadline_ms=300))
+    cloud = None
+    try:
+        assert runtime.active is None  # no cloud, no cache: nothing to serve yet
+        time.sleep(1.0)
+        cloud = start_cloud(checkpoint, address=f"127.0.0.1:{port}")
+        # retried with a short backoff while there is no package, not after stream_poll_seconds
+        assert wait_until(lambda: runtime.active is not None and runtime.active.complete, 30)
+    finally:
+        runtime.close()
+        if cloud is not None:
+            cloud.stop()
