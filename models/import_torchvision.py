@@ -1,6 +1,6 @@
 """Write a SPINN checkpoint from a torchvision MobileNetV2 state dict (no exits, ImageNet's 1000 classes).
 
-    python -m models.import_torchvision ../shared/weights/mobilenet_v2_imagenet_tflite.pth runs/imagenet.pt
+    python -m models.import_torchvision /path/to/mobilenet_v2.pth runs/imagenet.pt
 
 The class names come from torchvision's weight metadata (``MobileNet_V2_Weights.IMAGENET1K_V1``), the
 preprocessing is torchvision's (resize 256, centre crop 224, ImageNet mean/std). The checkpoint serves,

@@ -28,7 +28,7 @@ from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import decode_jpeg, encode_jpeg
 from proto.manifest import manifest_from_message, manifest_message
 from tests.conftest import NAMES, SIZE
-from tests.test_device import image_bytes
+from tests.test_device import image_bytes, wait_until
 
 
 def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6):
@@ -155,15 +155,6 @@ def device_cfg(port, cache: Path, **overrides) -> DeviceConfig:
     return from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": f"127.0.0.1:{port}", "split_point": 7,
                                     "deadline_ms": 5000, "weights_cache": str(cache), "log_level": "WARNING",
                                     **overrides})
-
-
-def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture
