@@ -36,7 +36,7 @@ import hashlib
 import heapq
 import io
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
