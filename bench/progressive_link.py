@@ -9,7 +9,8 @@ veth's plus the queue's). The driver starts a ``DeviceRuntime`` with ``checkpoin
 weights cache (its Python start-up is not counted: the clock starts when the runtime starts), then classifies
 validation images one after another until the whole model is on the device and ``--steady`` more requests
 have been answered (a second loop does the same with the images a device exit answers at full precision, so that
-device-side latency is sampled often while chunks are being swapped in). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link.
+device-side latency is sampled often while chunks are being swapped in; both loops run until each has
+``--steady`` requests answered after the model is complete). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link.
 
 Reported: time to the first answer, to the first answer equal to the full model's, to a usable head (answers
 at the split point), to the whole model; the checkpoint download time; classify latency p50/p99 while chunks
@@ -70,11 +71,13 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     started = time.perf_counter()
     runtime = DeviceRuntime.start(cfg)
     rows: list[dict] = []
-    done = threading.Event()
+    steady = {"all": 0, "local": 0}  # requests answered by the complete model, per loop
 
     def loop(probe: str, indices: list[int]) -> None:
-        i, after_complete = 0, 0
-        while not done.is_set() and after_complete < args.steady and time.perf_counter() - started < args.timeout:
+        # both loops run until both have --steady requests after completion, so that the device-answered
+        # requests see the same competition for the cores while swapping and in steady state
+        i = 0
+        while min(steady.values()) < args.steady and time.perf_counter() - started < args.timeout:
             k = indices[i % len(indices)]
             active = runtime.active
             t = time.perf_counter() - started
@@ -83,9 +86,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
                          "degraded": result.degraded, "split_point": result.split_point,
                          "weights_fraction": result.weights_fraction, "complete": bool(active and active.complete),
                          "equal_to_full": result.class_id == expected[k]})
-            after_complete += rows[-1]["complete"]
+            steady[probe] += rows[-1]["complete"]
             i += 1
-        done.set()
 
     threads = [threading.Thread(target=loop, args=("all", list(range(len(images))))),
                threading.Thread(target=loop, args=("local", local or [0]))]
@@ -224,7 +226,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=1_000_000, help="link rate each way, bit/s")
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--steady", type=int, default=200, help="requests after the model is complete")
+    parser.add_argument("--steady", type=int, default=300, help="requests per loop after the model is complete")
     parser.add_argument("--limit", type=int, default=256, help="validation images cycled through")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--name", default="quickstart")

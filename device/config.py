@@ -35,6 +35,7 @@ class DeviceConfig:
     weights_cache: str = "runs/weights_cache"  # verified chunks persist here: a cut stream or restart resumes
     stream_order: str = "split"  # split | value (models/progressive.py)
     stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
+    stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
     jpeg_quality: int = 90
     # channel
@@ -108,6 +109,8 @@ class DeviceConfig:
                 CodecSpec.from_name(self.input_codec)
             except ValueError as err:
                 raise ConfigError(f"config key 'input_codec': jpeg or {err}") from None
+        if not 0 <= self.stream_nice <= 19:
+            raise ConfigError(f"config key 'stream_nice': must be in 0..19, got {self.stream_nice}")
         if not 1 <= self.jpeg_quality <= 95:
             raise ConfigError(f"config key 'jpeg_quality': must be in 1..95, got {self.jpeg_quality}")
         if (self.tls_cert is None) != (self.tls_key is None):

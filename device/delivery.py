@@ -4,6 +4,7 @@ persist each one, and hand the refined model to the runtime after every chunk (`
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -101,9 +102,11 @@ class WeightStream:
     """
 
     def __init__(self, link: CloudLink, manifest: Manifest, store: ChunkStore, device: torch.device,
-                 on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0) -> None:
-        """``call_timeout_s``: deadline of one StreamWeights call; a stream still running then is resumed."""
+                 on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0, nice: int = 0) -> None:
+        """``call_timeout_s``: deadline of one StreamWeights call; a stream still running then is resumed.
+        ``nice``: added to the stream thread's nice value (see ``lower_thread_priority``)."""
         self.link = link
+        self.nice = nice
         self.manifest = manifest
         self.store = store
         self.on_snapshot = on_snapshot
@@ -162,6 +165,7 @@ class WeightStream:
         self.snapshot = Snapshot(self.manifest, ckpt, self.decoder.progress())
 
     def _run(self) -> None:
+        lower_thread_priority(self.nice)
         backoff = 0.2
         while not self._stop.is_set() and not self.complete:
             try:
@@ -214,6 +218,19 @@ class WeightStream:
             calls.cancel()
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps nicer (Linux gives each thread its own nice value; elsewhere a
+    no-op). Decoding chunks then takes the CPU only when serving does not want it: on a 2-core device the
+    refining work otherwise competes with classify for the cores and shows in its tail latency."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as err:
+        log.debug("could not lower the weight stream's priority: %s", err)
+
+
 def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float) -> Manifest:
     """The manifest of the package the cloud serves for this split point and order.
 
@@ -234,8 +251,9 @@ class StreamedModel:
     """
 
     def __init__(self, link: CloudLink, root: Path, split_point: int, order: str, device: torch.device,
-                 install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float) -> None:
+                 install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float, nice: int = 0) -> None:
         self.link, self.root, self.split_point, self.order = link, root, split_point, order
+        self.nice = nice
         self.device, self.install = device, install
         self.poll_seconds, self.timeout_s = poll_seconds, timeout_s
         self.current: Optional[WeightStream] = None
@@ -259,7 +277,7 @@ class StreamedModel:
 
     def _begin(self, manifest: Manifest) -> None:
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
-                              lambda snap: self._on_snapshot(stream, snap))
+                              lambda snap: self._on_snapshot(stream, snap), nice=self.nice)
         with self._lock:
             if self.current is None:
                 self.current = stream

@@ -173,7 +173,7 @@ class DeviceRuntime:
             runtime.active = weightless(info)
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
-            cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S)
+            cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
         runtime.streamed.start()
         active = runtime.active
         log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",

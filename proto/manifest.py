@@ -18,7 +18,8 @@ def manifest_message(m: Manifest) -> pb.Manifest:
         usable_planes=m.usable_planes, usable_chunk=m.usable_chunk, final_sha256=m.final_sha256,
         tensors=[pb.TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype, planes=t.kind == "planes",
                                 group=t.group, part=t.part,
-                                scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes())
+                                scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes(),
+                                offsets=b"" if t.offsets is None else t.offsets.astype("<f4").tobytes())
                  for t in m.tensors],
         chunks=[pb.ChunkEntry(index=c.index, unit_groups=[g for g, _ in c.units],
                               unit_planes=[p for _, p in c.units], raw=list(c.raw), size=c.size, sha256=c.sha256,
@@ -27,16 +28,30 @@ def manifest_message(m: Manifest) -> pb.Manifest:
     )
 
 
-def _tensor(i: int, t: pb.TensorEntry, count: int) -> TensorInfo:
+def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
     where = f"manifest.tensors[{i}]"
     if t.dtype not in ("float32", "int64") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
         raise ProgressiveError(f"{where}: bad dtype, shape or group ({t.name!r})")
-    scales = None
+    scales = offsets = None
     if t.planes:
         if not t.shape or len(t.scales) != 4 * t.shape[0]:
             raise ProgressiveError(f"{where}.scales: need one float32 per output channel ({t.name!r})")
         scales = np.frombuffer(t.scales, "<f4").astype(np.float32)
-    return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales)
+        offsets = _offsets(t.offsets, bits, f"{where}.offsets ({t.name!r})")
+    return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales,
+                      offsets)
+
+
+def _offsets(data: bytes, bits: int, where: str) -> np.ndarray | None:
+    if not data:
+        return None
+    if len(data) != 4 * bits:
+        raise ProgressiveError(f"{where}: need {bits} float32 values, got {len(data)} bytes")
+    offsets = np.frombuffer(data, "<f4").astype(np.float32)
+    top = 2.0 ** (bits - 1 - np.arange(bits)) - 1  # the largest value the missing bits can take
+    if not np.all(np.isfinite(offsets)) or np.any(offsets < 0) or np.any(offsets > top):
+        raise ProgressiveError(f"{where}: values outside [0, 2**missing - 1]")
+    return offsets
 
 
 def manifest_from_message(msg: pb.Manifest) -> Manifest:
@@ -49,7 +64,7 @@ def manifest_from_message(msg: pb.Manifest) -> Manifest:
         raise ProgressiveError("manifest.metadata_json: not a JSON object")
     if not 2 <= msg.bits <= 24:
         raise ProgressiveError(f"manifest.bits: {msg.bits} is outside 2..24")
-    tensors = [_tensor(i, t, len(msg.tensors)) for i, t in enumerate(msg.tensors)]
+    tensors = [_tensor(i, t, len(msg.tensors), msg.bits) for i, t in enumerate(msg.tensors)]
     chunks = []
     for i, c in enumerate(msg.chunks):
         units = tuple(zip(c.unit_groups, c.unit_planes))

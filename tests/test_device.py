@@ -334,6 +334,9 @@ def test_classify_cli_json(checkpoint, cloud, tmp_path):
     ({"max_attempts": 9}, "max_attempts"),
     ({"tls_cert": "c.pem"}, "tls_cert"),
     ({"split_pont": 3}, "split_pont"),
+    ({"stream_nice": 20}, "stream_nice"),
+    ({"stream_order": "random"}, "stream_order"),
+    ({"jpeg_quality": 0}, "jpeg_quality"),
 ])
 def test_device_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

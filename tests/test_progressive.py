@@ -1,6 +1,7 @@
 """Progressive weight delivery: the bit-plane coder (models/progressive.py), the cloud's ModelDelivery stream
 and the device streaming its model, against a real cloud on loopback with real small models."""
 
+import os
 import random
 import threading
 import time
@@ -14,14 +15,15 @@ import torch
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
-from device.delivery import ChunkStore, WeightStream, fetch_manifest
+from device.delivery import ChunkStore, WeightStream, fetch_manifest, lower_thread_priority
 from device.link import CloudLink
 from device.runtime import DeviceRuntime, NoModelError, weightless
 from device.server import build_server as build_device_server
 from models.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
-from models.progressive import Decoder, ProgressiveError, build_package, quantize, updated_model
+from models.progressive import (Decoder, ProgressiveError, _code_units, build_package, describe_tensors, quantize,
+                                updated_model)
 from models.config import from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -37,17 +39,38 @@ def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, u
                          usable_planes, chunk_bytes)
 
 
-def reference(weight: torch.Tensor, bits: int, planes_known: int) -> np.ndarray:
-    """Independent reference: per-channel sign-magnitude, top ``planes_known`` magnitude bits, missing bits at
-    the middle of their interval, zero until the first 1 bit."""
+def reference(weight: torch.Tensor, bits: int, planes_known: int, offset=None) -> np.ndarray:
+    """Independent reference: per-channel sign-magnitude, top ``planes_known`` magnitude bits, missing bits
+    valued at ``offset`` steps (None: the middle of their interval), zero until the first 1 bit."""
     w = weight.double().reshape(weight.shape[0], -1).numpy()
     levels = 2 ** (bits - 1) - 1
     scale = (np.abs(w).max(1) / levels).astype(np.float32)
     q = np.rint(np.abs(w) / np.where(scale > 0, scale, 1)[:, None]).astype(np.int64)
     missing = bits - 1 - planes_known
     top = q >> missing
-    value = np.where(top > 0, (top << missing).astype(np.float64) + (2 ** missing - 1) / 2, 0.0)
+    fill = (2 ** missing - 1) / 2 if offset is None else offset
+    value = np.where(top > 0, (top << missing).astype(np.float64) + (fill if missing else 0), 0.0)
     return (np.sign(w) * value).astype(np.float32) * scale[:, None]
+
+
+def reference_offsets(weight: torch.Tensor, bits: int) -> list[float]:
+    """Independent reference of the manifest's offsets: mean value of the missing low bits over the weights
+    whose known top bits are not all zero, per number of planes known."""
+    w = weight.double().reshape(-1).numpy()
+    q = np.rint(np.abs(w) / (np.abs(w).max() / (2 ** (bits - 1) - 1))).astype(np.int64)
+    out = []
+    for known in range(bits - 1):
+        missing = bits - 1 - known
+        low = [int(v) % 2 ** missing for v in q if v >> missing]
+        out.append(sum(low) / len(low) if low else (2 ** missing - 1) / 2)
+    return out
+
+
+def half_reference(value: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor known by its high 16 bits: the low 16 at the middle of their interval (+-0 exact)."""
+    bits = value.numpy().view(np.uint32)
+    low = np.where(bits & 0x7FFF0000, 0x8000, 0).astype(np.uint32)
+    return torch.from_numpy(((bits & 0xFFFF0000) | low).view(np.float32))
 
 
 def test_every_prefix_equals_the_reference_quantisation_and_the_end_is_exact(small_model):
@@ -63,15 +86,42 @@ def test_every_prefix_equals_the_reference_quantisation_and_the_end_is_exact(sma
         assert {m.tensors[g].name for g, _ in m.chunks[index].units} <= set(changed)
         for g in {g for g, _ in m.chunks[index].units}:
             got = decoder.tensor(g).reshape(m.tensors[g].shape[0], -1).numpy()
-            np.testing.assert_array_equal(got, reference(state[m.tensors[g].name], 16, known[g]))
+            offset = float(m.tensors[g].offsets[known[g]])
+            np.testing.assert_array_equal(got, reference(state[m.tensors[g].name], 16, known[g], offset))
+        for i, t in enumerate(m.tensors):  # small tensors: high halves with plane 0, low ones later
+            if t.kind == "raw" and known[t.group] > 0:
+                whole = t.dtype == "int64" or known[t.group] > m.raw_low_plane
+                expected = state[t.name] if whole else half_reference(state[t.name])
+                assert torch.equal(decoder.tensor(i), expected), (index, t.name)
     final = decoder.state_dict()
     for name, value in state.items():
         if value.dtype == torch.float32 and value.dim() >= 2:
             np.testing.assert_array_equal(final[name].reshape(value.shape[0], -1).numpy(),
                                           reference(value, 16, 15))
         else:
-            assert torch.equal(final[name], value), name  # BN and biases travel whole
+            assert torch.equal(final[name], value), name
     assert decoder.digest() == m.final_sha256
+
+
+def test_offsets_are_the_mean_of_the_missing_bits():
+    torch.manual_seed(3)
+    weight = torch.randn(1, 300) ** 3  # peaked near 0, as trained weights are: offsets below the middle
+    model_state = {"w": weight}
+    infos = describe_tensors(model_state, 1, [], {})
+    offsets = _code_units(model_state, infos, 8, 4).infos[0].offsets
+    np.testing.assert_allclose(offsets[:7], reference_offsets(weight, 8), rtol=1e-6)
+    assert all(offsets[k] < (2 ** (7 - k) - 1) / 2 for k in range(1, 7))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 16])
+def test_small_tensors_end_exact_at_any_bit_depth(small_model, bits):
+    package = package_of(small_model, bits=bits, usable_planes=1)
+    decoder = Decoder(package.manifest)
+    for index, payload in enumerate(package.payloads):
+        decoder.apply(index, payload)
+    final = decoder.state_dict()
+    assert all(torch.equal(final[n], v) for n, v in small_model.state_dict().items() if v.dim() < 2)
+    assert decoder.digest() == package.manifest.final_sha256
 
 
 def test_the_head_is_usable_first_and_the_order_is_recorded(small_model):
@@ -114,15 +164,37 @@ def test_manifest_survives_the_wire_and_bad_manifests_name_the_field(small_model
     back = manifest_from_message(pb.Manifest.FromString(manifest_message(m).SerializeToString()))
     assert [c.sha256 for c in back.chunks] == [c.sha256 for c in m.chunks]
     assert back.final_sha256 == m.final_sha256 and back.metadata == m.metadata
-    assert all(np.array_equal(a.scales, b.scales) for a, b in zip(back.tensors, m.tensors) if a.scales is not None)
+    assert all(np.array_equal(a.scales, b.scales) and np.array_equal(a.offsets, b.offsets)
+               for a, b in zip(back.tensors, m.tensors) if a.scales is not None)
     msg = manifest_message(m)
     msg.tensors[0].scales = b"\0"
     with pytest.raises(ProgressiveError, match=r"tensors\[0\].scales"):
         manifest_from_message(msg)
+    for bad in (np.zeros(3), np.full(16, np.nan), np.full(16, 2.0 ** 15)):  # wrong count, not finite, too big
+        msg = manifest_message(m)
+        msg.tensors[0].offsets = bad.astype("<f4").tobytes()
+        with pytest.raises(ProgressiveError, match=r"tensors\[0\].offsets"):
+            manifest_from_message(msg)
     msg = manifest_message(m)
     msg.chunks[3].unit_planes[0] = 99
     with pytest.raises(ProgressiveError, match=r"chunks\[3\]"):
         manifest_from_message(msg)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread nice value here")
+def test_the_stream_thread_lowers_only_its_own_priority():
+    seen = {}
+
+    def nicer() -> None:
+        lower_thread_priority(5)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=nicer)
+    thread.start()
+    thread.join(5)
+    assert seen["thread"] == min(19, main + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
 
 
 def test_quantize_keeps_zeros_and_signs():
