@@ -110,8 +110,7 @@ def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, **p
     for i, payload in enumerate(package.payloads):
         started = time.perf_counter()
         changed = decoder.apply(i, payload)
-        values = decoder.state_dict()
-        model = updated_model(model, {n: values[n] for n in changed})
+        model = updated_model(model, decoder.tensors(changed))
         swap_ms.append((time.perf_counter() - started) * 1000)
         cum += m.chunks[i].size
         head_changed = bool(head_names & set(changed))

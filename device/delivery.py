@@ -158,10 +158,8 @@ class WeightStream:
             self._refine(changed)
 
     def _refine(self, changed: set[str]) -> None:
-        values = {name: value for name, value in self.decoder.state_dict().items()
-                  if name in changed and value is not None}
         old = self.snapshot.checkpoint
-        ckpt = Checkpoint(updated_model(old.model, values), old.class_names, old.preprocess)
+        ckpt = Checkpoint(updated_model(old.model, self.decoder.tensors(changed)), old.class_names, old.preprocess)
         self.snapshot = Snapshot(self.manifest, ckpt, self.decoder.progress())
 
     def _run(self) -> None:

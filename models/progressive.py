@@ -201,12 +201,12 @@ def dequantize(mag: np.ndarray, negative: np.ndarray, scales: np.ndarray, missin
                offset: Optional[float] = None) -> np.ndarray:
     """Weights ``(C_out, K)`` float32 from known top magnitude bits (``missing`` low planes unknown, valued at
     ``offset`` quantisation steps for significant weights; None: the middle, ``(2**missing - 1) / 2``)."""
-    values = mag.astype(np.float32)
+    values = mag.astype(np.float32)  # in place from here on: this runs after every chunk on the device
     if missing > 0:
         fill = (2 ** missing - 1) / 2 if offset is None else offset
-        values = np.where(mag > 0, values + np.float32(fill), np.float32(0))
-    values = np.where(negative, -values, values)
-    return values * scales[:, None]
+        values += np.float32(fill) * (mag > 0)
+    values *= np.where(negative, -scales[:, None], scales[:, None])
+    return values
 
 
 def fill_offsets(mag: np.ndarray, planes: int) -> np.ndarray:
@@ -235,7 +235,7 @@ def encode_plane(mag: np.ndarray, negative: np.ndarray, plane: int, planes: int)
 class _PlaneState:
     """Decoder state of one planes tensor: the magnitude bits known so far and the signs."""
 
-    mag: np.ndarray  # int64 (numel,)
+    mag: np.ndarray  # int32 (numel,): magnitudes have at most 23 bits
     negative: np.ndarray  # bool (numel,)
     planes_known: int = 0
 
@@ -246,16 +246,16 @@ def decode_plane(state: _PlaneState, payload: io.BytesIO, planes: int, what: str
     shift = planes - 1 - state.planes_known
     significant = state.mag > 0
     free = ~significant
-    sig = _bits(_read_section(payload, n // 8 + 1, what), int(free.sum()), what)
+    count = int(np.count_nonzero(significant))
+    sig = _bits(_read_section(payload, n // 8 + 1, what), n - count, what)
     newly = np.zeros(n, bool)
     newly[free] = sig
-    signs = _bits(_read_section(payload, n // 8 + 1, what), int(newly.sum()), what)
-    ref = _bits(_read_section(payload, n // 8 + 1, what), int(significant.sum()), what)
+    signs = _bits(_read_section(payload, n // 8 + 1, what), int(np.count_nonzero(sig)), what)
+    ref = _bits(_read_section(payload, n // 8 + 1, what), count, what)
     state.negative[newly] = signs
-    bits = np.zeros(n, np.int64)
-    bits[newly] = 1
+    bits = newly  # the plane's bits: the new significance bits and the refinement bits of the others
     bits[significant] = ref
-    state.mag |= bits << shift
+    state.mag |= bits.astype(np.int32) << shift
     state.planes_known += 1
 
 
@@ -545,9 +545,10 @@ class Decoder:
         self._values: dict[int, torch.Tensor] = {}
         self._high: dict[int, np.ndarray] = {}  # float32 raw tensors whose low halves are still missing
         self._raw_of: dict[int, list[int]] = {}  # group -> its raw tensors, in order
+        self._index = {t.name: i for i, t in enumerate(manifest.tensors)}
         for i, t in enumerate(manifest.tensors):
             if t.kind == "planes":
-                self._planes[i] = _PlaneState(np.zeros(t.numel, np.int64), np.zeros(t.numel, bool))
+                self._planes[i] = _PlaneState(np.zeros(t.numel, np.int32), np.zeros(t.numel, bool))
             else:
                 self._raw_of.setdefault(t.group, []).append(i)
 
@@ -632,6 +633,15 @@ class Decoder:
     def state_dict(self) -> dict[str, Optional[torch.Tensor]]:
         """Every tensor by name (see ``tensor``)."""
         return {t.name: self.tensor(i) for i, t in enumerate(self.manifest.tensors)}
+
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors that have a value (e.g. those ``apply`` says changed), without building the rest."""
+        out = {}
+        for name in names:
+            value = self.tensor(self._index[name])
+            if value is not None:
+                out[name] = value
+        return out
 
     def digest(self) -> str:
         """``state_digest`` of the current weights (equals ``manifest.final_sha256`` once complete)."""
