@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from dataclasses import dataclass
 import json
 import logging
 import sys
@@ -28,39 +29,63 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.app_config import AppConfig
+from models.calibration import expected_calibration_error
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ConfigError, parse_app_argv
 from models.datasets import build_datasets
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import CachedOutputs, ThresholdRow, confidence, device_only_accuracy, evaluate_threshold
-from models.hardware import resolve_device
+from models.hardware import follow, resolve_device
 from models.partition import check_split_point, profile
 
 log = logging.getLogger("test")
 
 
+@dataclass
+class OutputStats:
+    """Top-1 confidence (as the model answers, i.e. calibrated when it has temperatures, and uncalibrated)
+    and correctness of every output (exits in boundary order, then final), each ``(outputs, N)``."""
+
+    confidence: torch.Tensor
+    uncalibrated_confidence: torch.Tensor
+    correct: torch.Tensor
+
+    def rows(self, model: EarlyExitMobileNetV2) -> list[dict]:
+        """Per output: boundary (None for the final classifier), accuracy, temperature, ECE with and without it."""
+        temperatures = model.config.temperatures or [1.0] * len(model.outputs())
+        boundaries: list[int | None] = [*model.exit_points, None]
+        return [{"boundary": b, "accuracy": float(c.float().mean()), "temperature": t,
+                 "ece": expected_calibration_error(conf, c), "ece_uncalibrated": expected_calibration_error(raw, c)}
+                for b, t, conf, raw, c in zip(boundaries, temperatures, self.confidence,
+                                              self.uncalibrated_confidence, self.correct)]
+
+
 @torch.no_grad()
 def cache_outputs(
     model: EarlyExitMobileNetV2, loader: DataLoader, split_point: int, kind: str, device: torch.device
-) -> CachedOutputs:
-    """Run the model once over ``loader`` and keep what every threshold needs (see ``CachedOutputs``)."""
+) -> tuple[CachedOutputs, OutputStats]:
+    """Run the model once over ``loader`` and keep what every threshold needs (see ``CachedOutputs``), and
+    every output's top-1 confidence and correctness (``OutputStats``)."""
     model.eval().to(device)
     device_exits = [i for i, k in enumerate(model.exit_points) if k <= split_point]
-    confs, corrects, finals = [], [], []
+    temperatures = model.config.temperatures or [1.0] * len(model.outputs())
+    policy, top1, raw, corrects = [], [], [], []
     for images, labels in tqdm(loader, desc="evaluating", leave=False):
-        images, labels = images.to(device), labels.to(device)
+        images, labels = follow(images, model), labels.to(device)
         outputs = model(images)
-        confs.append(torch.stack([confidence(outputs[i], kind) for i in device_exits]).cpu()
-                     if device_exits else torch.zeros(0, len(labels)))
-        corrects.append(torch.stack([outputs[i].argmax(1) == labels for i in device_exits]).cpu()
-                        if device_exits else torch.zeros(0, len(labels), dtype=torch.bool))
-        finals.append((outputs[-1].argmax(1) == labels).cpu())
-    return CachedOutputs(
-        device_confidence=torch.cat(confs, dim=1),
-        device_correct=torch.cat(corrects, dim=1),
-        final_correct=torch.cat(finals),
+        policy.append(torch.stack([confidence(outputs[i], kind) for i in device_exits]).cpu()
+                      if device_exits else torch.zeros(0, len(labels)))
+        top1.append(torch.stack([confidence(o) for o in outputs]).cpu())
+        raw.append(torch.stack([confidence(o.float() * t) for o, t in zip(outputs, temperatures)]).cpu())
+        corrects.append(torch.stack([o.argmax(1) == labels for o in outputs]).cpu())
+    correct = torch.cat(corrects, dim=1)
+    cache = CachedOutputs(
+        device_confidence=torch.cat(policy, dim=1),
+        device_correct=correct[device_exits],
+        final_correct=correct[-1],
         exit_points=[model.exit_points[i] for i in device_exits],
     )
+    return cache, OutputStats(torch.cat(top1, dim=1), torch.cat(raw, dim=1), correct)
 
 
 def format_table(rows: list[ThresholdRow], exit_points: list[int]) -> str:
@@ -71,6 +96,18 @@ def format_table(rows: list[ThresholdRow], exit_points: list[int]) -> str:
         lines.append(f"{r.threshold:9.3f} {r.uploading_rate:7.3f} {r.accuracy:8.4f} "
                      f"{r.upload_bytes_per_image:10.0f}  " + " ".join(f"{x:9.3f}" for x in r.exit_rates))
     lines.append("(exit@K columns: fraction of images answered by the device exit at block boundary K)")
+    return "\n".join(lines)
+
+
+def format_outputs(outputs: list[dict], calibrated: bool) -> str:
+    """Per-output accuracy and expected calibration error (top-1 confidence, 15 bins)."""
+    lines = [f"{'output':>8} {'accuracy':>8} {'temperature':>11} {'ECE':>7} {'ECE uncal.':>10}"]
+    for o in outputs:
+        name = "final" if o["boundary"] is None else f"exit@{o['boundary']}"
+        lines.append(f"{name:>8} {o['accuracy']:8.4f} {o['temperature']:11.3f} {o['ece']:7.4f} "
+                     f"{o['ece_uncalibrated']:10.4f}")
+    if not calibrated:
+        lines.append("(checkpoint not calibrated: train with calibration_fraction > 0 to fit temperatures)")
     return "\n".join(lines)
 
 
@@ -156,7 +193,8 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
     With ``live`` (``HOST:PORT`` of a running cloud) also runs the live evaluation (``run_live``)."""
     ckpt = load_checkpoint(cfg.checkpoint_path())
     model = ckpt.model
-    split = cfg.split_point if cfg.split_point is not None else max(model.exit_points)
+    # Default: after the deepest exit; a model with no exits is evaluated cloud-only (split 0).
+    split = cfg.split_point if cfg.split_point is not None else max(model.exit_points, default=0)
     try:
         check_split_point(model, split)
     except ValueError as err:
@@ -168,11 +206,17 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
         raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({cfg.checkpoint_path()})")
     device = resolve_device(cfg.device)
     loader = DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
-    cache = cache_outputs(model, loader, split, cfg.confidence, device)
+    cache, stats = cache_outputs(model, loader, split, cfg.confidence, device)
 
     upload_bytes = profile(model, pre.input_size)[split].activation_bytes
     thresholds = [cfg.z_confidence_threshold] if cfg.z_confidence_threshold is not None else cfg.thresholds
     rows = [evaluate_threshold(cache, t, upload_bytes) for t in thresholds]
+    uncalibrated = None
+    if model.config.temperatures is not None and cfg.confidence == "top1":
+        # The same policy on the raw softmax: what calibration changes in the trade-off.
+        device_exits = [model.exit_points.index(k) for k in cache.exit_points]
+        raw = dataclasses.replace(cache, device_confidence=stats.uncalibrated_confidence[device_exits])
+        uncalibrated = [dataclasses.asdict(evaluate_threshold(raw, t, upload_bytes)) for t in thresholds]
     cloud_only = float(cache.final_correct.float().mean())
     device_only = device_only_accuracy(cache)
     result = {
@@ -185,7 +229,10 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
         "device_only_accuracy": device_only,
         "upload_bytes_per_offload": upload_bytes,
         "upload_codec": "float32",
+        "calibrated": model.config.temperatures is not None,
+        "outputs": stats.rows(model),
         "rows": [dataclasses.asdict(r) for r in rows],
+        "rows_uncalibrated": uncalibrated,
     }
     out = Path(cfg.log_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +252,7 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
     print(f"cloud-only accuracy {cloud_only:.4f}; deepest-device-exit-only accuracy "
           f"{'n/a' if device_only is None else f'{device_only:.4f}'}")
     print(format_table(rows, cache.exit_points))
+    print(format_outputs(result["outputs"], result["calibrated"]))
     print(f"wrote {out / 'test_results.json'}, .csv and .png")
     if live is not None:
         result["live"] = run_live(cfg, live, split, data.val, rows)

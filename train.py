@@ -18,21 +18,24 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models.app_config import AppConfig
+from models.calibration import calibrate
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.hardware import resolve_device
+from models.hardware import follow, resolve_device
 from models.config import ConfigError, parse_app_argv
-from models.datasets import build_datasets
+from models.datasets import DataBundle, build_datasets
 from models.early_exit import EarlyExitMobileNetV2, load_pretrained
 
 log = logging.getLogger("train")
@@ -76,13 +79,35 @@ def build_optimizer(cfg: AppConfig, model: EarlyExitMobileNetV2) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
+
+    ``student``, ``teacher``: ``(B, classes)`` logits. The teacher is detached (an exit learns from the final
+    classifier, never the reverse); ``T^2`` keeps the gradient scale independent of ``T`` (Hinton et al.).
+    """
+    t = temperature
+    target = F.log_softmax(teacher.detach().float() / t, dim=-1)
+    log_q = F.log_softmax(student.float() / t, dim=-1)
+    return F.kl_div(log_q, target, log_target=True, reduction="batchmean") * (t * t)
+
+
 def joint_loss(
-    logits: list[torch.Tensor], target: torch.Tensor, weights: list[float], criterion: nn.Module
+    logits: list[torch.Tensor], target: torch.Tensor, weights: list[float], criterion: nn.Module,
+    distill_weight: float = 0.0, distill_temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``L_final + sum_i w_i * L_exit_i``; ``logits`` is exits then final, as the model returns them."""
-    loss = criterion(logits[-1], target)
+    """``L_final + sum_i w_i * L_exit_i``; ``logits`` is exits then final, as the model returns them.
+
+    ``L_exit_i = (1 - a) * CE(exit_i, target) + a * distillation_loss(exit_i, final, T)`` with
+    ``a = distill_weight`` (self-distillation: each exit also learns the final classifier's softened output).
+    """
+    final = logits[-1]
+    loss = criterion(final, target)
     for w, exit_logits in zip(weights, logits[:-1]):
-        loss = loss + w * criterion(exit_logits, target)
+        term = criterion(exit_logits, target)
+        if distill_weight > 0:
+            term = (1 - distill_weight) * term + distill_weight * distillation_loss(
+                exit_logits, final, distill_temperature)
+        loss = loss + w * term
     return loss
 
 
@@ -93,7 +118,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_out
     correct = torch.zeros(num_outputs, dtype=torch.float64, device=device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = follow(images, model), labels.to(device)
         for i, out in enumerate(model(images)):
             correct[i] += (out.argmax(1) == labels).sum()
         total += labels.numel()
@@ -103,36 +128,48 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_out
     return (correct / total.clamp(min=1)).tolist()
 
 
-def train(cfg: AppConfig) -> dict:
-    """Run the whole training job described by ``cfg``; returns the final metrics dict."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    is_main = rank == 0
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    seed_everything(cfg.seed + rank)
+@dataclass
+class Job:
+    """What one training run holds between epochs."""
 
-    data = build_datasets(
-        cfg.dataset, cfg.data_root, cfg.image_size, cfg.resize_size, cfg.crop_scale_min,
-        cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed,
-    )
-    num_classes = cfg.num_classes or len(data.class_names)
-    if num_classes != len(data.class_names):
-        raise ConfigError(f"config key 'num_classes': {num_classes}, but the dataset has {len(data.class_names)}")
+    cfg: AppConfig
+    device: torch.device
+    rank: int
+    data: DataBundle
+    model: EarlyExitMobileNetV2
+    net: nn.Module  # the model, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: DistributedSampler | None
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best_acc: float = -1.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+
+def build_model(cfg: AppConfig, num_classes: int, device: torch.device) -> EarlyExitMobileNetV2:
+    """The model of ``cfg``, initialised from ``cfg.pretrained``, on ``device`` (channels-last when
+    ``cfg.channels_last``; checkpoints store contiguous tensors either way)."""
     model = EarlyExitMobileNetV2(cfg.model_config(num_classes))
     load_pretrained(model, cfg.pretrained)
     model.to(device)
-    # Re-seed after building: the training stream (dropout, shuffling) then does not depend on how many exits
-    # were initialised, so a model with and without exits sees the same batches.
-    seed_everything(cfg.seed + rank)
-    if is_main:
-        table = model.flops()
-        log.info("exits at block boundaries %s; exits cost %.1f%% of backbone FLOPs at 224 px",
-                 model.exit_points, 100 * table.exits_fraction)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
+
+def make_loaders(cfg: AppConfig, data: DataBundle, device: torch.device, distributed: bool
+                 ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+    """Training loader (shuffled, seeded; DDP-sharded when distributed), validation loader, training sampler."""
     generator = torch.Generator().manual_seed(cfg.seed)
     train_sampler = DistributedSampler(data.train, seed=cfg.seed) if distributed else None
     val_sampler = DistributedSampler(data.val, shuffle=False) if distributed else None
@@ -142,77 +179,150 @@ def train(cfg: AppConfig) -> dict:
                               sampler=train_sampler, drop_last=len(data.train) > cfg.batch_size,
                               generator=generator, **loader_args)
     val_loader = DataLoader(data.val, batch_size=cfg.batch_size, sampler=val_sampler, **loader_args)
+    return train_loader, val_loader, train_sampler
 
-    optimizer = build_optimizer(cfg, model)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    weights = cfg.exit_weights()
-    log_dir = Path(cfg.log_dir)
-    history: list[dict] = []
-    start_epoch, best_acc = 0, -1.0
 
-    if cfg.resume:
-        last = log_dir / "last_model.pt"
-        ckpt = load_checkpoint(last)
-        if ckpt.training_state is None:
-            raise ConfigError(f"config key 'resume': {last} holds no training state")
-        model.load_state_dict(ckpt.model.state_dict())
-        optimizer.load_state_dict(ckpt.training_state["optimizer"])
-        scaler.load_state_dict(ckpt.training_state["scaler"])
-        start_epoch = int(ckpt.training_state["epoch"]) + 1
-        best_acc = float(ckpt.training_state["best_acc"])
-        history = list(ckpt.metrics.get("history", []))
-        log.info("resumed from %s at epoch %d", last, start_epoch)
-
+def start_job(cfg: AppConfig) -> Job:
+    """Process group, device, data, model, optimizer and loaders; the state of ``last_model.pt`` when
+    ``cfg.resume``."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed + rank)
+    data = build_datasets(
+        cfg.dataset, cfg.data_root, cfg.image_size, cfg.resize_size, cfg.crop_scale_min,
+        cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed,
+        calibration_fraction=cfg.calibration_fraction,
+    )
+    num_classes = cfg.num_classes or len(data.class_names)
+    if num_classes != len(data.class_names):
+        raise ConfigError(f"config key 'num_classes': {num_classes}, but the dataset has {len(data.class_names)}")
+    model = build_model(cfg, num_classes, device)
+    # Re-seed after building: the training stream (dropout, shuffling) then does not depend on how many exits
+    # were initialised, so a model with and without exits sees the same batches.
+    seed_everything(cfg.seed + rank)
+    if rank == 0:
+        table = model.flops()
+        log.info("exits at block boundaries %s; exits cost %.1f%% of backbone FLOPs at 224 px",
+                 model.exit_points, 100 * table.exits_fraction)
+    train_loader, val_loader, train_sampler = make_loaders(cfg, data, device, distributed)
     net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed else model
-    steps_per_epoch = len(train_loader)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    job = Job(cfg, device, rank, data, model, net, build_optimizer(cfg, model),
+              torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+              train_loader, val_loader, train_sampler)
+    if cfg.resume:
+        resume(job)
+    return job
+
+
+def resume(job: Job) -> None:
+    """Load weights, optimizer, scaler, epoch and history from ``<log_dir>/last_model.pt``."""
+    last = Path(job.cfg.log_dir) / "last_model.pt"
+    ckpt = load_checkpoint(last)
+    if ckpt.training_state is None:
+        raise ConfigError(f"config key 'resume': {last} holds no training state")
+    job.model.load_state_dict(ckpt.model.state_dict())
+    job.optimizer.load_state_dict(ckpt.training_state["optimizer"])
+    job.scaler.load_state_dict(ckpt.training_state["scaler"])
+    job.start_epoch = int(ckpt.training_state["epoch"]) + 1
+    job.best_acc = float(ckpt.training_state["best_acc"])
+    job.history = list(ckpt.metrics.get("history", []))
+    log.info("resumed from %s at epoch %d", last, job.start_epoch)
+
+
+def train_one_epoch(job: Job, epoch: int, base_lrs: list[float]) -> float:
+    """One pass over the training set; returns the mean training loss."""
+    cfg, steps_per_epoch = job.cfg, len(job.train_loader)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    weights = cfg.exit_weights()
+    if job.train_sampler is not None:
+        job.train_sampler.set_epoch(epoch)
+    job.net.train()
+    if cfg.train_mode == "exits_only":
+        job.model.features.eval()  # a frozen backbone keeps its BN statistics too
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(job.train_loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not job.is_main, leave=False)
+    for i, (images, labels) in enumerate(bar):
+        factor = lr_factor(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+        for g, base in zip(job.optimizer.param_groups, base_lrs):
+            g["lr"] = base * factor
+        images, labels = follow(images, job.model), labels.to(job.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16) if job.use_amp else nullcontext():
+            logits = job.net(images, detach_exits=cfg.train_mode == "detached_exits")
+            loss = joint_loss(logits, labels, weights, criterion, cfg.distill_weight, cfg.distill_temperature)
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        loss_sum += loss.item() * labels.numel()
+        seen += labels.numel()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    return loss_sum / max(seen, 1)
+
+
+def end_epoch(job: Job, epoch: int, train_loss: float, seconds: float) -> dict:
+    """Validate, log, and (main rank) write ``last_model.pt``, ``best_model.pt`` and the logs; returns metrics."""
+    model = job.model
+    accs = evaluate(job.net, job.val_loader, job.device, len(model.exit_points) + 1)
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": job.optimizer.param_groups[0]["lr"],
+           "seconds": seconds, "final_accuracy": accs[-1],
+           **{f"exit{k}_accuracy": a for k, a in zip(model.exit_points, accs[:-1])}}
+    job.history.append(row)
+    metrics = {"exit_points": model.exit_points, "val_accuracy_per_exit": accs[:-1],
+               "val_accuracy_final": accs[-1], "epoch": epoch + 1, "history": job.history}
+    if not job.is_main:
+        return metrics
+    log.info("epoch %d: loss %.4f, accuracy per exit %s, final %.4f (%.0f s)", epoch + 1, train_loss,
+             [round(a, 4) for a in accs[:-1]], accs[-1], seconds)
+    is_best = accs[-1] > job.best_acc
+    job.best_acc = max(job.best_acc, accs[-1])
+    log_dir, data = Path(job.cfg.log_dir), job.data
+    state = {"optimizer": job.optimizer.state_dict(), "scaler": job.scaler.state_dict(), "epoch": epoch,
+             "best_acc": job.best_acc}
+    save_checkpoint(log_dir / "last_model.pt", model, data.class_names, data.preprocess, metrics, state)
+    if is_best:
+        save_checkpoint(log_dir / "best_model.pt", model, data.class_names, data.preprocess, metrics)
+    write_log(log_dir, job.history)
+    return metrics
+
+
+def calibrate_best(job: Job) -> dict | None:
+    """Fit each output's temperature of ``best_model.pt`` on the held-out calibration images and write it back
+    (temperatures in its model config, the report in its metrics). None when nothing was held out."""
+    if job.data.calibration is None or not job.is_main:
+        return None
+    path = Path(job.cfg.log_dir) / "best_model.pt"
+    best = load_checkpoint(path, map_location=job.device)
+    loader = DataLoader(job.data.calibration, batch_size=job.cfg.batch_size,
+                        num_workers=job.cfg.data_loader_workers)
+    report = calibrate(best.model, loader, job.device).to_dict()
+    save_checkpoint(path, best.model, best.class_names, best.preprocess, {**best.metrics, "calibration": report})
+    return report
+
+
+def train(cfg: AppConfig) -> dict:
+    """Run the whole training job described by ``cfg``; returns the final metrics dict."""
+    job = start_job(cfg)
+    base_lrs = [g["lr"] for g in job.optimizer.param_groups]
     metrics: dict = {}
-    for epoch in range(start_epoch, cfg.num_epochs):
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
-        net.train()
-        if cfg.train_mode == "exits_only":
-            model.features.eval()  # a frozen backbone keeps its BN statistics too
-        started, loss_sum, seen = time.time(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not is_main, leave=False)
-        for i, (images, labels) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-            with autocast:
-                logits = net(images, detach_exits=cfg.train_mode == "detached_exits")
-                loss = joint_loss(logits, labels, weights, criterion)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        accs = evaluate(net, val_loader, device, len(model.exit_points) + 1)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.time() - started, "final_accuracy": accs[-1],
-               **{f"exit{k}_accuracy": a for k, a in zip(model.exit_points, accs[:-1])}}
-        history.append(row)
-        if is_main:
-            log.info("epoch %d: loss %.4f, accuracy per exit %s, final %.4f (%.0f s)", epoch + 1,
-                     row["train_loss"], [round(a, 4) for a in accs[:-1]], accs[-1], row["seconds"])
-            metrics = {"exit_points": model.exit_points, "val_accuracy_per_exit": accs[:-1],
-                       "val_accuracy_final": accs[-1], "epoch": epoch + 1, "history": history}
-            is_best = accs[-1] > best_acc
-            best_acc = max(best_acc, accs[-1])
-            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_acc": best_acc}
-            save_checkpoint(log_dir / "last_model.pt", model, data.class_names, data.preprocess, metrics, state)
-            if is_best:
-                save_checkpoint(log_dir / "best_model.pt", model, data.class_names, data.preprocess, metrics)
-            write_log(log_dir, history)
-    if distributed:
+    started = time.time()
+    for epoch in range(job.start_epoch, cfg.num_epochs):
+        epoch_start = time.time()
+        loss = train_one_epoch(job, epoch, base_lrs)
+        metrics = end_epoch(job, epoch, loss, time.time() - epoch_start)
+    report = calibrate_best(job)
+    if report is not None:
+        metrics["calibration"] = report
+    if job.is_main:
+        log.info("trained epochs %d..%d in %.0f s", job.start_epoch + 1, cfg.num_epochs, time.time() - started)
+    if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
 

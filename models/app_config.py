@@ -20,7 +20,7 @@ class AppConfig:
     width_mult: float = 1.0
     num_classes: Optional[int] = None  # None: taken from the dataset
     exits: list[Union[int, float]] = field(default_factory=lambda: list(SPINN_EXIT_FRACTIONS))
-    exit_channels: int = 128
+    exit_channels: Union[int, list[int]] = 128  # one width for every exit head, or one per exit
     dropout: float = 0.2
     pretrained: Optional[str] = None  # None | "imagenet" | path to a torchvision state dict
     # data
@@ -47,7 +47,11 @@ class AppConfig:
     label_smoothing: float = 0.1
     exit_loss_weights: Union[float, list[float]] = 1.0
     train_mode: Literal["joint", "detached_exits", "exits_only"] = "joint"
+    distill_weight: float = 0.0  # share of each exit's loss that is distillation from the final classifier
+    distill_temperature: float = 3.0
+    calibration_fraction: float = 0.0  # training images held out to fit each output's temperature (0: none)
     amp: bool = True  # used on CUDA only
+    channels_last: bool = True  # NHWC activations: MobileNetV2 trains ~1.4x faster on CPU (oneDNN), also on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_dir: str = "runs/quickstart"
@@ -60,9 +64,11 @@ class AppConfig:
     confidence: Literal["top1", "entropy"] = "top1"
 
     def validate(self) -> None:
-        positive = ["image_size", "batch_size", "num_epochs", "exit_channels", "quickstart_train_samples",
+        positive = ["image_size", "batch_size", "num_epochs", "quickstart_train_samples",
                     "quickstart_val_samples", "lr_step_epochs"]
         check_at_least(self, positive, 1)
+        if self.resize_size is not None and self.resize_size < 1:
+            raise ConfigError(f"config key 'resize_size': must be >= 1, got {self.resize_size}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'lr': must be > 0, got {self.lr}")
         if not 0 < self.crop_scale_min <= 1:
@@ -73,6 +79,13 @@ class AppConfig:
             raise ConfigError(f"config key 'data_loader_workers': must be >= 0, got {self.data_loader_workers}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.num_epochs:
             raise ConfigError(f"config key 'warmup_epochs': must be in [0, num_epochs], got {self.warmup_epochs}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ConfigError(f"config key 'distill_weight': must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"config key 'distill_temperature': must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.calibration_fraction < 0.5:
+            raise ConfigError(
+                f"config key 'calibration_fraction': must be in [0, 0.5), got {self.calibration_fraction}")
         weights = self.exit_loss_weights
         if isinstance(weights, list):
             if len(weights) != len(self.exits):

@@ -76,7 +76,7 @@ def save_checkpoint(
     payload: dict[str, Any] = {
         "format": FORMAT,
         **checkpoint_metadata(model, class_names, preprocess),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metrics": dict(metrics or {}),
     }
     if training_state is not None:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torchvision
@@ -37,22 +37,41 @@ class ModelConfig:
     """Everything needed to rebuild the network (stored in every checkpoint).
 
     ``exits``: ints are boundaries (1..N-1, see module docstring); floats in (0, 1) are fractions of the
-    backbone FLOPs at 224 px, resolved to the nearest boundary.
+    backbone FLOPs at 224 px, resolved to the nearest boundary. ``exit_channels``: hidden width of every exit
+    head, or one width per exit. ``temperatures``: one per output (the exits in boundary order, then the final
+    classifier), fitted by ``models.calibration`` after training; every output's logits are divided by its
+    temperature, so confidences are calibrated wherever the model runs. None: uncalibrated (all 1).
     """
 
     width_mult: float = 1.0
     num_classes: int = 1000
     exits: list[Union[int, float]] = field(default_factory=lambda: list(SPINN_EXIT_FRACTIONS))
-    exit_channels: int = 128
+    exit_channels: Union[int, list[int]] = 128
     dropout: float = 0.2
+    temperatures: Optional[list[float]] = None
+
+    def exit_widths(self) -> list[int]:
+        """Hidden width of each exit head, in ``exits`` order."""
+        if isinstance(self.exit_channels, list):
+            return list(self.exit_channels)
+        return [self.exit_channels] * len(self.exits)
 
     def validate(self) -> None:
         if self.width_mult <= 0:
             raise ConfigError(f"config key 'width_mult': must be > 0, got {self.width_mult}")
         if self.num_classes < 2:
             raise ConfigError(f"config key 'num_classes': must be >= 2, got {self.num_classes}")
-        if self.exit_channels < 1:
-            raise ConfigError(f"config key 'exit_channels': must be >= 1, got {self.exit_channels}")
+        widths = self.exit_widths()
+        if len(widths) != len(self.exits):
+            raise ConfigError(f"config key 'exit_channels': {len(widths)} widths for {len(self.exits)} exits")
+        if any(w < 1 for w in widths):
+            raise ConfigError(f"config key 'exit_channels': every width must be >= 1, got {self.exit_channels}")
+        if self.temperatures is not None:
+            if len(self.temperatures) != len(self.exits) + 1:
+                raise ConfigError(f"config key 'temperatures': {len(self.temperatures)} values for "
+                                  f"{len(self.exits)} exits + the final classifier")
+            if not all(0 < t < float("inf") for t in self.temperatures):
+                raise ConfigError(f"config key 'temperatures': every value must be > 0, got {self.temperatures}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"config key 'dropout': must be in [0, 1), got {self.dropout}")
         for i, e in enumerate(self.exits):
@@ -69,7 +88,8 @@ class ExitHead(nn.Sequential):
     The 1x1 conv is what makes an early exit useful (it re-mixes low-level channels into class evidence);
     doing it before pooling costs ``H*W*C*hidden`` MACs, which stays a few percent of the backbone.
 
-    Input ``(B, in_channels, H, W)`` float; output ``(B, num_classes)`` logits.
+    Input ``(B, in_channels, H, W)`` float; output ``(B, num_classes)`` logits divided by ``temperature``
+    (calibration; a plain attribute, not a weight).
     """
 
     def __init__(self, in_channels: int, hidden: int, num_classes: int, dropout: float = 0.0) -> None:
@@ -80,18 +100,24 @@ class ExitHead(nn.Sequential):
             nn.Dropout(p=dropout),
             nn.Linear(hidden, num_classes),
         )
+        self.temperature = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) / self.temperature
 
 
 class FinalClassifier(nn.Module):
-    """torchvision's MobileNetV2 head: global average pool, dropout, linear. ``(B, C, H, W) -> (B, classes)``."""
+    """torchvision's MobileNetV2 head: global average pool, dropout, linear. ``(B, C, H, W) -> (B, classes)``
+    logits divided by ``temperature`` (as ``ExitHead``)."""
 
     def __init__(self, classifier: nn.Sequential) -> None:
         super().__init__()
         self.classifier = classifier
+        self.temperature = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
-        return self.classifier(torch.flatten(x, 1))
+        return self.classifier(torch.flatten(x, 1)) / self.temperature
 
 
 def block_out_channels(block: nn.Module) -> int:
@@ -138,12 +164,17 @@ def measure_flops(
     final: nn.Module | None,
     input_size: int = REFERENCE_INPUT_SIZE,
 ) -> FlopsTable:
-    """Walk one ``3 x input_size x input_size`` image through the network, counting FLOPs per part."""
+    """Walk one ``3 x input_size x input_size`` image through the network, counting FLOPs per part.
+
+    The image is made on the device and in the dtype of the network's first weight, so a model on CUDA, in
+    float64 or on the meta device (no memory, no compute) is measured where it is.
+    """
     modules = [features, *exits.values()] + ([final] if final is not None else [])
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
-    x = torch.zeros(1, 3, input_size, input_size)
+    first = next(features.parameters())
+    x = torch.zeros(1, 3, input_size, input_size, device=first.device, dtype=first.dtype)
     blocks, exit_flops, shapes = [], {}, [tuple(x.shape[1:])]
     for k, block in enumerate(features):
         f, x = count_flops(block, x)
@@ -220,9 +251,24 @@ class EarlyExitMobileNetV2(nn.Module):
         # table (and hence fraction -> boundary) changed between releases.
         self.config = dataclasses.replace(config, exits=list(self.exit_points))
         self.exits = nn.ModuleList(
-            ExitHead(block_out_channels(self.features[k - 1]), config.exit_channels, config.num_classes)
-            for k in self.exit_points
+            ExitHead(block_out_channels(self.features[k - 1]), width, config.num_classes)
+            for k, width in zip(self.exit_points, config.exit_widths())
         )
+        if config.temperatures is not None:
+            self.set_temperatures(config.temperatures)
+
+    def outputs(self) -> list[nn.Module]:
+        """The heads that produce logits, in ``forward``'s order: the exits, then the final classifier."""
+        return [*self.exits, self.final]
+
+    def set_temperatures(self, temperatures: list[float]) -> None:
+        """Divide each output's logits by its temperature from now on (one per ``outputs()``); recorded in
+        ``config`` so checkpoints and manifests carry it."""
+        if len(temperatures) != len(self.exits) + 1:
+            raise ValueError(f"{len(temperatures)} temperatures for {len(self.exits) + 1} outputs")
+        for head, t in zip(self.outputs(), temperatures):
+            head.temperature = float(t)
+        self.config = dataclasses.replace(self.config, temperatures=[float(t) for t in temperatures])
 
     @property
     def num_blocks(self) -> int:
@@ -242,7 +288,6 @@ class EarlyExitMobileNetV2(nn.Module):
 
     def exit_parameters(self) -> list[nn.Parameter]:
         return list(self.exits.parameters())
-
 
     def flops(self, input_size: int = REFERENCE_INPUT_SIZE) -> FlopsTable:
         """FLOPs of every block, exit and the final classifier for one image of ``input_size`` px."""
@@ -272,7 +317,11 @@ def load_pretrained(model: EarlyExitMobileNetV2, pretrained: str | None) -> None
         path = Path(pretrained)
         if not path.is_file():
             raise ConfigError(f"config key 'pretrained': weights file {pretrained!r} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # zip, pickle and EOF errors of several types: all mean "not a weights file"
+            raise ConfigError(f"config key 'pretrained': {pretrained!r} cannot be read as a state dict ({err})"
+                              ) from None
         if not isinstance(state, dict):
             raise ConfigError(f"config key 'pretrained': {pretrained!r} is not a state dict")
     own = model.state_dict()

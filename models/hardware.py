@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 from models.config import ConfigError
 
 
@@ -16,3 +17,10 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def follow(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``x`` moved to the device and floating dtype of ``module``'s first parameter (a model on CUDA, in
+    float64 or float16 gets inputs it can take; a no-op when they already match)."""
+    first = next(module.parameters())
+    return x.to(device=first.device, dtype=first.dtype if x.is_floating_point() else x.dtype)

@@ -91,3 +91,30 @@ def test_quickstart_samples_written_as_labelled_pngs(tmp_path):
         image = np.asarray(Image.open(path))
         assert image.shape == (32, 32, 3)
         assert np.abs(image / 255.0 - pixels.transpose(1, 2, 0)).max() <= 0.5 / 255 + 1e-6
+
+
+def test_a_root_with_only_the_test_split_is_enough_for_evaluation(tmp_path):
+    import shutil
+
+    make_tiny_stanford_cars(tmp_path)
+    shutil.rmtree(tmp_path / "stanford_cars" / "cars_train")
+    (tmp_path / "stanford_cars" / "devkit" / "cars_train_annos.mat").unlink()
+    data = build_datasets("stanford_cars", str(tmp_path), 32, None, 0.35, 1, 1, 0, with_train=False)
+    assert len(data.val) == 4 and len(data.train) == 0 and len(data.class_names) == 3
+    with pytest.raises(ConfigError, match="data_root.*train"):
+        build_datasets("stanford_cars", str(tmp_path), 32, None, 0.35, 1, 1, 0)
+
+
+def test_calibration_slice_is_held_out_of_training(tmp_path):
+    make_tiny_stanford_cars(tmp_path, n_train=20)
+    data = build_datasets("stanford_cars", str(tmp_path), 32, None, 0.35, 1, 1, 0, calibration_fraction=0.25)
+    held, kept = set(data.calibration.indices), set(data.train.indices)
+    assert len(held) == 5 and len(kept) == 15 and not held & kept
+    # Eval transform on the held-out images: the same file gives the same tensor twice (no random crop).
+    torch.testing.assert_close(data.calibration[0][0], data.calibration[0][0])
+    assert data.calibration.dataset.transform is not data.train.dataset.transform
+    again = build_datasets("stanford_cars", str(tmp_path), 32, None, 0.35, 1, 1, 0, calibration_fraction=0.25)
+    assert set(again.calibration.indices) == held  # seeded
+    qs = build_datasets("quickstart", "", 32, None, 0.35, 40, 8, 0, calibration_fraction=0.1)
+    assert len(qs.train) == 36 and len(qs.calibration) == 4 and not qs.calibration.dataset.flip
+    assert build_datasets("quickstart", "", 32, None, 0.35, 40, 8, 0).calibration is None
