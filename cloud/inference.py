@@ -11,6 +11,7 @@ import torch
 from models.checkpoint import Checkpoint, checkpoint_metadata, load_checkpoint_bytes
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
+from models.hardware import follow
 from models.partition import Tail, profile, tail
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecError, decode, decode_jpeg
@@ -114,7 +115,7 @@ def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int
 def run_tail(served: ServedModel, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
     """Run the tail of ``split_point`` on a batch ``(B, C, H, W)``; returns later exits' and final logits
     ``(B, classes)`` on the CPU, wherever the model runs."""
-    outputs = served.tails[split_point](activations.to(served.device))
+    outputs = served.tails[split_point](follow(activations, served.model))
     return [o.float().cpu() for o in outputs]
 
 

@@ -24,7 +24,7 @@ from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load
 from models.config import ConfigError
 from models.datasets import Preprocess
 from models.exit_policy import confidence
-from models.hardware import resolve_device
+from models.hardware import follow, resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
@@ -274,7 +274,9 @@ class DeviceRuntime:
                   started: Optional[float]) -> ClassifyResult:
         started = time.perf_counter() if started is None else started
         k = top_k or self.cfg.top_k
-        x = (x.unsqueeze(0) if x.dim() == 3 else x).to(self.torch_device)
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        if active.model is not None:
+            x = follow(x, active.model)
         deepest: Optional[tuple[int, Tensor]] = None
         threshold = self.cfg.z_confidence_threshold
         steps = active.head.steps(x) if active.head is not None else ()
