@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hmac
 import json
 import logging
 import os
@@ -255,7 +256,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health checks stay open."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -268,7 +269,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        given = metadata.get("authorization", "")
+        # Constant-time: a byte-by-byte == would tell a caller how much of a guessed token was right.
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return continuation(handler_call_details)
         if handler_call_details.method.endswith("/InferStream"):
             return self._deny_stream

@@ -126,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
     p_fetch.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p_fetch.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    # Overrides, images and flags may come in any order ("cloud=H:P --json a.jpg"): argparse stops filling a
+    # positional list at the first flag, so what it leaves over is appended to that list.
+    args, rest = parser.parse_known_args(argv)
+    flags = [r for r in rest if r.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    getattr(args, "items" if args.command == "classify" else "overrides").extend(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     try:

@@ -60,6 +60,7 @@ class DeviceConfig:
     # input limits
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect: float = 10.0  # long side / short side; bounds the resize (see device/images.py)
     intra_op_threads: int = 0  # 0: torch's default
     torch_device: str = "auto"  # auto: CUDA when torch sees a GPU (e.g. a Jetson), else CPU
     log_level: str = "INFO"
@@ -94,7 +95,7 @@ class DeviceConfig:
         check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds",
                               "stream_poll_seconds"))
         check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
-                              "max_image_bytes", "max_image_pixels"), 1)
+                              "max_image_bytes", "max_image_pixels", "max_image_aspect"), 1)
         check_at_least(self, ("intra_op_threads",), 0)
         if self.max_attempts > 5:
             raise ConfigError(f"config key 'max_attempts': gRPC allows at most 5, got {self.max_attempts}")

@@ -105,6 +105,26 @@ def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, flo
     return [(int(c), names[int(c)], float(p)) for p, c in zip(values, ids)]
 
 
+def reply_scores(reply: pb.Prediction, num_classes: int) -> list[tuple[int, str, float]]:
+    """The top-k ``(class id, name, probability)`` of the one image of ``reply``.
+
+    Raises ValueError saying what is wrong with a reply that cannot be an answer (no image, an empty top-k, a
+    class id outside ``[0, num_classes)``, a probability outside [0, 1]): the caller falls back to a device
+    exit instead of losing the answer.
+    """
+    if len(reply.images) != 1:
+        raise ValueError(f"{len(reply.images)} images in the prediction, 1 expected")
+    scores = [(c.class_id, c.name, c.probability) for c in reply.images[0].top_k]
+    if not scores:
+        raise ValueError("an empty top_k")
+    for class_id, _, p in scores:
+        if not 0 <= class_id < num_classes:
+            raise ValueError(f"class_id {class_id} outside 0..{num_classes - 1}")
+        if not 0.0 <= p <= 1.0:  # also false for NaN
+            raise ValueError(f"probability {p} outside [0, 1]")
+    return scores
+
+
 class DeviceRuntime:
     """Holds ``head(split_point)`` (with the exits before the split), the threshold, the codec and the link.
 
@@ -261,7 +281,7 @@ class DeviceRuntime:
     def classify_bytes(self, data: bytes, top_k: Optional[int] = None) -> ClassifyResult:
         """Classify an encoded image (JPEG/PNG bytes). Raises device.images.ImageError for bad bytes only."""
         started = time.perf_counter()
-        image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels)
+        image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels, self.cfg.max_image_aspect)
         active = self._current()
         return self._classify(active, active.transform(image), top_k, started)
 
@@ -321,8 +341,11 @@ class DeviceRuntime:
         self.breaker.record_success()
         self._maybe_ask_codec()
         self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size)
-        image = reply.images[0]
-        scores = [(c.class_id, c.name, c.probability) for c in image.top_k]
+        try:
+            scores = reply_scores(reply, len(active.class_names))
+        except ValueError as err:
+            log.warning("cloud answered request %s with %s", request.request_id, err)
+            return self._fallback(active, activation, deepest, k, started, f"bad reply: {err}", bytes_sent=size)
         return self._result(active, scores, "cloud", False, "", size, started)
 
     def _encode(self, active: ActiveModel, activation: Tensor) -> pb.Tensor:

@@ -8,6 +8,7 @@ named, anything that does not fit: unknown keys, wrong types, values outside the
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,20 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not fit its dataclass; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` and ``5E+2`` are floats: PyYAML follows YAML 1.1, which wants a
+    dot in a float, so ``lr=1e-3`` would otherwise be the string "1e-3" (YAML 1.2 reads it as a float)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with ``_Loader`` (safe: plain data only)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_name(tp: Any) -> str:
@@ -91,10 +106,10 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError(f"{source}: top level must be a mapping of key: value, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)  # keys may be of mixed types (1: x, a: y)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown config key '{unknown[0]}' (valid keys: {', '.join(sorted(fields))})"
+            f"{source}: unknown config key {str(unknown[0])!r} (valid keys: {', '.join(sorted(fields))})"
         )
     kwargs = {}
     for name, value in data.items():
@@ -126,7 +141,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
+            out[key] = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override for config key '{key}': cannot parse {raw!r}: {err}") from None
     return out
@@ -138,7 +153,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return {} if data is None else data

@@ -75,3 +75,7 @@ def test_shared_imagenet_weights_load(shared_dir):
         pytest.skip("no shared weights file")
     model = EarlyExitMobileNetV2(ModelConfig(num_classes=196))
     load_pretrained(model, str(path))
+    state = torch.load(path, weights_only=True)
+    torch.testing.assert_close(model.features[0][0].weight, state["features.0.0.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.features[18][1].running_var, state["features.18.1.running_var"],
+                               rtol=0, atol=0)

@@ -227,8 +227,9 @@ def test_graceful_stop_finishes_in_flight_work(checkpoint, small_model):
     time.sleep(0.1)  # in flight, waiting in the batcher
     running.stop()
     assert len(future.result().images) == 1
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         stub.Infer(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # refused at once, not timed out
 
 
 @pytest.mark.parametrize("forward_process", [False, True])
@@ -308,8 +309,9 @@ def test_tls_and_bearer_token(checkpoint, small_model, tmp_path):
         reply = stub.Infer(req, timeout=10, metadata=[("authorization", "Bearer s3cret")])
         assert len(reply.images) == 1
         plain = pb_grpc.InferenceStub(grpc.insecure_channel(f"localhost:{running.port}"))
-        with pytest.raises(grpc.RpcError):  # a plaintext client cannot talk to the TLS port
+        with pytest.raises(grpc.RpcError) as err:  # a plaintext client cannot talk to the TLS port
             plain.Infer(req, timeout=3, metadata=[("authorization", "Bearer s3cret")])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop()
 
@@ -320,8 +322,9 @@ def test_mutual_tls_refuses_clients_without_a_certificate(checkpoint, small_mode
     try:
         req = request(small_model, 3, torch.randn(1, 3, SIZE, SIZE))
         anonymous = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as err:
             pb_grpc.InferenceStub(grpc.secure_channel(f"localhost:{running.port}", anonymous)).Infer(req, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails; not a timeout
         with_cert = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes(),
                                                  private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
         stub = pb_grpc.InferenceStub(grpc.secure_channel(f"localhost:{running.port}", with_cert))

@@ -263,7 +263,7 @@ def test_bad_images_get_clear_errors_and_the_daemon_stays_up(checkpoint, cloud):
         huge = io.BytesIO()
         Image.new("RGB", (3000, 3000)).save(huge, format="PNG")  # 9 Mpixel, a few kB compressed
         for data, words in ((b"", "empty"), (jpeg[: len(jpeg) // 2], "decoded"), (b"not an image" * 10, "format"),
-                            (huge.getvalue(), "max_image_pixels")):
+                            (huge.getvalue(), "max_image_pixels"), (thin_png(2_000_000), "max_image_aspect")):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Classify(pb.ClassifyRequest(request_id="bad", image=data), timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -273,6 +273,26 @@ def test_bad_images_get_clear_errors_and_the_daemon_stays_up(checkpoint, cloud):
             assert reply.request_id == "ok" and len(reply.top_k) == 2 and reply.label in NAMES
     finally:
         daemon.stop()
+
+
+def thin_png(width: int = 20_000_000) -> bytes:
+    """A 58 kB PNG of width x 1 pixels: under the byte and pixel limits, but resizing its 1 px short side to
+    the model's input would ask for a ~90 GB image."""
+    buf = io.BytesIO()
+    Image.new("L", (width, 1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_thin_image_is_refused_by_the_cli_before_any_resize(checkpoint, tmp_path):
+    path = tmp_path / "thin.png"
+    path.write_bytes(thin_png())
+    out = subprocess.run([sys.executable, "-m", "device", "classify", "--config", str(ROOT / "apps/device.yml"),
+                          f"checkpoint={checkpoint}", "cloud=127.0.0.1:9", "--json", str(path)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-2000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["image"] == str(path) and "max_image_aspect" in row["error"]
+    assert "Traceback" not in out.stderr
 
 
 def test_decode_image_limits():
@@ -420,3 +440,37 @@ def test_unusual_image_modes_are_converted():
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         assert decode_image(buf.getvalue(), 10**7, 10**7).mode == "RGB"
+
+
+class HostileCloud(pb_grpc.InferenceServicer):
+    """A cloud that answers every Infer with the same malformed Prediction."""
+
+    def __init__(self, reply: pb.Prediction) -> None:
+        self.reply = reply
+
+    def Infer(self, request, context):
+        return self.reply
+
+
+@pytest.mark.parametrize("reply, words", [
+    (pb.Prediction(), "0 images"),
+    (pb.Prediction(images=[pb.ImagePrediction()]), "empty top_k"),
+    (pb.Prediction(images=[pb.ImagePrediction(top_k=[pb.ClassScore(class_id=99, probability=0.5)])]), "class_id 99"),
+    (pb.Prediction(images=[pb.ImagePrediction(top_k=[pb.ClassScore(class_id=1, probability=float("nan"))])]),
+     "probability nan"),
+])
+def test_a_malformed_prediction_falls_back_to_a_device_exit(checkpoint, reply, words):
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_InferenceServicer_to_server(HostileCloud(reply), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    runtime = device(checkpoint, port, z_confidence_threshold=1.0, codec="float32+none")
+    try:
+        result = runtime.classify_bytes(image_bytes(5))
+    finally:
+        runtime.close()
+        server.stop(0)
+    assert result.degraded and result.reason.startswith("bad reply") and words in result.reason
+    assert result.answered_by.startswith("device:exit-") and result.label in NAMES

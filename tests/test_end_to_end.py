@@ -47,8 +47,15 @@ def test_tiny_quickstart_train_resume_and_test(tmp_path):
     assert ckpt.training_state["epoch"] == 1
 
     proc = run("test.py", "app:apps/quickstart_test.yml", *TINY, f"log_dir={log_dir}", "split_point=7")
-    assert "uploading" in proc.stdout or "upload" in proc.stdout
     results = json.loads((log_dir / "test_results.json").read_text())
+    # The printed table: its header, then one line per threshold that matches the JSON row.
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["threshold", "upload", "accuracy",
+                                                                            "bytes/img"])
+    for line, row in zip(lines[header + 2:], results["rows"]):
+        threshold, upload, accuracy = (float(v) for v in line.split()[:3])
+        assert (threshold, upload, accuracy) == pytest.approx(
+            (row["threshold"], row["uploading_rate"], row["accuracy"]), abs=6e-4)
     best = load_checkpoint(log_dir / "best_model.pt")
     device_exits = [k for k in best.model.exit_points if k <= 7]
     check_results(results, len(device_exits))
