@@ -7,6 +7,7 @@ import logging
 import sys
 
 from cloud.server import CloudConfig, serve
+from cloud.worker import WorkerError
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(CloudConfig, args.config, args.overrides)
         logging.getLogger().setLevel(cfg.log_level.upper())
         return serve(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, WorkerError) as err:
         logging.getLogger("cloud").error("%s", err)
         return 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +28,10 @@ class DeadlineExpired(Exception):
 
 class ShuttingDown(Exception):
     """The batcher no longer accepts work."""
+
+
+class ForwardHung(Exception):
+    """The batch's forward ran past the watchdog's limit; its requests were failed (UNAVAILABLE)."""
 
 
 @dataclass
@@ -71,6 +75,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._accepting = True
         self._stopped = False
+        self._running: tuple[float, list[_Item]] | None = None  # (monotonic start, items) of the batch computing
         self._thread = threading.Thread(target=self._loop, name="spinn-batcher", daemon=True)
         self._thread.start()
 
@@ -90,8 +95,28 @@ class DynamicBatcher:
         with self._cond:
             return len(self._pending)
 
-    def close(self, drain: bool = True) -> None:
-        """Stop accepting; with ``drain`` finish what is queued, then stop the worker."""
+    def running_for(self) -> float:
+        """Seconds the batch now computing has been running (0 when idle)."""
+        with self._cond:
+            return 0.0 if self._running is None else time.monotonic() - self._running[0]
+
+    def fail_running(self, err: Exception) -> int:
+        """Fail every request of the batch now computing with ``err`` (the watchdog's way out of a hung
+        forward); returns how many were failed. Their late results, if any, are dropped."""
+        with self._cond:
+            items = [] if self._running is None else self._running[1]
+        failed = 0
+        for item in items:
+            try:
+                item.future.set_exception(err)
+                failed += 1
+            except InvalidStateError:  # answered meanwhile
+                pass
+        return failed
+
+    def close(self, drain: bool = True, timeout_s: float | None = None) -> bool:
+        """Stop accepting; with ``drain`` finish what is queued, then stop the worker thread. Waits at most
+        ``timeout_s`` for it (a hung forward never returns); returns whether it stopped."""
         with self._cond:
             self._accepting = False
             if not drain:
@@ -100,7 +125,11 @@ class DynamicBatcher:
                 self._pending.clear()
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("the batcher did not stop within %.1f s (a forward is hung); leaving it", timeout_s or 0)
+            return False
+        return True
 
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -142,22 +171,38 @@ class DynamicBatcher:
             if not live:
                 continue
             started = time.monotonic()
+            with self._cond:
+                self._running = (started, live)
             try:
                 outputs = self._run(live[0].key, torch.cat([i.inputs for i in live]))
             except Exception as err:  # a failing forward fails its batch, never the worker
                 log.exception("batch forward failed")
-                for item in live:
-                    item.future.set_exception(err)
+                self._finish(live, err)
                 continue
+            finally:
+                with self._cond:
+                    self._running = None
             compute_ms = (time.monotonic() - started) * 1000.0
             size = sum(i.inputs.shape[0] for i in live)
             offset = 0
             for item in live:
                 b = item.inputs.shape[0]
-                item.future.set_result(BatchResult(
+                self._finish([item], BatchResult(
                     outputs=[o[offset:offset + b] for o in outputs],
                     queue_ms=(started - item.enqueued) * 1000.0,
                     compute_ms=compute_ms,
                     batch_size=size,
                 ))
                 offset += b
+
+    @staticmethod
+    def _finish(items: list[_Item], outcome: BatchResult | Exception) -> None:
+        """Resolve each item's future, unless the watchdog already failed it."""
+        for item in items:
+            try:
+                if isinstance(outcome, Exception):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+            except InvalidStateError:
+                pass

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -22,15 +23,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.delivery import PackageCache, check_package_request, weight_messages
-from cloud.batcher import DeadlineExpired, DynamicBatcher, QueueFull, ShuttingDown
+from cloud.batcher import DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
-from cloud.worker import ForwardWorker, WorkerError
-from models.config import ConfigError, check_at_least, check_files, check_log_level
+from cloud.worker import START_TIMEOUT_S, ForwardWorker, WorkerError
+from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
+from proto.admission import Admission, Overloaded
 from proto.manifest import manifest_message
 
 log = logging.getLogger("cloud")
@@ -39,6 +41,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 DELIVERY_NAME = pb.DESCRIPTOR.services_by_name["ModelDelivery"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME, DELIVERY_NAME)
 CHUNK_BYTES = 1 << 20
+#: RPC threads that admitted work can never take: health checks, reflection and refusals always find one.
+SPARE_RPC_THREADS = 4
+#: gRPC's own bound on calls in the server (running or queued for a thread), per RPC thread.
+QUEUED_PER_THREAD = 4
 DEFAULT_CODEC = CodecSpec("int8", "zstd")
 
 
@@ -64,8 +70,11 @@ class CloudConfig:
     max_batch_size: int = 16
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
+    max_in_flight: int = 64  # Infer requests admitted at once; beyond: RESOURCE_EXHAUSTED at once
+    max_streams: int = 8  # StreamWeights/GetCheckpoint streams at once; beyond: RESOURCE_EXHAUSTED
+    forward_timeout_s: float = 60.0  # a batch forward running longer is failed (UNAVAILABLE) by the watchdog
     intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
-    rpc_threads: int = 32
+    rpc_threads: int = 80  # >= max_in_flight + max_streams + 4 (spare threads for health checks)
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -86,7 +95,14 @@ class CloudConfig:
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes"), 1)
+        check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes",
+                              "max_in_flight", "max_streams"), 1)
+        check_positive(self, ("forward_timeout_s", "grace_seconds"))
+        if self.rpc_threads < self.max_in_flight + self.max_streams + SPARE_RPC_THREADS:
+            raise ConfigError(
+                f"config key 'rpc_threads': must be >= max_in_flight + max_streams + {SPARE_RPC_THREADS} = "
+                f"{self.max_in_flight + self.max_streams + SPARE_RPC_THREADS} (threads left for health checks and "
+                f"refusals), got {self.rpc_threads}")
         check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
         check_at_least(self, ("delivery_chunk_bytes", "delivery_cache_packages", "delivery_usable_planes",
                               "delivery_message_bytes"), 1)
@@ -115,7 +131,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def __init__(
         self, served: Optional[ServedModel], batcher: DynamicBatcher, max_batch: int,
-        default_codecs: dict[int, CodecSpec],
+        default_codecs: dict[int, CodecSpec], admission: Optional[Admission] = None,
+        result_timeout_s: float = 60.0,
     ) -> None:
         self.served = served  # None while the daemon is still loading its checkpoint
         self.forward: Optional[Callable[[int, torch.Tensor], list[torch.Tensor]]] = None  # None: in-process
@@ -124,6 +141,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.batcher = batcher
         self.max_batch = max_batch
         self.default_codecs = default_codecs
+        self.admission = admission or Admission(1 << 30, "max_in_flight")
+        self.result_timeout_s = result_timeout_s  # the longest a call waits for the batcher, with no deadline
 
     def run_batch(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
         """The batcher's forward: the worker process when there is one, else this process."""
@@ -137,37 +156,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         return served
 
-    def _infer(self, req: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
+    def _infer(self, req: pb.FeatureRequest, remaining_s: Optional[float]) -> pb.Prediction:
+        """Answer one request, or raise RequestError with its status; every request is counted and logged once."""
         started = time.monotonic()
         request_id = req.request_id or uuid.uuid4().hex
         status, batch = "OK", 0
         try:
-            served = self._model()
-            activations = validate_request(req, served, self.max_batch)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            try:
-                result = self.batcher.submit(req.split_point, activations, deadline).result()
-            except QueueFull as err:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
-            except ShuttingDown as err:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
-            except DeadlineExpired as err:
-                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
-            except WorkerError as err:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
-            except Exception as err:  # a failing forward: the batcher logged it; answer (and count) INTERNAL
-                raise RequestError(grpc.StatusCode.INTERNAL, f"forward failed: {type(err).__name__}") from None
-            batch = result.batch_size
-            images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
-            return pb.Prediction(
-                request_id=request_id, images=images,
-                timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
-                                         batch_size=result.batch_size),
-            )
+            with self.admission.admit():
+                prediction = self._compute(req, request_id, remaining_s)
+            batch = prediction.timings.batch_size
+            return prediction
+        except Overloaded as err:
+            status = "RESOURCE_EXHAUSTED"
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         except RequestError as err:
             status = err.code.name
-            context.abort(err.code, err.detail)
+            raise
+        except Exception as err:  # a bug past validation (e.g. in answer()): logged, answered and counted INTERNAL
+            log.exception("request %s failed", request_id)
+            status = "INTERNAL"
+            raise RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}") from None
         finally:
             with self._counts_lock:
                 self.counts[status] += 1
@@ -175,13 +183,43 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
                                      "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
 
+    def _compute(self, req: pb.FeatureRequest, request_id: str, remaining_s: Optional[float]) -> pb.Prediction:
+        served = self._model()
+        activations = validate_request(req, served, self.max_batch)
+        wait_s = self.result_timeout_s if remaining_s is None else min(remaining_s, self.result_timeout_s)
+        try:
+            result = self.batcher.submit(req.split_point, activations, time.monotonic() + wait_s).result(wait_s)
+        except QueueFull as err:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+        except (ShuttingDown, WorkerError, ForwardHung) as err:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+        except (DeadlineExpired, FutureTimeout) as err:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(err) or f"no result within {wait_s:.1f} s"
+                               ) from None
+        except Exception as err:  # a failing forward: the batcher logged it; answer (and count) INTERNAL
+            raise RequestError(grpc.StatusCode.INTERNAL, f"forward failed: {type(err).__name__}") from None
+        images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
+        return pb.Prediction(
+            request_id=request_id, images=images,
+            timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                                     batch_size=result.batch_size),
+        )
+
     def Infer(self, request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
-        return self._infer(request, context)
+        try:
+            return self._infer(request, context.time_remaining())
+        except RequestError as err:
+            context.abort(err.code, err.detail)
 
     def InferStream(self, request_iterator: Iterator[pb.FeatureRequest], context: grpc.ServicerContext):
-        # Sequential per stream; pipelining clients open several streams (or use Infer concurrently).
+        # Sequential per stream; pipelining clients open several streams (or use Infer concurrently). A request
+        # that fails is answered with its status and the stream goes on: one bad message costs one answer.
         for request in request_iterator:
-            yield self._infer(request, context)
+            try:
+                yield self._infer(request, context.time_remaining())
+            except RequestError as err:
+                yield pb.Prediction(request_id=request.request_id,
+                                    status=pb.RequestStatus(code=err.code.value[0], message=err.detail))
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         try:
@@ -210,10 +248,20 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
     """gRPC adapter over cloud.inference.checkpoint_chunks and cloud.delivery, for the model the Inference
     servicer serves."""
 
-    def __init__(self, inference: InferenceServicer, packages: PackageCache, message_bytes: int) -> None:
+    def __init__(self, inference: InferenceServicer, packages: PackageCache, message_bytes: int,
+                 streams: Optional[Admission] = None) -> None:
         self.inference = inference
         self.packages = packages
         self.message_bytes = message_bytes
+        self.streams = streams or Admission(1 << 30, "max_streams", "streams")
+
+    def _stream(self, messages: Iterator, context: grpc.ServicerContext) -> Iterator:
+        """Yield ``messages`` while holding a place among ``max_streams`` (a stream holds an RPC thread)."""
+        try:
+            with self.streams.admit():
+                yield from messages
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
 
     def _package(self, model: pb.ModelRef, split_point: int, order: str) -> Package:
         served = self.inference._model()
@@ -235,7 +283,7 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
             messages = weight_messages(package, request.from_chunk, self.message_bytes)
         except RequestError as err:
             context.abort(err.code, err.detail)
-        yield from messages
+        yield from self._stream(messages, context)
 
     def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
         try:
@@ -249,7 +297,7 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
             chunks = checkpoint_chunks(served, CHUNK_BYTES)
         except RequestError as err:
             context.abort(err.code, err.detail)
-        yield from chunks
+        yield from self._stream(iter(chunks), context)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -289,23 +337,58 @@ class CloudServer:
     servicer: InferenceServicer
     grace_seconds: float
     packages: PackageCache
+    forward_timeout_s: float = 60.0
     worker: Optional[ForwardWorker] = None
+    hung: bool = False  # an in-process forward is hung (health NOT_SERVING until it returns)
+    _stop_watch: threading.Event = field(default_factory=threading.Event)
 
     def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
         """Start answering with ``served`` (its forward in ``worker`` when given); health turns SERVING."""
         self.worker = worker
         self.servicer.forward = worker.run if worker is not None else None
+        # The longest a call waits for its result, whatever its deadline: a batch ahead of it and its own (the
+        # watchdog fails a longer forward first), and a worker process that must be started again.
+        self.servicer.result_timeout_s = 2 * self.forward_timeout_s + 1.0 + (START_TIMEOUT_S if worker else 0.0)
         self.servicer.served = served
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_health(self, status: int) -> None:
         for name in HEALTH_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, status)
+
+    def start_watchdog(self, period_s: float = 0.5) -> None:
+        threading.Thread(target=self._watch, args=(period_s,), name="spinn-watchdog", daemon=True).start()
+
+    def _watch(self, period_s: float) -> None:
+        """Fail a batch whose forward runs past ``forward_timeout_s`` (its callers get UNAVAILABLE at once). A
+        worker process is killed, so the batcher goes on and the next batch starts a new one; a forward in this
+        process cannot be killed, so health says NOT_SERVING until it returns."""
+        while not self._stop_watch.wait(period_s):
+            running = self.batcher.running_for()
+            if self.worker is not None:  # loading a new worker process is not a hung forward
+                running = self.worker.busy_for(running)
+            if running > self.forward_timeout_s and not self.hung:
+                failed = self.batcher.fail_running(ForwardHung(
+                    f"the forward hung (over {self.forward_timeout_s:g} s, forward_timeout_s); retry"))
+                log.error("forward running for %.1f s: failed its %d requests; %s", running, failed,
+                          "killing the worker process" if self.worker else "NOT_SERVING until it returns")
+                if self.worker is not None:
+                    self.worker.kill()
+                else:
+                    self.hung = True
+                    self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif self.hung and running == 0.0:
+                self.hung = False
+                log.warning("the hung forward returned; SERVING again")
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the batcher."""
-        for name in HEALTH_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        done = self.server.stop(self.grace_seconds)
-        done.wait()
-        self.batcher.close(drain=True)
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish (``grace_seconds``), then
+        stop the batcher and the worker; bounded even when a forward is hung."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(self.grace_seconds).wait(self.grace_seconds + 5)
+        self._stop_watch.set()
+        self.batcher.close(drain=True, timeout_s=self.grace_seconds)
         if self.worker is not None:
             self.worker.close()
 
@@ -338,14 +421,18 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                ("grpc.http2.max_ping_strikes", 0)]
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+    # Calls beyond the pool wait in gRPC's queue; this bounds it (refused RESOURCE_EXHAUSTED beyond). Admission
+    # (max_in_flight, max_streams) refuses earlier, so the pool always has threads left for health checks.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
-                         interceptors=interceptors)
-    servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table))
+                         interceptors=interceptors, maximum_concurrent_rpcs=QUEUED_PER_THREAD * cfg.rpc_threads)
+    servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table),
+                                 Admission(cfg.max_in_flight, "max_in_flight"))
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
                             cfg.delivery_usable_planes)
-    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(servicer, packages,
-                                                                      cfg.delivery_message_bytes), server)
+    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(
+        servicer, packages, cfg.delivery_message_bytes, Admission(cfg.max_streams, "max_streams", "streams")),
+        server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -368,7 +455,9 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
-    running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds, packages)
+    running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds, packages,
+                          cfg.forward_timeout_s)
+    running.start_watchdog()
     if served is not None:
         running.set_model(served)
     return running
@@ -404,8 +493,7 @@ def serve(cfg: CloudConfig) -> int:
     except BaseException:
         if worker is not None:
             worker.close()
-        running.server.stop(0)
-        running.batcher.close(drain=False)
+        running.stop()
         raise
     running.set_model(served, worker)
     log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,

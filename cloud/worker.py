@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -67,34 +68,74 @@ class ForwardWorker:
     def __init__(self, checkpoint: bytes, source: str, device: torch.device, threads: int) -> None:
         self._args = (checkpoint, source, str(device), threads)
         self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self.process: mp.process.BaseProcess | None = None
+        self.ready_at = float("inf")  # time.monotonic() when the current process had loaded its model
         self._start()
 
+    def busy_for(self, running_s: float) -> float:
+        """How long of a batch that has run ``running_s`` seconds was spent computing (not starting a process)."""
+        return max(0.0, min(running_s, time.monotonic() - self.ready_at))
+
     def _start(self) -> None:
+        self._reap()
+        self.ready_at = float("inf")
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, *self._args), name="spinn-forward", daemon=True)
         self.process.start()
         child.close()
         if not self._conn.poll(START_TIMEOUT_S):
-            self.process.kill()
+            self._reap()
             raise WorkerError(f"forward process did not load the model within {START_TIMEOUT_S:.0f} s")
         status, detail = self._receive()
         if status != "ready":
+            self._reap()
             raise WorkerError(f"forward process failed: {detail}")
+        self.ready_at = time.monotonic()
+
+    def _reap(self) -> None:
+        """Close the pipe to the previous process and make sure it is gone (a restart leaks neither)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(timeout=10)
+            if self.process.exitcode is not None:
+                self.process.close()
+            self.process = None
+
+    def kill(self) -> None:
+        """Kill the process now, from any thread (the watchdog's answer to a hung forward): a call waiting for
+        it fails with WorkerError, and the next call starts a new one."""
+        process = self.process
+        if process is not None and process.pid is not None:
+            process.kill()
 
     def _receive(self) -> tuple[str, object]:
+        conn, process = self._conn, self.process  # close() may reap them from another thread meanwhile
+        assert conn is not None and process is not None
         try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            raise WorkerError(f"forward process died (exit code {self.process.exitcode})") from None
+            return conn.recv()
+        except (EOFError, OSError, ValueError):
+            try:
+                process.join(timeout=1)
+                code = process.exitcode
+            except ValueError:  # already reaped by close()
+                code = None
+            raise WorkerError(f"forward process died (exit code {code})") from None
 
     def run(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
         """Logits ``(B, classes)`` of the later exits and the final classifier for ``activations (B, C, H, W)``."""
         array = np.ascontiguousarray(activations.detach().cpu().numpy())
         with self._lock:
-            if not self.process.is_alive():
-                log.warning("forward process died (exit code %s); restarting it", self.process.exitcode)
+            if self.process is None or not self.process.is_alive():
+                log.warning("forward process died (exit code %s); restarting it",
+                            None if self.process is None else self.process.exitcode)
                 self._start()
+            assert self._conn is not None
             try:
                 self._conn.send((split_point, array))
             except (BrokenPipeError, OSError):
@@ -105,12 +146,17 @@ class ForwardWorker:
         return [torch.from_numpy(a) for a in payload]  # type: ignore[union-attr]
 
     def close(self) -> None:
-        with self._lock:
+        """Ask the process to exit, then kill it if it has not within 10 s. Does not wait for a call in flight
+        (the watchdog may be closing a hung worker)."""
+        if self._lock.acquire(timeout=1.0):
             try:
-                self._conn.send(None)
-            except (BrokenPipeError, OSError):
+                if self._conn is not None:
+                    self._conn.send(None)
+                if self.process is not None:
+                    self.process.join(timeout=10)
+            except (BrokenPipeError, OSError, ValueError):
                 pass
-            self.process.join(timeout=10)
-            if self.process.is_alive():
-                self.process.kill()
-            self._conn.close()
+            finally:
+                self._lock.release()
+        self.kill()
+        self._reap()

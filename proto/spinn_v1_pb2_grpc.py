@@ -61,7 +61,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferStream(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """one answer per request, in order
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

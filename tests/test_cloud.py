@@ -1,5 +1,6 @@
 """The cloud daemon on a real loopback port with a real (small) model."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -372,6 +373,7 @@ def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoi
     worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1)
     running = start(checkpoint)
     running.set_model(served, worker)
+    pids = []
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
         x = torch.randn(2, 3, SIZE, SIZE)
@@ -381,14 +383,18 @@ def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoi
             reply = stub.Infer(request(small_model, 5, x), timeout=120)
             got = torch.tensor([[c.probability for c in image.top_k] for image in reply.images])
             torch.testing.assert_close(got, want.topk(3).values, atol=1e-5, rtol=0)
+            pids.append(worker.process.pid)
             if attempt == 0:
-                worker.process.kill()  # the next batch restarts it
+                old_pipe = worker._conn
+                worker.process.kill()  # dead between two batches: the next one restarts it
                 worker.process.join()
+        assert pids[0] != pids[1] and old_pipe.closed  # the restart left neither the old pipe nor a zombie
+        assert not os.path.exists(f"/proc/{pids[0]}")
         with pytest.raises(WorkerError, match="KeyError|split"):
             worker.run(99, torch.zeros(1, 1, 1, 1))  # an error inside the worker comes back as WorkerError
     finally:
         running.stop()
-    assert not worker.process.is_alive()
+    assert worker.process is None and not os.path.exists(f"/proc/{pids[1]}")
 
 
 def test_forward_process_with_a_bad_checkpoint_fails_clearly():

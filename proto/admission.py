@@ -1,0 +1,44 @@
+"""Admission control, the part of the contract both daemons share: at most ``limit`` calls of a kind are admitted
+at once, and the next one is answered RESOURCE_EXHAUSTED at once with the limit in the message, instead of
+waiting in gRPC's thread pool (where it would also delay health checks).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Overloaded(Exception):
+    """A call was refused because ``limit`` calls were already admitted; the message names the config key."""
+
+
+class Admission:
+    """A counter of admitted calls with a hard ``limit`` (non-blocking: a call over it is refused, never queued)."""
+
+    def __init__(self, limit: int, key: str, what: str = "requests") -> None:
+        self.limit = limit
+        self.key = key
+        self.what = what
+        self._in = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one place for the ``with`` block; raises Overloaded when none is free."""
+        with self._lock:
+            if self._in >= self.limit:
+                raise Overloaded(f"overloaded: {self.limit} {self.what} in flight already (limit {self.key}); "
+                                 "retry later")
+            self._in += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in -= 1

@@ -1,0 +1,159 @@
+"""The cloud under overload and with parts that hang, fail or die: every call ends with an answer or a status,
+fast, and health keeps answering. Real server on loopback, real small model; faults are injected into the
+forward (a blocking one, a SIGSTOPped worker process, a failing answer step)."""
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.inference import ServedModel
+from cloud.worker import ForwardWorker
+from proto import spinn_v1_pb2 as pb
+from proto import spinn_v1_pb2_grpc as pb_grpc
+from proto.admission import Admission, Overloaded
+from tests.conftest import SIZE
+from tests.test_cloud import request, start
+
+
+def health_ms(port: int) -> tuple[int, float]:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    started = time.perf_counter()
+    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    return status, (time.perf_counter() - started) * 1000.0
+
+
+def test_admission_refuses_past_the_limit_and_frees_places():
+    gate = Admission(2, "max_in_flight")
+    with gate.admit(), gate.admit():
+        assert gate.in_flight == 2
+        with pytest.raises(Overloaded, match="2 requests in flight.*max_in_flight"):
+            with gate.admit():
+                pass
+    assert gate.in_flight == 0
+    with pytest.raises(RuntimeError):
+        with gate.admit():
+            raise RuntimeError("a failing call still gives its place back")
+    assert gate.in_flight == 0
+
+
+def test_excess_requests_are_refused_at_once_and_health_still_answers(checkpoint, small_model):
+    # Each admitted request waits 1.5 s in the batcher for company that never fills the batch.
+    running = start(checkpoint, max_in_flight=2, max_streams=1, rpc_threads=8, max_queue_delay_ms=1500.0,
+                    max_batch_size=64)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    outcomes: list[tuple[str, float]] = []
+
+    def client():
+        started = time.perf_counter()
+        try:
+            stub.Infer(request(small_model, 5, x), timeout=30)
+            outcomes.append(("OK", time.perf_counter() - started))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_in_flight" in err.details()
+            outcomes.append(("REFUSED", time.perf_counter() - started))
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the admitted two are waiting in the batcher now
+        status, ms = health_ms(running.port)
+        for t in threads:
+            t.join()
+    finally:
+        running.stop()
+    assert status == health_pb2.HealthCheckResponse.SERVING and ms < 1000  # not queued behind the flood
+    assert sorted(o for o, _ in outcomes).count("OK") == 2 and len(outcomes) == 12
+    assert max(s for o, s in outcomes if o == "REFUSED") < 1.0  # refused at once, not after the 1.5 s wait
+    assert running.servicer.counts["RESOURCE_EXHAUSTED"] == 10
+
+
+def test_a_hung_forward_fails_its_batch_and_health_says_so(checkpoint, small_model):
+    running = start(checkpoint, forward_timeout_s=0.5, grace_seconds=1.0)
+    release = threading.Event()
+    running.servicer.forward = lambda split, x: release.wait(60) and []  # hangs until released
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    try:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request(small_model, 5, torch.randn(1, 3, SIZE, SIZE)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "forward_timeout_s" in err.value.details()
+        assert time.perf_counter() - started < 5
+        assert health_ms(running.port)[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+        release.set()
+        running.servicer.forward = None  # back to the real forward
+        deadline = time.monotonic() + 10
+        while health_ms(running.port)[0] != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health did not come back after the forward returned"
+            time.sleep(0.1)
+        assert len(stub.Infer(request(small_model, 5, torch.randn(1, 3, SIZE, SIZE)), timeout=30).images) == 1
+    finally:
+        release.set()
+        stopped = time.perf_counter()
+        running.stop()
+    assert time.perf_counter() - stopped < 10
+
+
+def test_a_hung_worker_process_is_killed_and_replaced(checkpoint, small_model):
+    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
+    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1)
+    running = start(checkpoint, forward_timeout_s=1.0)
+    running.set_model(served, worker)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    try:
+        assert len(stub.Infer(request(small_model, 5, x), timeout=60).images) == 1
+        hung = worker.process.pid
+        os.kill(hung, signal.SIGSTOP)  # alive, never answers
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request(small_model, 5, x), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(stub.Infer(request(small_model, 5, x), timeout=120).images) == 1  # a new worker answers
+        assert worker.process.pid != hung and not os.path.exists(f"/proc/{hung}")
+    finally:
+        running.stop()
+
+
+def test_a_failing_answer_step_is_internal_and_counted_so(checkpoint, small_model, monkeypatch):
+    import cloud.server
+
+    running = start(checkpoint)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+
+    def broken(*args, **kwargs):
+        raise KeyError("class name")
+
+    monkeypatch.setattr(cloud.server, "answer", broken)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request(small_model, 5, torch.randn(1, 3, SIZE, SIZE)), timeout=30)
+    finally:
+        running.stop()
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "KeyError" in err.value.details()
+    assert running.servicer.counts == {"INTERNAL": 1}
+
+
+def test_one_bad_message_costs_one_answer_of_a_stream(checkpoint, small_model):
+    running = start(checkpoint)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    bad = request(small_model, 5, x)
+    bad.features.data = bad.features.data[:-4]  # a truncated tensor
+    wrong_model = request(small_model, 5, x)
+    wrong_model.model.model_version = "9"
+    try:
+        replies = list(stub.InferStream(iter([request(small_model, 2, x), bad, wrong_model,
+                                              request(small_model, 9, x)]), timeout=30))
+    finally:
+        running.stop()
+    assert [len(r.images) for r in replies] == [1, 0, 0, 1]
+    assert replies[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "features" in replies[1].status.message
+    assert replies[2].status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert replies[0].status.code == 0 and replies[3].status.code == 0
