@@ -171,3 +171,22 @@ def test_the_cloud_reports_the_calibrated_probability(small_model, tmp_path):
         raw = small_model(x)[-1]
     assert probs[4.0] == pytest.approx(torch.softmax(raw / 4.0, 1).max(1).values.tolist(), rel=1e-5)
     assert all(a > b for a, b in zip(probs[1.0], probs[4.0]))
+
+
+def test_the_calibration_command_fits_an_existing_checkpoint(small_model, tmp_path):
+    from models import calibration
+
+    from models.quickstart import CLASS_NAMES
+
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, small_model, [str(n) for n in range(10)], PRE)
+    assert calibration.main([f"checkpoint={path}", "calibration_fraction=0.1"]) == 2  # not the dataset's classes
+    save_checkpoint(path, small_model, CLASS_NAMES, PRE)
+    args = [f"checkpoint={path}", "quickstart_train_samples=60", "quickstart_val_samples=8", "image_size=32",
+            "calibration_fraction=0.4", "data_loader_workers=0"]
+    assert calibration.main(args) == 0
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.config.temperatures == ckpt.metrics["calibration"]["temperatures"]
+    assert ckpt.metrics["calibration"]["num_images"] == 24
+    assert calibration.main([f"checkpoint={path}", "calibration_fraction=0"]) == 2
+    assert calibration.main([f"checkpoint={tmp_path / 'none.pt'}", "calibration_fraction=0.1"]) == 2
