@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.delivery import PackageCache, check_package_request, weight_messages
 from cloud.batcher import DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
+from cloud.metrics import CloudMetrics
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
 from cloud.worker import START_TIMEOUT_S, ForwardWorker, WorkerError
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
@@ -32,7 +33,8 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
-from proto.admission import Admission, Overloaded
+from serving.admission import Admission, Overloaded
+from serving.metrics import Exporter, start_exporter
 from proto.manifest import manifest_message
 
 log = logging.getLogger("cloud")
@@ -73,6 +75,7 @@ class CloudConfig:
     max_in_flight: int = 64  # Infer requests admitted at once; beyond: RESOURCE_EXHAUSTED at once
     max_streams: int = 8  # StreamWeights/GetCheckpoint streams at once; beyond: RESOURCE_EXHAUSTED
     forward_timeout_s: float = 60.0  # a batch forward running longer is failed (UNAVAILABLE) by the watchdog
+    metrics_address: Optional[str] = None  # host:port: Prometheus /metrics there (None: not exported)
     intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
     rpc_threads: int = 80  # >= max_in_flight + max_streams + 4 (spare threads for health checks)
     max_message_bytes: int = 16 * 1024 * 1024
@@ -142,6 +145,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.max_batch = max_batch
         self.default_codecs = default_codecs
         self.admission = admission or Admission(1 << 30, "max_in_flight")
+        self.metrics = CloudMetrics(batcher.queued, lambda: self.admission.in_flight)
         self.result_timeout_s = result_timeout_s  # the longest a call waits for the batcher, with no deadline
 
     def run_batch(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
@@ -156,15 +160,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         return served
 
-    def _infer(self, req: pb.FeatureRequest, remaining_s: Optional[float]) -> pb.Prediction:
-        """Answer one request, or raise RequestError with its status; every request is counted and logged once."""
+    def _infer(self, req: pb.FeatureRequest, remaining_s: Optional[float], method: str = "Infer") -> pb.Prediction:
+        """Answer one request, or raise RequestError with its status; every request is counted, measured and
+        logged once."""
         started = time.monotonic()
         request_id = req.request_id or uuid.uuid4().hex
-        status, batch = "OK", 0
+        status, batch, queue_ms = "OK", 0, None
         try:
             with self.admission.admit():
                 prediction = self._compute(req, request_id, remaining_s)
-            batch = prediction.timings.batch_size
+            batch, queue_ms = prediction.timings.batch_size, prediction.timings.queue_ms
             return prediction
         except Overloaded as err:
             status = "RESOURCE_EXHAUSTED"
@@ -179,6 +184,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             with self._counts_lock:
                 self.counts[status] += 1
+            self.metrics.record(method, status, time.monotonic() - started, queue_ms, batch)
             if log.isEnabledFor(logging.INFO):  # json.dumps per request is measurable at high rates
                 log.info(json.dumps({"request_id": request_id, "split_point": req.split_point, "batch_size": batch,
                                      "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
@@ -216,7 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # that fails is answered with its status and the stream goes on: one bad message costs one answer.
         for request in request_iterator:
             try:
-                yield self._infer(request, context.time_remaining())
+                yield self._infer(request, context.time_remaining(), "InferStream")
             except RequestError as err:
                 yield pb.Prediction(request_id=request.request_id,
                                     status=pb.RequestStatus(code=err.code.value[0], message=err.detail))
@@ -340,6 +346,7 @@ class CloudServer:
     forward_timeout_s: float = 60.0
     worker: Optional[ForwardWorker] = None
     hung: bool = False  # an in-process forward is hung (health NOT_SERVING until it returns)
+    exporter: Optional[Exporter] = None  # /metrics, when metrics_address is set
     _stop_watch: threading.Event = field(default_factory=threading.Event)
 
     def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
@@ -391,6 +398,8 @@ class CloudServer:
         self.batcher.close(drain=True, timeout_s=self.grace_seconds)
         if self.worker is not None:
             self.worker.close()
+        if self.exporter is not None:
+            self.exporter.stop()
 
 
 def intra_op_threads_for(cfg: CloudConfig, cores: int | None = None) -> int:
@@ -458,6 +467,12 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds, packages,
                           cfg.forward_timeout_s)
     running.start_watchdog()
+    if cfg.metrics_address is not None:
+        try:
+            running.exporter = start_exporter(cfg.metrics_address, servicer.metrics.registry)
+        except ConfigError:
+            running.stop()
+            raise
     if served is not None:
         running.set_model(served)
     return running

@@ -54,6 +54,8 @@ class DeviceConfig:
     ewma_alpha: float = 0.2
     # local API and folder watch (python -m device serve)
     listen: str = "127.0.0.1:50061"
+    max_in_flight: int = 16  # Classify calls of the local API at once; beyond: RESOURCE_EXHAUSTED at once
+    metrics_address: Optional[str] = None  # host:port: Prometheus /metrics there (None: not exported)
     watch_dir: Optional[str] = None
     watch_results: Optional[str] = None  # JSON lines; None: <watch_dir>/results.jsonl
     watch_interval_seconds: float = 1.0
@@ -95,7 +97,7 @@ class DeviceConfig:
         check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds",
                               "stream_poll_seconds"))
         check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
-                              "max_image_bytes", "max_image_pixels", "max_image_aspect"), 1)
+                              "max_image_bytes", "max_image_pixels", "max_image_aspect", "max_in_flight"), 1)
         check_at_least(self, ("intra_op_threads",), 0)
         if self.max_attempts > 5:
             raise ConfigError(f"config key 'max_attempts': gRPC allows at most 5, got {self.max_attempts}")

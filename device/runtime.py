@@ -19,6 +19,7 @@ from device.delivery import Snapshot, StreamedModel
 from device.config import DeviceConfig
 from device.images import decode_image
 from device.link import NETWORK_CODES, CloudLink, LinkError
+from device.metrics import DeviceMetrics
 from device.stats import BlockTimes, LinkStats
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from models.config import ConfigError
@@ -29,6 +30,7 @@ from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecSpec, encode, encode_jpeg
+from serving.admission import Admission
 
 log = logging.getLogger("device")
 
@@ -154,6 +156,9 @@ class DeviceRuntime:
         self.breaker = CircuitBreaker(cfg.breaker_failures, self._probe, cfg.breaker_probe_seconds)
         self.rpc_calls = 0  # Infer calls actually attempted (tests count them)
         self._calls_lock = threading.Lock()
+        self.admission = Admission(cfg.max_in_flight, "max_in_flight", "classify calls")
+        self.metrics = DeviceMetrics(lambda: self.active.weights_fraction if self.active else 0.0,
+                                     lambda: self.admission.in_flight)
 
     @classmethod
     def start(cls, cfg: DeviceConfig) -> "DeviceRuntime":
@@ -283,12 +288,16 @@ class DeviceRuntime:
         started = time.perf_counter()
         image = decode_image(data, self.cfg.max_image_bytes, self.cfg.max_image_pixels, self.cfg.max_image_aspect)
         active = self._current()
-        return self._classify(active, active.transform(image), top_k, started)
+        return self._measured(self._classify(active, active.transform(image), top_k, started))
 
     def classify_tensor(self, x: Tensor, top_k: Optional[int] = None,
                         started: Optional[float] = None) -> ClassifyResult:
         """Classify one preprocessed image ``(3, H, W)`` (or ``(1, 3, H, W)``). Raises NoModelError."""
-        return self._classify(self._current(), x, top_k, started)
+        return self._measured(self._classify(self._current(), x, top_k, started))
+
+    def _measured(self, result: ClassifyResult) -> ClassifyResult:
+        self.metrics.record(result.answered_by, result.reason, result.bytes_sent, result.latency_ms)
+        return result
 
     def _classify(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
                   started: Optional[float]) -> ClassifyResult:

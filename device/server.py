@@ -20,10 +20,13 @@ from device.watch import FolderWatcher
 from models.config import ConfigError
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
+from serving.admission import Overloaded
+from serving.metrics import Exporter, start_exporter
 
 log = logging.getLogger("device")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Device"].full_name
+SPARE_THREADS = 4
 
 
 def to_reply(request_id: str, result: ClassifyResult) -> pb.ClassifyReply:
@@ -45,7 +48,10 @@ class DeviceServicer(pb_grpc.DeviceServicer):
         if request.top_k < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {request.top_k}")
         try:
-            result = self.runtime.classify_bytes(request.image, request.top_k or None)
+            with self.runtime.admission.admit():
+                result = self.runtime.classify_bytes(request.image, request.top_k or None)
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except ImageError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NoModelError as err:
@@ -59,18 +65,24 @@ class DeviceServer:
     port: int
     runtime: DeviceRuntime
     watcher: Optional[FolderWatcher]
+    exporter: Optional[Exporter] = None
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        self.server.stop(grace_s).wait()
+        self.server.stop(grace_s).wait(grace_s + 5)
         self.runtime.close()
+        if self.exporter is not None:
+            self.exporter.stop()
 
 
 def build_server(cfg: DeviceConfig, runtime: DeviceRuntime) -> DeviceServer:
     """Start the local API on ``cfg.listen`` (and the folder watch when ``watch_dir`` is set)."""
     options = [("grpc.max_receive_message_length", cfg.max_image_bytes + 4096)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
+    # Threads beyond max_in_flight answer health checks and refusals under a flood; gRPC's queue is bounded.
+    threads = cfg.max_in_flight + SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
+                         maximum_concurrent_rpcs=4 * threads)
     pb_grpc.add_DeviceServicer_to_server(DeviceServicer(runtime), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -88,7 +100,14 @@ def build_server(cfg: DeviceConfig, runtime: DeviceRuntime) -> DeviceServer:
         results = Path(cfg.watch_results or Path(cfg.watch_dir) / "results.jsonl")
         watcher = FolderWatcher(runtime, Path(cfg.watch_dir), results, cfg.watch_interval_seconds)
         watcher.start()
-    return DeviceServer(server, port, runtime, watcher)
+    running = DeviceServer(server, port, runtime, watcher)
+    if cfg.metrics_address is not None:
+        try:
+            running.exporter = start_exporter(cfg.metrics_address, runtime.metrics.registry)
+        except ConfigError:
+            running.stop(0)
+            raise
+    return running
 
 
 def serve(cfg: DeviceConfig) -> int:

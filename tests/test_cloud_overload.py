@@ -16,7 +16,7 @@ from cloud.inference import ServedModel
 from cloud.worker import ForwardWorker
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from proto.admission import Admission, Overloaded
+from serving.admission import Admission, Overloaded
 from tests.conftest import SIZE
 from tests.test_cloud import request, start
 

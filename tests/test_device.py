@@ -311,9 +311,12 @@ def test_folder_watch_answers_each_image_once(checkpoint, cloud, tmp_path):
     runtime = device(checkpoint, cloud.port)
     results = tmp_path / "results.jsonl"
     try:
-        assert FolderWatcher(runtime, folder, results, 1.0).scan_once() == 4
+        watcher = FolderWatcher(runtime, folder, results, 1.0)
+        assert watcher.scan_once() == 0  # first sight: a file must stay unchanged for one interval
+        assert watcher.scan_once() == 4
         (folder / "img3.png").write_bytes(image_bytes(3))
-        assert FolderWatcher(runtime, folder, results, 1.0).scan_once() == 1  # a restart skips answered ones
+        restarted = FolderWatcher(runtime, folder, results, 1.0)
+        assert restarted.scan_once() + restarted.scan_once() == 1  # a restart skips answered ones
     finally:
         runtime.close()
     lines = [json.loads(line) for line in results.read_text().splitlines()]
@@ -323,6 +326,35 @@ def test_folder_watch_answers_each_image_once(checkpoint, cloud, tmp_path):
         if r["image"] != "broken.jpg":
             assert {"class_id", "label", "confidence", "answered_by", "degraded", "reason", "bytes_sent",
                     "latency_ms"} <= set(r)
+
+
+def test_folder_watch_waits_for_a_copy_and_answers_a_replaced_file_again(checkpoint, cloud, tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = image_bytes(7, 64)
+    target = folder / "big.png"
+    runtime = device(checkpoint, cloud.port)
+    results = tmp_path / "results.jsonl"
+    watcher = FolderWatcher(runtime, folder, results, 1.0)
+    try:
+        for end in (len(data) // 3, 2 * len(data) // 3):  # a copy in progress: grows between scans
+            target.write_bytes(data[:end])
+            os.utime(target, ns=(end, end))
+            assert watcher.scan_once() == 0
+        target.write_bytes(data)
+        os.utime(target, ns=(1, 1))
+        assert watcher.scan_once() == 0 and watcher.scan_once() == 1  # complete and settled: answered
+        assert watcher.scan_once() == 0  # once
+        target.write_bytes(image_bytes(8, 48))  # replaced under the same name
+        os.utime(target, ns=(2, 2))
+        assert watcher.scan_once() == 0 and watcher.scan_once() == 1
+    finally:
+        runtime.close()
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == 2 and all("error" not in r and r["image"] == "big.png" for r in lines)
+    assert lines[0]["size"] == len(data) and lines[1]["mtime_ns"] == 2
 
 
 def test_classify_cli_json(checkpoint, cloud, tmp_path):

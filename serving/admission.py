@@ -1,4 +1,4 @@
-"""Admission control, the part of the contract both daemons share: at most ``limit`` calls of a kind are admitted
+"""Admission control, shared by both daemons: at most ``limit`` calls of a kind are admitted
 at once, and the next one is answered RESOURCE_EXHAUSTED at once with the limit in the message, instead of
 waiting in gRPC's thread pool (where it would also delay health checks).
 """
