@@ -1,0 +1,53 @@
+"""The fuzz harness (bench/fuzz.py) at a small size against real daemons built in this process: every answer is
+OK or a documented status, and both daemons still answer afterwards. The full-size run is the benchmark."""
+
+import grpc
+
+from bench.fuzz import fuzz_cloud, fuzz_device, hostile_image, IMAGE_KINDS, MUTATIONS, serving
+from cloud.inference import ServedModel
+from cloud.server import CloudConfig, build_server
+from device.config import DeviceConfig
+from device.runtime import DeviceRuntime
+from device.server import build_server as build_device_server
+from models.config import from_dict
+
+
+def test_fuzzing_both_daemons_gets_only_documented_answers(checkpoint):
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING")
+    cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    dcfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": f"127.0.0.1:{cloud.port}",
+                                    "listen": "127.0.0.1:0", "split_point": 9, "max_image_bytes": 1 << 20,
+                                    "log_level": "WARNING"})
+    device = build_device_server(dcfg, DeviceRuntime.start(dcfg))
+    try:
+        requests = fuzz_cloud(f"127.0.0.1:{cloud.port}", 4 * (len(MUTATIONS) + 1), seed=1)
+        images = fuzz_device(f"127.0.0.1:{device.port}", 3 * len(IMAGE_KINDS), seed=1)
+        assert serving(f"127.0.0.1:{cloud.port}") and serving(f"127.0.0.1:{device.port}")
+    finally:
+        device.stop()
+        cloud.stop()
+    assert requests["unexpected"] == [] and images["unexpected"] == []
+    assert set(requests["by_mutation"]) == {*MUTATIONS, "raw_bytes"}
+    assert requests["by_mutation"]["dtype"] == {"INVALID_ARGUMENT": 4}
+    assert requests["by_mutation"]["model"] == {"FAILED_PRECONDITION": 4}
+    assert images["by_kind"]["valid"] == {"OK": 3} and images["by_kind"]["thin"] == {"INVALID_ARGUMENT": 3}
+    # Over max_image_bytes: gRPC refuses the message itself (its receive limit follows max_image_bytes).
+    assert images["by_kind"]["bytes"] == {"RESOURCE_EXHAUSTED": 3}
+    assert images["by_kind"]["empty"] == {"INVALID_ARGUMENT": 3}
+
+
+def test_the_hostile_images_are_what_they_claim():
+    import random
+
+    from device.images import ImageError, decode_image
+
+    rng = random.Random(0)
+    for kind, words in (("thin", "max_image_aspect"), ("pixels", "max_image_pixels"), ("bytes", "max_image_bytes")):
+        data = hostile_image(kind, rng)
+        try:
+            decode_image(data, 1 << 20, 40_000_000)
+        except ImageError as err:
+            assert words in str(err)
+        else:
+            raise AssertionError(f"{kind} image decoded")
+    assert len(hostile_image("thin", rng)) < 100_000
