@@ -51,3 +51,21 @@ def test_the_hostile_images_are_what_they_claim():
         else:
             raise AssertionError(f"{kind} image decoded")
     assert len(hostile_image("thin", rng)) < 100_000
+
+
+def test_load_and_overload_harness_at_a_small_size(checkpoint):
+    from bench.load import overload, steady
+
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING", max_in_flight=4,
+                      max_streams=1, rpc_threads=9, max_queue_delay_ms=20.0)
+    cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    address = f"127.0.0.1:{cloud.port}"
+    try:
+        calm = steady(address, 4, 10)
+        flood = overload(address, 8 * calm["throughput_rps"], 1.5)
+        assert serving(address)
+    finally:
+        cloud.stop()
+    assert calm["codes"] == {"OK": 40}
+    assert flood["answered"] == flood["issued"] and set(flood["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert flood["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and flood["health_checks"] > 5
