@@ -46,7 +46,7 @@ def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, thread
     while True:
         try:
             message = conn.recv()
-        except EOFError:  # the daemon is gone
+        except (EOFError, OSError):  # the daemon is gone (exited, or killed: the pipe is reset)
             return
         if message is None:
             return
