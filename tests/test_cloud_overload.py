@@ -157,3 +157,18 @@ def test_one_bad_message_costs_one_answer_of_a_stream(checkpoint, small_model):
     assert replies[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "features" in replies[1].status.message
     assert replies[2].status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert replies[0].status.code == 0 and replies[3].status.code == 0
+
+
+def test_a_forward_worker_that_fails_at_start_exits_2_naming_it(checkpoint, monkeypatch, caplog):
+    """The model loads in the daemon but its worker process cannot start (out of memory, say)."""
+    import cloud.__main__
+    import cloud.server
+    from cloud.worker import WorkerError
+
+    def no_worker(*args, **kwargs):
+        raise WorkerError("forward process failed: MemoryError")
+
+    monkeypatch.setattr(cloud.server, "ForwardWorker", no_worker)
+    code = cloud.__main__.main(["--config", "apps/cloud.yml", f"checkpoint={checkpoint}", "forward_process=true",
+                                "address=127.0.0.1:0"])
+    assert code == 2 and "MemoryError" in caplog.text
