@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,24 @@ def steady(address: str, clients: int, requests: int) -> dict:
             "p99_ms": float(np.percentile(latencies, 99))}
 
 
+def probe_health(address: str, seconds: float, period_s: float, out: "mp.Queue") -> None:
+    """Health-check ``address`` every ``period_s`` for ``seconds``; put the latencies (ms, inf = failed) on
+    ``out``. Runs in a process of its own, so the load generator's GIL does not show up as server latency."""
+    latencies = []
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            try:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                latencies.append((time.perf_counter() - started) * 1000)
+            except grpc.RpcError:
+                latencies.append(float("inf"))
+            time.sleep(period_s)
+    out.put(latencies)
+
+
 def overload(address: str, rate: float, seconds: float) -> dict:
     """Issue calls open-loop at ``rate`` per second for ``seconds``; health probed every 50 ms meanwhile."""
     channel = grpc.insecure_channel(address)
@@ -100,19 +119,8 @@ def overload(address: str, rate: float, seconds: float) -> dict:
     req = template(stub)
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
-    done = threading.Event()
-    health_ms: list[float] = []
-
-    def probe() -> None:
-        with grpc.insecure_channel(address) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            while not done.wait(0.05):
-                started = time.perf_counter()
-                try:
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    health_ms.append((time.perf_counter() - started) * 1000)
-                except grpc.RpcError:
-                    health_ms.append(float("inf"))
+    ctx = mp.get_context("spawn")
+    health_out = ctx.Queue()
 
     def finished(future: grpc.Future, started: float) -> None:
         try:
@@ -123,21 +131,24 @@ def overload(address: str, rate: float, seconds: float) -> dict:
         with lock:
             results.append((code, (time.perf_counter() - started) * 1000))
 
-    prober = threading.Thread(target=probe)
+    prober = ctx.Process(target=probe_health, args=(address, seconds, 0.05, health_out))
     prober.start()
+    time.sleep(1.0)  # the prober's interpreter is up before the flood starts
+    futures = []  # a call whose future is garbage-collected is cancelled: keep them all
     issued, begin = 0, time.perf_counter()
     while (now := time.perf_counter()) - begin < seconds:
         due = int((now - begin) * rate)
         while issued < due:
             future = stub.Infer.future(req, timeout=30)
             future.add_done_callback(lambda f, t=time.perf_counter(): finished(f, t))
+            futures.append(future)
             issued += 1
         time.sleep(0.001)
     deadline = time.monotonic() + 60
     while len(results) < issued and time.monotonic() < deadline:
         time.sleep(0.05)
-    done.set()
-    prober.join()
+    health_ms = health_out.get(timeout=60)
+    prober.join(30)
     channel.close()
     codes = Counter(c for c, _ in results)
     ok = [ms for c, ms in results if c == "OK"]

@@ -33,7 +33,7 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
-from serving.admission import Admission, Overloaded
+from serving.admission import PENDING_CALL_OPTIONS, Admission, Overloaded
 from serving.metrics import Exporter, start_exporter
 from proto.manifest import manifest_message
 
@@ -428,7 +428,8 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                # devices keep idle channels alive with pings (device config keepalive_ms >= 10 s)
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-               ("grpc.http2.max_ping_strikes", 0)]
+               ("grpc.http2.max_ping_strikes", 0),
+               *PENDING_CALL_OPTIONS]
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
     # Calls beyond the pool wait in gRPC's queue; this bounds it (refused RESOURCE_EXHAUSTED beyond). Admission
     # (max_in_flight, max_streams) refuses earlier, so the pool always has threads left for health checks.
