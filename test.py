@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from models.app_config import AppConfig
 from models.calibration import expected_calibration_error
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_checkpoint
+from models.cli import app_main
 from models.config import ConfigError, parse_app_argv
 from models.datasets import build_datasets
 from models.early_exit import EarlyExitMobileNetV2
@@ -280,14 +281,11 @@ def split_live(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        rest, live = split_live(argv)
+    def evaluate(args: list[str]) -> None:
+        rest, live = split_live(args)
         run(parse_app_argv(AppConfig, rest), live)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+
+    return app_main(evaluate, argv, "test")
 
 
 if __name__ == "__main__":

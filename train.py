@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from models.app_config import AppConfig
 from models.calibration import calibrate
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.cli import app_main
 from models.hardware import follow, resolve_device
 from models.config import ConfigError, parse_app_argv
 from models.datasets import DataBundle, build_datasets
@@ -338,14 +339,7 @@ def write_log(log_dir: Path, history: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = parse_app_argv(AppConfig, argv)
-        train(cfg)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return app_main(lambda args: train(parse_app_argv(AppConfig, args)), argv, "train")
 
 
 if __name__ == "__main__":

@@ -130,39 +130,39 @@ def calibrate(model: EarlyExitMobileNetV2, loader: DataLoader, device: torch.dev
     return report
 
 
-def main(argv: list[str]) -> int:
+def calibrate_checkpoint(argv: list[str]) -> None:
     """``python -m models.calibration app:apps/X.yml [checkpoint=PATH] [calibration_fraction=0.05]``: fit the
     temperatures of an existing checkpoint (e.g. one trained before calibration existed) on the same held-out
-    slice train.py would use, and write them into the checkpoint. Exit status 2 on a bad key or file."""
+    slice train.py would use, and write them into the checkpoint. Raises ConfigError / CheckpointError."""
     from models.app_config import AppConfig
-    from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from models.checkpoint import load_checkpoint, save_checkpoint
     from models.config import ConfigError, parse_app_argv
     from models.datasets import build_datasets
     from models.hardware import resolve_device
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = parse_app_argv(AppConfig, argv)
-        if cfg.calibration_fraction <= 0:
-            raise ConfigError("config key 'calibration_fraction': must be > 0 to hold images out for calibration")
-        path = cfg.checkpoint_path()
-        device = resolve_device(cfg.device)
-        ckpt = load_checkpoint(path, map_location=device)
-        pre = ckpt.preprocess
-        data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
-                              cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed,
-                              calibration_fraction=cfg.calibration_fraction)
-        if data.class_names != ckpt.class_names:
-            raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({path})")
-        loader = DataLoader(data.calibration, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
-        report = calibrate(ckpt.model, loader, device)
-        save_checkpoint(path, ckpt.model, ckpt.class_names, ckpt.preprocess,
-                        {**ckpt.metrics, "calibration": report.to_dict()})
-        log.info("wrote the temperatures into %s", path)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    cfg = parse_app_argv(AppConfig, argv)
+    if cfg.calibration_fraction <= 0:
+        raise ConfigError("config key 'calibration_fraction': must be > 0 to hold images out for calibration")
+    path = cfg.checkpoint_path()
+    device = resolve_device(cfg.device)
+    ckpt = load_checkpoint(path, map_location=device)
+    pre = ckpt.preprocess
+    data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
+                          cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed,
+                          calibration_fraction=cfg.calibration_fraction)
+    if data.class_names != ckpt.class_names:
+        raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({path})")
+    loader = DataLoader(data.calibration, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
+    report = calibrate(ckpt.model, loader, device)
+    save_checkpoint(path, ckpt.model, ckpt.class_names, ckpt.preprocess,
+                    {**ckpt.metrics, "calibration": report.to_dict()})
+    log.info("wrote the temperatures into %s", path)
+
+
+def main(argv: list[str]) -> int:
+    from models.cli import app_main
+
+    return app_main(calibrate_checkpoint, argv, "calibration")
 
 
 if __name__ == "__main__":
