@@ -6,7 +6,7 @@ each, ``OMP_NUM_THREADS=1 ... data_loader_workers=1``; on a GPU, minutes):
     python train.py app:apps/cars_dev_train_exits.yml log_dir=runs/cars_dev_distill
     python train.py app:apps/cars_dev_train_exits.yml exits=[] exit_channels=128 exit_loss_weights=[] \\
         log_dir=runs/cars_dev_plain
-    for s in 9 13 15 18; do
+    for s in 18 15; do
         python test.py app:apps/cars_dev_test.yml checkpoint=runs/cars_dev_distill/best_model.pt \\
             split_point=$s log_dir=runs/cars_dev_distill/split$s
     done
