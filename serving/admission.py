@@ -45,9 +45,8 @@ class Admission:
 
 
 #: gRPC server options that bound the calls gRPC core holds before the Python server picks them up (soft,
-#: hard); beyond them a call is refused at once. Measured with a 3 s open-loop flood at 1,400 req/s from one
-#: client process (about 4x capacity): with core's defaults (1000, 3000) 1,143 of 4,192 calls ended CANCELLED,
-#: with these none (every excess call RESOURCE_EXHAUSTED). bench/load.py's 10 s flood still sees CANCELLED: see
-#: bench/results/load.md.
+#: hard); beyond them a call is refused at once. In short open-loop floods (~4x capacity, one client process)
+#: core's defaults (1000, 3000) let a large share of calls end CANCELLED after waiting; with these the excess was
+#: refused RESOURCE_EXHAUSTED. bench/load.py's 10 s flood still sees CANCELLED: see bench/results/load.md.
 PENDING_CALL_OPTIONS = [("grpc.server_max_pending_requests", 16),
                         ("grpc.server_max_pending_requests_hard_limit", 32)]
