@@ -2,6 +2,7 @@
 
     python test.py app:apps/quickstart_test.yml [z_confidence_threshold=0.5] [split_point=7] [key=value ...]
     python test.py app:apps/quickstart_test.yml --live 127.0.0.1:50051   # also through a running cloud
+    python test.py app:apps/quickstart_test.yml split_point=all          # the scheduler's offline profile
 
 One pass over the validation set caches every exit's output; each threshold is then a cheap replay of the
 first-confident-exit policy (models/exit_policy.py). Writes ``test_results.json``, ``test_results.csv`` and
@@ -11,6 +12,10 @@ first-confident-exit policy (models/exit_policy.py). Writes ``test_results.json`
 (device/runtime.py) to a running cloud, for each threshold, and reports the same table measured live plus bytes
 per image and latency; results in ``test_results_live.json``. On the same checkpoint the live accuracy equals the
 offline one up to the codec's loss.
+
+``split_point=all`` instead profiles every split point and threshold (models/offline_profile.py) and writes
+``profile.json`` into ``log_dir``: the file the device's scheduler (``scheduler: true``, ``profile: PATH``) plans
+from.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from models.datasets import build_datasets
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import CachedOutputs, ThresholdRow, confidence, device_only_accuracy, evaluate_threshold
 from models.hardware import follow, resolve_device
+from models.offline_profile import OfflineProfile, build_profile
 from models.partition import check_split_point, profile
 
 log = logging.getLogger("test")
@@ -188,10 +194,58 @@ def format_live_table(live: dict) -> str:
     return "\n".join(lines)
 
 
+def run_profile(cfg: AppConfig) -> dict:
+    """``split_point=all``: profile every split point and threshold; writes ``<log_dir>/profile.json``."""
+    ckpt = load_checkpoint(cfg.checkpoint_path())
+    data = _val_data(cfg, ckpt)
+    loader = DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
+    model = ckpt.model.eval().to(resolve_device(cfg.device))
+    thresholds = sorted(set(cfg.thresholds) | {1.0})  # 1.0: every image uploaded at any split
+    pre = ckpt.preprocess
+    prof = build_profile(model, loader, pre.input_size, cfg.confidence, thresholds, str(cfg.checkpoint_path()),
+                         pre.mean, pre.std, bytes_images=cfg.profile_bytes_images)
+    out = Path(cfg.log_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(prof.to_json(), indent=1))
+    print(format_profile(prof))
+    print(f"wrote {out / 'profile.json'}")
+    return prof.to_json()
+
+
+def format_profile(prof: OfflineProfile) -> str:
+    """Per split point: device/cloud MFLOPs, mean offload bytes per codec, and the smallest uploading rate whose
+    accuracy is within 1 point of the final classifier's."""
+    codecs = sorted({c for s in prof.splits for c in s.bytes})
+    head = f"{'split':>5} {'dev MFLOP':>9} {'cloud MFLOP':>11} " + " ".join(f"{c:>12}" for c in codecs) + \
+        "  upload@-1pt"
+    lines = [f"{prof.num_images} images, final accuracy {prof.final_accuracy:.4f}; bytes per offload (mean):", head]
+    for s in prof.splits:
+        near = [r for r in s.rows if r.accuracy >= prof.final_accuracy - 0.01]
+        best = min(near, key=lambda r: r.uploading_rate) if near else None
+        lines.append(f"{s.split_point:5d} {s.device_flops / 1e6:9.1f} {s.cloud_flops / 1e6:11.1f} " + " ".join(
+            f"{s.bytes[c].mean:12.0f}" if c in s.bytes else f"{'-':>12}" for c in codecs) +
+            ("" if best is None else f"  {best.uploading_rate:.3f} (tau {best.threshold:g})"))
+    return "\n".join(lines)
+
+
+def _val_data(cfg: AppConfig, ckpt):
+    pre = ckpt.preprocess
+    data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
+                          cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, with_train=False)
+    if data.class_names != ckpt.class_names:
+        raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({cfg.checkpoint_path()})")
+    return data
+
+
 def run(cfg: AppConfig, live: str | None = None) -> dict:
     """Evaluate ``cfg.checkpoint`` and write the reports; returns the JSON written to test_results.json.
 
-    With ``live`` (``HOST:PORT`` of a running cloud) also runs the live evaluation (``run_live``)."""
+    With ``live`` (``HOST:PORT`` of a running cloud) also runs the live evaluation (``run_live``);
+    ``split_point=all`` writes the offline profile instead (``run_profile``)."""
+    if cfg.split_point == "all":
+        if live is not None:
+            raise ConfigError("config key 'split_point': 'all' (the offline profile) does not go with --live")
+        return run_profile(cfg)
     ckpt = load_checkpoint(cfg.checkpoint_path())
     model = ckpt.model
     # Default: after the deepest exit; a model with no exits is evaluated cloud-only (split 0).
@@ -201,10 +255,7 @@ def run(cfg: AppConfig, live: str | None = None) -> dict:
     except ValueError as err:
         raise ConfigError(f"config key 'split_point': {err}") from None
     pre = ckpt.preprocess
-    data = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
-                          cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, with_train=False)
-    if data.class_names != ckpt.class_names:
-        raise ConfigError(f"config key 'dataset': its classes differ from the checkpoint's ({cfg.checkpoint_path()})")
+    data = _val_data(cfg, ckpt)
     device = resolve_device(cfg.device)
     loader = DataLoader(data.val, batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
     cache, stats = cache_outputs(model, loader, split, cfg.confidence, device)

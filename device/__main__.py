@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from device.config import DeviceConfig
+from device.plan import run_plan
 from device.images import ImageError
 from device.runtime import DeviceRuntime, NoModelError
 from device.server import serve
@@ -126,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch.add_argument("--config", default=None, help="YAML config (apps/device.yml)")
     p_fetch.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p_fetch.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_plan = sub.add_parser("plan", help="the scheduler's choice and predicted table for a given link")
+    p_plan.add_argument("--config", default=None, help="YAML config (apps/device.yml; needs profile=PATH)")
+    p_plan.add_argument("--bandwidth", required=True, help="upload rate, e.g. 2mbit, 500kbit")
+    p_plan.add_argument("--rtt", required=True, help="round trip, e.g. 40ms")
+    p_plan.add_argument("--device-slowdown", type=float, default=1.0,
+                        help="this device's compute time over the profiling machine's (default 1)")
+    p_plan.add_argument("--json", action="store_true", help="the decision and table as JSON")
+    p_plan.add_argument("overrides", nargs="*", help="key=value overrides")
     # Overrides, images and flags may come in any order ("cloud=H:P --json a.jpg"): argparse stops filling a
     # positional list at the first flag, so what it leaves over is appended to that list.
     args, rest = parser.parse_known_args(argv)
@@ -140,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(DeviceConfig, args.config, args.overrides)
             logging.getLogger().setLevel(cfg.log_level.upper())
             return serve(cfg) if args.command == "serve" else fetch(cfg, args.timeout)
+        if args.command == "plan":
+            cfg = load_config(DeviceConfig, args.config, args.overrides)
+            return run_plan(cfg, args.bandwidth, args.rtt, args.device_slowdown, args.json)
         overrides, images = split_args(args.items)
         if not images:
             parser.error("classify needs at least one image file")

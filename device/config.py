@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
+from device.scheduler import OBJECTIVES, Objective
 from models.progressive import ORDERS
 from proto.codec import CodecSpec
 
@@ -38,6 +39,17 @@ class DeviceConfig:
     stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
     jpeg_quality: int = 90
+    # scheduler (device/scheduler.py): split point and threshold chosen at run time from the offline profile
+    scheduler: bool = False  # True: split_point and z_confidence_threshold are only where it starts
+    profile: Optional[str] = None  # written by python test.py ... split_point=all (needed with scheduler)
+    objective: str = "max_accuracy"  # max_accuracy | min_bytes | min_cloud_load | max_throughput
+    latency_bound_ms: Optional[float] = 300.0  # p95 bound (max_accuracy; the others too when set)
+    accuracy_floor: Optional[float] = None  # accuracy bound of min_bytes / min_cloud_load / max_throughput
+    scheduler_interval_seconds: float = 0.5  # how often the measurements are looked at (and the cloud pinged)
+    scheduler_margin: float = 0.15  # relative change that makes it re-decide, and gain that makes it switch
+    probe_interval_seconds: float = 2.0  # with no offload for this long, the next request is offloaded
+    initial_bandwidth_mbit: float = 5.0  # upload bandwidth assumed until the first offload measures it
+    initial_rtt_ms: float = 50.0
     # channel
     max_attempts: int = 3  # gRPC retry policy on UNAVAILABLE, always within deadline_ms
     keepalive_ms: int = 30_000
@@ -75,6 +87,27 @@ class DeviceConfig:
     def codec_spec(self) -> Optional[CodecSpec]:
         return None if self.codec is None else CodecSpec.from_name(self.codec)
 
+    def objective_spec(self) -> Objective:
+        return Objective(self.objective, self.latency_bound_ms, self.accuracy_floor)
+
+    def _validate_scheduler(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"config key 'objective': must be one of {OBJECTIVES}, got {self.objective!r}")
+        try:
+            self.objective_spec().validate()
+        except ValueError as err:
+            key = "latency_bound_ms" if "latency" in str(err) else "accuracy_floor"
+            raise ConfigError(f"config key '{key}': {err}") from None
+        if self.accuracy_floor is None and self.objective != "max_accuracy":
+            raise ConfigError(f"config key 'accuracy_floor': objective {self.objective} needs one")
+        if not 0.0 <= self.scheduler_margin < 1.0:
+            raise ConfigError(f"config key 'scheduler_margin': must be in [0, 1), got {self.scheduler_margin}")
+        if self.scheduler and self.profile is None:
+            raise ConfigError("config key 'profile': the scheduler needs the offline profile (write it with "
+                              "python test.py app:... split_point=all)")
+        if self.profile is not None and not Path(self.profile).is_file():
+            raise ConfigError(f"config key 'profile': file {self.profile!r} does not exist")
+
     def validate(self) -> None:
         addresses = self.addresses()
         if not addresses:
@@ -95,7 +128,9 @@ class DeviceConfig:
         if self.confidence not in ("top1", "entropy"):
             raise ConfigError(f"config key 'confidence': must be 'top1' or 'entropy', got {self.confidence!r}")
         check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds",
-                              "stream_poll_seconds"))
+                              "stream_poll_seconds", "scheduler_interval_seconds", "probe_interval_seconds",
+                              "initial_bandwidth_mbit", "initial_rtt_ms"))
+        self._validate_scheduler()
         check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
                               "max_image_bytes", "max_image_pixels", "max_image_aspect", "max_in_flight"), 1)
         check_at_least(self, ("intra_op_threads",), 0)

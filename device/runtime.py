@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from device.adaptive import Adaptive
 from device.breaker import CircuitBreaker
 from device.delivery import Snapshot, StreamedModel
 from device.config import DeviceConfig
@@ -25,6 +27,7 @@ from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load
 from models.config import ConfigError
 from models.datasets import Preprocess
 from models.exit_policy import confidence
+from models.offline_profile import JPEG, ProfileError, load_profile
 from models.hardware import follow, resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
@@ -101,6 +104,17 @@ def weightless(info: pb.ModelInfo) -> ActiveModel:
                        head_bits=0.0)
 
 
+def split_codecs(info: pb.ModelInfo) -> dict[int, CodecSpec]:
+    """The cloud's default codec of every split point it announces (unknown codecs left out)."""
+    out = {}
+    for split in info.split_points:
+        try:
+            out[split.split_point] = CodecSpec.from_message(split.default_codec)
+        except ValueError:
+            continue
+    return out
+
+
 def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, float]]:
     probs = torch.softmax(logits.float(), dim=-1)
     values, ids = probs.topk(min(k, probs.shape[-1]))
@@ -149,7 +163,10 @@ class DeviceRuntime:
             self.active = ActiveModel(model, head(model, cfg.split_point), ref, checkpoint.class_names,
                                       checkpoint.preprocess, complete=True)
         self.codec = codec or OFFLINE_CODEC
+        self.split_codecs: dict[int, CodecSpec] = {}  # the cloud's default codec per split (GetModelInfo)
         self._ask_codec = codec is None and link is not None
+        self.adaptive: Optional[Adaptive] = None  # the scheduler's thread (scheduler: true)
+        self._plan_split = cfg.split_point  # where the scheduler (or set_plan) wants the head
         self.link = link
         self.link_stats = LinkStats(cfg.ewma_alpha)
         self.block_times = BlockTimes(cfg.ewma_alpha)
@@ -181,11 +198,37 @@ class DeviceRuntime:
             checkpoint = load_checkpoint_bytes(data, f"cloud {link.target}")
         else:
             checkpoint = load_checkpoint(cfg.checkpoint)
-        codec = cfg.codec_spec() or cls._cloud_codec(link, cfg)
+        info = cls._model_info(link, cfg)
+        codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
         runtime = cls(cfg, checkpoint, link, codec)
-        log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s", cfg.split_point,
-                 cfg.z_confidence_threshold, runtime.codec.name, link.target)
+        if info is not None:
+            runtime.split_codecs = split_codecs(info)
+        runtime.start_scheduler()
+        log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s%s", cfg.split_point,
+                 cfg.z_confidence_threshold, runtime.codec.name, link.target,
+                 ", scheduler on" if runtime.adaptive else "")
         return runtime
+
+    def start_scheduler(self) -> None:
+        """With ``scheduler: true``: load the profile and start the scheduler's thread (ConfigError naming
+        the key when the profile does not fit the model)."""
+        if not self.cfg.scheduler:
+            return
+        try:
+            profile = load_profile(self.cfg.profile)
+        except ProfileError as err:
+            raise ConfigError(f"config key 'profile': {err}") from None
+        active = self.active
+        if active is not None and active.model is not None and (
+                profile.num_blocks, profile.exit_points) != (active.model.num_blocks, active.model.exit_points):
+            raise ConfigError(f"config key 'profile': {self.cfg.profile!r} profiles {profile.num_blocks} blocks with "
+                              f"exits {profile.exit_points}; the model has {active.model.num_blocks} with exits "
+                              f"{active.model.exit_points}")
+        cfg = self.cfg
+        self.adaptive = Adaptive(self, profile, cfg.objective_spec(), cfg.scheduler_interval_seconds,
+                                 cfg.scheduler_margin, cfg.probe_interval_seconds, cfg.initial_bandwidth_mbit * 1e6,
+                                 cfg.initial_rtt_ms)
+        self.adaptive.start()
 
     @classmethod
     def _start_streaming(cls, cfg: DeviceConfig, link: CloudLink) -> "DeviceRuntime":
@@ -200,6 +243,9 @@ class DeviceRuntime:
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
         runtime.streamed.start()
+        if info is not None:
+            runtime.split_codecs = split_codecs(info)
+        runtime.start_scheduler()
         active = runtime.active
         log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",
                  cfg.split_point, "no model" if active is None else active.split_point, cfg.z_confidence_threshold,
@@ -217,12 +263,17 @@ class DeviceRuntime:
         before that at split point 0 (the cloud runs the whole network on the input)."""
         model, progress = snapshot.checkpoint.model, snapshot.progress
         self._check_split(model)
-        split = self.cfg.split_point if progress.usable else 0
+        split = 0
+        if progress.complete:
+            split = self._plan_split
+        elif progress.usable:
+            split = min(self._plan_split, self.cfg.split_point)
         m = snapshot.manifest
         previous = self.active
         self.active = ActiveModel(
             model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
-            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete, weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
+            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete,
+            weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
         if previous is None or (previous.split_point, previous.ref.model_version) != (split, m.model_version):
             log.info("serving %s version %s at split point %d (head %.1f bits per weight)", m.model_id,
                      m.model_version, split, progress.head_bits)
@@ -244,12 +295,6 @@ class DeviceRuntime:
     @property
     def class_names(self) -> list[str]:
         return self._current().class_names
-
-    @classmethod
-    def _cloud_codec(cls, link: CloudLink, cfg: DeviceConfig) -> Optional[CodecSpec]:
-        """The cloud's default codec for ``cfg.split_point``; None when the cloud did not answer."""
-        info = cls._model_info(link, cfg)
-        return None if info is None else cls._codec_from_info(info, cfg)
 
     @staticmethod
     def _model_info(link: CloudLink, cfg: DeviceConfig) -> Optional[pb.ModelInfo]:
@@ -281,6 +326,56 @@ class DeviceRuntime:
             raise ValueError(f"z_confidence_threshold must be in [0, 1], got {threshold}")
         self.cfg.z_confidence_threshold = threshold
 
+    def plan_splits(self) -> tuple[list[int], bool]:
+        """The split points a plan may use now, and whether the device holds the whole model (then at the last
+        split it answers with the final classifier itself). While weights stream in, only the splits whose
+        head has arrived: up to the configured split once it is usable, else split point 0."""
+        active = self.active
+        if active is None or active.model is None:
+            return [0], False
+        n = active.model.num_blocks
+        if active.complete:
+            return list(range(n + 1)), True
+        if active.split_point > 0:
+            return list(range(min(self.cfg.split_point, n) + 1)), False
+        return [0], False
+
+    def set_plan(self, split_point: int, threshold: float) -> None:
+        """Serve at ``split_point`` with ``threshold`` from the next request on, without a pause: the head of
+        any split is a slice of the weights the device holds, so this is one reference store."""
+        self.set_threshold(threshold)
+        active = self.active
+        if active is None or active.model is None:
+            return
+        try:
+            check_split_point(active.model, split_point)
+        except ValueError as err:
+            raise ValueError(f"set_plan: {err}") from None
+        allowed, _ = self.plan_splits()
+        if split_point not in allowed:
+            raise ValueError(f"set_plan: split point {split_point} is not usable yet (usable: {allowed})")
+        self._plan_split = split_point
+        if split_point != active.split_point:
+            self.active = dataclasses.replace(active, head=head(active.model, split_point))
+            log.info("split point %d -> %d, threshold %.3f", active.split_point, split_point, threshold)
+
+    def codec_for(self, split_point: int) -> CodecSpec:
+        """The codec of an offload at ``split_point``: the config's, else the cloud's default for that split."""
+        if split_point == self.cfg.split_point:
+            return self.codec
+        return self.cfg.codec_spec() or self.split_codecs.get(split_point, OFFLINE_CODEC)
+
+    def codec_names(self) -> dict[int, str]:
+        """Per split point, the name of what an offload there sends ("jpeg" for a JPEG of the input)."""
+        active = self.active
+        n = active.model.num_blocks if active is not None and active.model is not None else 0
+        names = {s: self.codec_for(s).name for s in range(1, n + 1)}
+        names[0] = JPEG if self._jpeg_input() else (self.cfg.codec or self.cfg.input_codec)
+        return names
+
+    def _jpeg_input(self) -> bool:
+        return self.cfg.input_codec == "jpeg" and not (self.cfg.split_point == 0 and self.cfg.codec)
+
     # -- classification -------------------------------------------------------------------------------------
 
     def classify_bytes(self, data: bytes, top_k: Optional[int] = None) -> ClassifyResult:
@@ -307,19 +402,27 @@ class DeviceRuntime:
         if active.model is not None:
             x = follow(x, active.model)
         deepest: Optional[tuple[int, Tensor]] = None
-        threshold = self.cfg.z_confidence_threshold
-        steps = active.head.steps(x) if active.head is not None else ()
+        probe = self.adaptive is not None and self.adaptive.take_probe()
+        threshold = 1.01 if probe else self.cfg.z_confidence_threshold  # a probe is offloaded: > any confidence
+        tick = [time.perf_counter()]
+
+        def clock(kind: str, key: int) -> None:
+            now = time.perf_counter()
+            self.block_times.record(kind, key, (now - tick[0]) * 1000.0)
+            tick[0] = now
+
+        steps = active.head.steps(x, clock) if active.head is not None else ()
         with torch.no_grad():
-            tick = time.perf_counter()
             for boundary, x, logits in steps:
-                now = time.perf_counter()
-                self.block_times.record("block", boundary - 1, (now - tick) * 1000.0)
-                tick = now
                 if logits is None:
                     continue
                 deepest = (boundary, logits[0])
                 if float(confidence(logits[0], self.cfg.confidence)) >= threshold:
                     return self._local(active, boundary, logits[0], k, started, degraded=False, reason="")
+            if active.complete and active.model is not None and active.split_point == active.model.num_blocks \
+                    and not probe:
+                # the device holds the final classifier after the last block: uploading would only move it
+                return self._local(active, -1, active.model.final(x)[0], k, started, degraded=False, reason="")
         return self._offload(active, x, deepest, k, started)
 
     def _offload(self, active: ActiveModel, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
@@ -349,7 +452,8 @@ class DeviceRuntime:
             return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=size)
         self.breaker.record_success()
         self._maybe_ask_codec()
-        self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size)
+        self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size,
+                                    queue_ms=reply.timings.queue_ms, split_point=active.split_point)
         try:
             scores = reply_scores(reply, len(active.class_names))
         except ValueError as err:
@@ -358,13 +462,13 @@ class DeviceRuntime:
         return self._result(active, scores, "cloud", False, "", size, started)
 
     def _encode(self, active: ActiveModel, activation: Tensor) -> pb.Tensor:
-        if active.split_point == self.cfg.split_point and (self.cfg.split_point != 0 or self.cfg.codec):
-            return encode(activation, self.codec)
-        if active.split_point == 0 and self.cfg.input_codec == "jpeg":
+        split = active.split_point
+        if split != 0 or (self.cfg.split_point == 0 and self.cfg.codec):
+            return encode(activation, self.codec_for(split))
+        if self._jpeg_input():
             pre = active.preprocess
             return encode_jpeg(activation, pre.mean, pre.std, self.cfg.jpeg_quality)
-        return encode(activation, OFFLINE_CODEC if self.cfg.input_codec == "jpeg"
-                      else CodecSpec.from_name(self.cfg.input_codec))
+        return encode(activation, CodecSpec.from_name(self.cfg.input_codec))
 
     @staticmethod
     def _result(active: ActiveModel, scores: list[tuple[int, str, float]], answered_by: str, degraded: bool,
@@ -387,11 +491,13 @@ class DeviceRuntime:
 
     def _ask_cloud_codec(self) -> None:
         assert self.link is not None
-        codec = self._cloud_codec(self.link, self.cfg)
-        if codec is None:  # gone again: ask after the next answered offload
+        info = self._model_info(self.link, self.cfg)
+        if info is None:  # gone again: ask after the next answered offload
             with self._calls_lock:
                 self._ask_codec = True
             return
+        self.split_codecs = split_codecs(info)
+        codec = self._codec_from_info(info, self.cfg)
         if codec != self.codec:
             log.info("cloud %s prefers codec %s at split point %d; switching from %s", self.link.target,
                      codec.name, self.cfg.split_point, self.codec.name)
@@ -446,11 +552,19 @@ class DeviceRuntime:
         model = {} if active is None else {
             "model_version": active.ref.model_version, "split_point": active.split_point,
             "weights_fraction": active.weights_fraction, "head_bits": active.head_bits}
+        plan = {"threshold": self.cfg.z_confidence_threshold}
+        decision = self.adaptive.last if self.adaptive is not None else None
+        if decision is not None:
+            plan["scheduler"] = {"split_point": decision.split_point, "threshold": decision.threshold,
+                                 "feasible": decision.feasible, "reason": decision.reason,
+                                 "predicted": decision.predicted}
         return {"rtt_ms": link.rtt_ms, "upload_bytes_per_s": link.upload_bytes_per_s, "offloads": link.calls,
                 "offload_failures": link.failures, "breaker_open": self.breaker.is_open,
-                **model, **self.block_times.snapshot()}
+                **model, **plan, **self.block_times.snapshot()}
 
     def close(self) -> None:
+        if self.adaptive is not None:
+            self.adaptive.close()
         if self.streamed is not None:
             self.streamed.close()
         self.breaker.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -29,25 +31,61 @@ class LinkSnapshot:
     failures: int
 
 
+@dataclass(frozen=True)
+class CallSample:
+    """One answered offload: when (``time.monotonic`` s), network time (client latency minus the server's
+    queue and compute, ms), bytes sent, the server's queue and compute time (ms), the split point."""
+
+    t: float
+    network_ms: float
+    bytes_sent: int
+    queue_ms: float
+    compute_ms: float
+    split_point: int
+
+
 class LinkStats:
     """Per offloaded call: the client-side latency minus the server's queue+compute time is network time.
 
     RTT is the EWMA of network time. The fastest network time seen approximates the propagation floor; what a
-    call spends above it is taken as the time its bytes needed, giving an upload bandwidth sample.
+    call spends above it is taken as the time its bytes needed, giving an upload bandwidth sample. The last
+    ``window`` calls and round trips of tiny health checks (``record_ping``) are kept as raw samples, from which
+    the scheduler reads means and tails (device/adaptive.py).
     """
 
-    def __init__(self, alpha: float) -> None:
+    def __init__(self, alpha: float, window: int = 64) -> None:
         self._lock = threading.Lock()
         self.rtt = Ewma(alpha)
         self.bandwidth = Ewma(alpha)
         self.floor_ms: float | None = None
         self.calls = 0
         self.failures = 0
+        self.samples: deque[CallSample] = deque(maxlen=window)
+        self.pings: deque[tuple[float, float]] = deque(maxlen=window)  # (monotonic s, round trip ms)
 
-    def record_call(self, total_ms: float, server_ms: float, bytes_sent: int) -> None:
+    def record_ping(self, rtt_ms: float) -> None:
+        """The round trip of a health check (a few bytes each way: propagation and queueing only)."""
+        with self._lock:
+            self.pings.append((time.monotonic(), rtt_ms))
+
+    def last_call_t(self) -> float:
+        """``time.monotonic`` of the last answered offload (-inf: none yet)."""
+        with self._lock:
+            return self.samples[-1].t if self.samples else float("-inf")
+
+    def recent(self) -> tuple[list[CallSample], list[tuple[float, float]]]:
+        """Copies of the sample windows (calls, pings)."""
+        with self._lock:
+            return list(self.samples), list(self.pings)
+
+    def record_call(self, total_ms: float, server_ms: float, bytes_sent: int, queue_ms: float = 0.0,
+                    split_point: int = -1) -> None:
+        """``server_ms``: the server's queue + compute; ``queue_ms``: the queue part of it."""
         network_ms = max(0.0, total_ms - server_ms)
         with self._lock:
             self.calls += 1
+            self.samples.append(CallSample(time.monotonic(), network_ms, bytes_sent, queue_ms,
+                                           server_ms - queue_ms, split_point))
             self.rtt.add(network_ms)
             self.floor_ms = network_ms if self.floor_ms is None else min(self.floor_ms, network_ms)
             transfer_ms = network_ms - self.floor_ms

@@ -58,14 +58,16 @@ class AppConfig:
     resume: bool = False
     # evaluation (test.py)
     checkpoint: Optional[str] = None  # None: <log_dir>/best_model.pt
-    split_point: Optional[int] = None  # None: the boundary of the deepest exit
+    # None: the boundary of the deepest exit; "all": write the scheduler's offline profile (every split point)
+    split_point: Optional[Union[int, Literal["all"]]] = None
+    profile_bytes_images: int = 256  # "all": images whose encoded offload sizes are measured per split and codec
     z_confidence_threshold: Optional[float] = None  # None: sweep `thresholds`
     thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     confidence: Literal["top1", "entropy"] = "top1"
 
     def validate(self) -> None:
         positive = ["image_size", "batch_size", "num_epochs", "quickstart_train_samples",
-                    "quickstart_val_samples", "lr_step_epochs"]
+                    "quickstart_val_samples", "lr_step_epochs", "profile_bytes_images"]
         check_at_least(self, positive, 1)
         if self.resize_size is not None and self.resize_size < 1:
             raise ConfigError(f"config key 'resize_size': must be >= 1, got {self.resize_size}")

@@ -7,7 +7,7 @@ of the same ``nn.Sequential``, no copies), so ``tail(s)(head(s)(x).activation)``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,16 +51,24 @@ class Head(nn.Module):
         )
         return HeadOutput(activation, logits)
 
-    def steps(self, x: Tensor) -> Iterator[tuple[int, Tensor, Optional[Tensor]]]:
+    def steps(self, x: Tensor, clock: Optional[Callable[[str, int], None]] = None
+              ) -> Iterator[tuple[int, Tensor, Optional[Tensor]]]:
         """Run the head one block at a time, so a caller can stop at a confident exit.
 
         Yields ``(boundary, activation (B, C, H, W), exit logits (B, classes) or None)`` for boundaries
-        1..split_point; the ops are those of ``forward`` (same ``run_segment``).
+        1..split_point; the ops are those of ``forward`` (``run_segment`` per block, then the exit). ``clock``
+        is called as ``clock("block", k)`` after block k and ``clock("exit", boundary)`` after an exit head,
+        so a caller can time the two apart.
         """
         exits = dict(zip(self.exit_points, self.exits))
         for k in range(self.split_point):
-            x, logits = run_segment(self.blocks, exits, x, k, k + 1)
-            yield k + 1, x, (logits[0] if logits else None)
+            x, _ = run_segment(self.blocks, {}, x, k, k + 1)
+            if clock is not None:
+                clock("block", k)
+            logits = exits[k + 1](x) if k + 1 in exits else None
+            if clock is not None and logits is not None:
+                clock("exit", k + 1)
+            yield k + 1, x, logits
 
 
 class Tail(nn.Module):

@@ -1,0 +1,145 @@
+"""The scheduler at work on a device: a thread that turns the runtime's measurements into ``Conditions``, asks
+the ``Scheduler`` (device/scheduler.py) and applies its decision with ``DeviceRuntime.set_plan``.
+
+It also pings the cloud's health service every round, which gives the round trip without payload (an offload's
+network time minus it is the time its bytes took: a bandwidth sample), and it asks for a probe offload when no
+bandwidth sample is fresh: a device that stopped uploading because the link was slow would otherwise never
+learn that it got fast again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from device.scheduler import Conditions, Decision, Objective, Scheduler, cloud_ms
+from models.offline_profile import OfflineProfile
+
+if TYPE_CHECKING:
+    from device.runtime import DeviceRuntime
+
+log = logging.getLogger("device.scheduler")
+
+WINDOW_S = 10.0  # samples older than this do not describe the link any more
+MAX_SAMPLES = 16  # the newest offloads a bandwidth estimate uses
+PING_TIMEOUT_S = 1.0
+DOWN_AFTER_PINGS = 2  # failed health pings in a row that mean the cloud is gone
+
+
+class LinkEstimate:
+    """Upload bandwidth (bytes/s, mean and 5th percentile) and RTT (ms, mean and p95) from the runtime's
+    sample windows, keeping the last estimate while no fresh sample arrives."""
+
+    def __init__(self, initial_bandwidth_bit_s: float, initial_rtt_ms: float) -> None:
+        self.bandwidth = initial_bandwidth_bit_s / 8.0
+        self.bandwidth_p05 = self.bandwidth
+        self.rtt, self.rtt_p95 = initial_rtt_ms, initial_rtt_ms
+
+    def update(self, calls: list, pings: list[tuple[float, float]], now: float) -> None:
+        fresh_pings = [ms for t, ms in pings if now - t <= WINDOW_S]
+        if fresh_pings:
+            self.rtt = float(np.mean(fresh_pings))
+            self.rtt_p95 = float(np.percentile(fresh_pings, 95)) if len(fresh_pings) >= 3 else max(fresh_pings)
+        fresh = [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
+        rates = []
+        for c in fresh:
+            transfer_ms = c.network_ms - self.rtt
+            if transfer_ms > 0.5:  # below that the sample says the link is fast, not how fast
+                rates.append(c.bytes_sent / (transfer_ms / 1000.0))
+        if rates:
+            self.bandwidth = float(len(rates) / np.sum(1.0 / np.array(rates)))  # harmonic: time-weighted
+            self.bandwidth_p05 = float(np.percentile(rates, 5)) if len(rates) >= 5 else min(rates)
+
+
+class Adaptive:
+    """Runs the scheduler every ``interval_s`` on a thread of its own (``start``/``close``); ``step`` is one
+    round, callable directly (tests)."""
+
+    def __init__(self, runtime: "DeviceRuntime", profile: OfflineProfile, objective: Objective, interval_s: float,
+                 margin: float, probe_interval_s: float, initial_bandwidth_bit_s: float,
+                 initial_rtt_ms: float) -> None:
+        self.runtime = runtime
+        self.profile = profile
+        self.scheduler = Scheduler(profile, objective, margin)
+        self.interval_s = interval_s
+        self.probe_interval_s = probe_interval_s
+        self.link = LinkEstimate(initial_bandwidth_bit_s, initial_rtt_ms)
+        self.failed_pings = 0
+        self._last_probe = float("-inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spinn-scheduler", daemon=True)
+
+    @property
+    def last(self) -> Optional[Decision]:
+        return self.scheduler.last
+
+    def start(self) -> None:
+        self.step()
+        self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.step()
+            except Exception:  # a bad round must not end the scheduling: log it, keep the current plan
+                log.exception("scheduler round failed; the current plan stays")
+
+    def ping(self) -> None:
+        """One health check: its round trip is an RTT sample; failures in a row mark the cloud down."""
+        link = self.runtime.link
+        if link is None:
+            self.failed_pings = DOWN_AFTER_PINGS
+            return
+        started = time.perf_counter()
+        if link.healthy(timeout_s=PING_TIMEOUT_S):
+            self.runtime.link_stats.record_ping((time.perf_counter() - started) * 1000.0)
+            self.failed_pings = 0
+        else:
+            self.failed_pings += 1
+
+    def conditions(self) -> Conditions:
+        """What the device measures now, as the scheduler reads it."""
+        now = time.monotonic()
+        calls, pings = self.runtime.link_stats.recent()
+        self.link.update(calls, pings, now)
+        fresh = [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
+        queue = float(np.mean([c.queue_ms for c in fresh])) if fresh else 0.0
+        scales = [c.compute_ms / cloud_ms(self.profile, c.split_point, Conditions(1, 1, 0, 0))
+                  for c in fresh if 0 <= c.split_point <= self.profile.num_blocks]
+        times = self.runtime.block_times.snapshot()
+        up = (self.runtime.link is not None and not self.runtime.breaker.is_open
+              and self.failed_pings < DOWN_AFTER_PINGS)
+        return Conditions(self.link.bandwidth, self.link.bandwidth_p05, self.link.rtt, self.link.rtt_p95, queue,
+                          float(np.mean(scales)) if scales else 1.0, times["block_ms"], times["exit_ms"], up)
+
+    def step(self) -> Optional[Decision]:
+        """Ping, estimate, decide; apply a new decision. Returns it (None: the plan stays)."""
+        self.ping()
+        splits, local_final = self.runtime.plan_splits()
+        decision = self.scheduler.update(self.conditions(), self.runtime.codec_names(), splits, local_final)
+        if decision is not None:
+            self.runtime.set_plan(decision.split_point, decision.threshold)
+        return decision
+
+    def take_probe(self) -> bool:
+        """True (once per ``probe_interval_s``) when no offload has measured the link lately and the cloud is
+        up: the caller then offloads its request whatever its exits say."""
+        now = time.monotonic()
+        with self._lock:
+            if self.failed_pings >= DOWN_AFTER_PINGS or self.runtime.breaker.is_open:
+                return False
+            last_call = self.runtime.link_stats.last_call_t()
+            if now - max(last_call, self._last_probe) < self.probe_interval_s:
+                return False
+            self._last_probe = now
+            return True

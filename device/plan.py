@@ -1,0 +1,92 @@
+"""``python -m device plan``: the scheduler's decision and predicted table for a given link, without running
+anything (for users sizing a deployment).
+
+    python -m device plan --config apps/device.yml profile=runs/quickstart/profile.json --bandwidth 2mbit \
+        --rtt 40ms [--device-slowdown 4] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+
+from device.config import DeviceConfig
+from device.scheduler import Candidate, Conditions, choose_from, predict
+from models.config import ConfigError
+from models.offline_profile import ProfileError, load_profile
+
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)?\s*$", re.IGNORECASE)
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$", re.IGNORECASE)
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def parse_rate(text: str) -> float:
+    """``2mbit`` / ``500kbit`` / ``1e6`` (bit/s, tc's units) -> bit/s; ValueError naming the text otherwise."""
+    m = _RATE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--bandwidth {text!r}: expected a positive rate like 2mbit, 500kbit or 1000000 (bit/s)")
+    return float(m.group(1)) * _RATE_UNITS[(m.group(2) or "bit").lower()]
+
+
+def parse_ms(text: str) -> float:
+    """``40ms`` / ``0.04s`` / ``40`` (ms) -> ms; ValueError naming the text otherwise."""
+    m = _TIME.match(text)
+    if not m:
+        raise ValueError(f"--rtt {text!r}: expected a time like 40ms or 0.04s")
+    return float(m.group(1)) * (1000.0 if (m.group(2) or "ms").lower() == "s" else 1.0)
+
+
+def best_per_split(candidates: list[Candidate], objective) -> list[Candidate]:
+    """Per split point, the candidate the objective ranks first (the table ``plan`` prints)."""
+    from device.scheduler import _feasible, score
+
+    best: dict[int, Candidate] = {}
+    for c in candidates:
+        b = best.get(c.split_point)
+        key = (not _feasible(c, objective), score(c, objective))
+        if b is None or key < (not _feasible(b, objective), score(b, objective)):
+            best[c.split_point] = c
+    return [best[s] for s in sorted(best)]
+
+
+def format_plan(decision, rows: list[Candidate], cond: Conditions) -> str:
+    head = (f"{'split':>5} {'tau':>5} {'codec':>12} {'accuracy':>8} {'upload':>6} {'B/img':>8} {'p50 ms':>8} "
+            f"{'p95 ms':>8} {'img/s':>7}")
+    lines = [f"link {8 * cond.bandwidth_bytes_per_s / 1e6:g} Mbit/s, RTT {cond.rtt_ms:g} ms: split point "
+             f"{decision.split_point}, threshold {decision.threshold:g} "
+             f"({'feasible' if decision.feasible else 'NOT feasible'}: {decision.reason})", head, "-" * len(head)]
+    for c in rows:
+        mark = " <-" if (c.split_point, c.threshold) == (decision.split_point, decision.threshold) else ""
+        lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.uploading_rate:6.3f} "
+                     f"{c.bytes_per_image:8.0f} {c.latency_p50_ms:8.1f} {c.latency_p95_ms:8.1f} "
+                     f"{c.throughput_per_s:7.1f}{mark}")
+    lines.append("(per split point the pair the objective ranks first; device times from the profile x "
+                 "--device-slowdown; cloud compute from the profile)")
+    return "\n".join(lines)
+
+
+def run_plan(cfg: DeviceConfig, bandwidth: str, rtt: str, slowdown: float, as_json: bool) -> int:
+    """Print the decision for a steady link of ``bandwidth`` and ``rtt``; 0, or ConfigError naming the bad
+    option or key."""
+    if cfg.profile is None:
+        raise ConfigError("config key 'profile': plan needs the offline profile (python test.py ... split_point=all)")
+    try:
+        cond = Conditions.from_link(parse_rate(bandwidth), parse_ms(rtt))
+        profile = load_profile(cfg.profile)
+    except (ValueError, ProfileError) as err:
+        raise ConfigError(str(err)) from None
+    if slowdown <= 0:
+        raise ConfigError(f"--device-slowdown must be > 0, got {slowdown}")
+    cond.device_block_ms = {k: v * slowdown for k, v in enumerate(profile.block_ms)}
+    cond.device_exit_ms = {k: v * slowdown for k, v in profile.exit_ms.items()}
+    objective = cfg.objective_spec()
+    candidates = predict(profile, cond)
+    decision = choose_from(candidates, objective)
+    rows = best_per_split(candidates, objective)
+    if as_json:
+        print(json.dumps({"conditions": cond.summary(), "objective": asdict(objective), "decision": asdict(decision),
+                          "per_split": [c.predicted() for c in rows]}, indent=1))
+    else:
+        print(format_plan(decision, rows, cond))
+    return 0

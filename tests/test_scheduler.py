@@ -1,0 +1,333 @@
+"""The scheduler: decisions on synthetic profiles, the profile of a real small model, the runtime switching split
+points under load, the predictor against measured latency on loopback, and ``python -m device plan``."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from device.config import DeviceConfig
+from device.runtime import DeviceRuntime
+from device.scheduler import Conditions, Objective, Scheduler, choose, predict
+from models.config import ConfigError, from_dict
+from models.offline_profile import (BytesStats, OfflineProfile, ProfileError, SplitEntry, ThresholdOutcome,
+                                    build_profile, load_profile)
+from tests.conftest import ROOT, SIZE
+from tests.test_device import image_bytes, start_cloud
+
+THRESHOLDS = [0.0, 0.5, 0.9, 1.0]
+
+
+def synthetic_profile() -> OfflineProfile:
+    """Four blocks, exits after blocks 2 and 4: deeper splits send fewer bytes and answer more on the device,
+    at a lower accuracy for low thresholds (the trade-off every scheduler faces)."""
+    rates = {0.0: (1.0, 0.0), 0.5: (0.4, 0.3), 0.9: (0.1, 0.1), 1.0: (0.0, 0.0)}  # exit 2, exit 4 shares
+    acc = {0.0: 0.60, 0.5: 0.75, 0.9: 0.80, 1.0: 0.82}
+    sizes = [20_000, 16_000, 8_000, 6_000, 2_000]
+    splits = []
+    for s in range(5):
+        exits = [e for e in (2, 4) if e <= s]
+        rows = []
+        for t in THRESHOLDS:
+            r = [rates[t][i] for i, _ in enumerate(exits)]
+            rows.append(ThresholdOutcome(t, 1.0 - sum(r), acc[t] if exits else 0.82, r))
+        bytes_ = {"int8+zstd": BytesStats(sizes[s], sizes[s] * 1.2)}
+        if s == 0:
+            bytes_["jpeg"] = BytesStats(10_000, 12_000)
+        splits.append(SplitEntry(s, exits, [8, 8, 8], s * 10_000_000, (4 - s) * 10_000_000, bytes_, rows))
+    return OfflineProfile("synthetic", "top1", 1000, 4, [2, 4], THRESHOLDS, 0.82, [30.0, 30.0, 30.0, 30.0],
+                          {2: 2.0, 4: 2.0}, 5.0, splits)
+
+
+def link(mbit: float, rtt_ms: float = 20.0) -> Conditions:
+    """A steady link to a cloud 10x faster than the (profiled) device."""
+    cond = Conditions.from_link(mbit * 1e6, rtt_ms)
+    cond.cloud_compute_scale = 0.1
+    return cond
+
+
+@pytest.mark.parametrize("objective", [Objective("max_accuracy", latency_ms=120.0),
+                                       Objective("min_bytes", accuracy=0.75),
+                                       Objective("min_cloud_load", accuracy=0.75),
+                                       Objective("max_throughput", accuracy=0.75)])
+def test_decisions_respect_constraints_and_are_the_best_candidate(objective):
+    profile = synthetic_profile()
+    for mbit in (50.0, 10.0, 2.0, 0.5):
+        cond = link(mbit, 30.0)
+        d = choose(profile, cond, objective)
+        cands = predict(profile, cond)
+        feasible = [c for c in cands if (objective.latency_ms is None or c.latency_p95_ms <= objective.latency_ms)
+                    and (objective.accuracy is None or c.accuracy >= objective.accuracy)]
+        assert d.feasible == bool(feasible)
+        if not feasible:
+            continue
+        if objective.latency_ms is not None:
+            assert d.predicted["latency_p95_ms"] <= objective.latency_ms
+        if objective.accuracy is not None:
+            assert d.predicted["accuracy"] >= objective.accuracy
+        key = {"max_accuracy": lambda c: -c.accuracy, "min_bytes": lambda c: c.bytes_per_image,
+               "min_cloud_load": lambda c: c.cloud_mflops_per_image,
+               "max_throughput": lambda c: -c.throughput_per_s}[objective.kind]
+        best = min(key(c) for c in feasible)
+        chosen = next(c for c in cands if (c.split_point, c.threshold) == (d.split_point, d.threshold))
+        assert key(chosen) == pytest.approx(best, abs=0.003)
+
+
+def test_less_bandwidth_never_means_more_bytes_for_a_latency_bound():
+    profile = synthetic_profile()
+    objective = Objective("max_accuracy", latency_ms=100.0)
+    sent = []
+    for mbit in (100.0, 20.0, 5.0, 1.0, 0.25, 0.05):
+        d = choose(profile, link(mbit), objective)
+        sent.append(d.predicted["bytes_per_image"])
+    assert sent == sorted(sent, reverse=True)
+    assert sent[0] > sent[-1]  # it did move: fast links upload, slow ones answer on the device
+
+
+def test_tail_planning_uses_the_p95_of_the_link():
+    profile = synthetic_profile()
+    steady = link(2.0, 30.0)
+    jittery = link(2.0, 30.0)
+    jittery.bandwidth_p05_bytes_per_s /= 4
+    jittery.rtt_p95_ms = 120.0
+    a, b = predict(profile, steady), predict(profile, jittery)
+    uploads = [(x, y) for x, y in zip(a, b) if x.uploading_rate > 0.2]
+    assert uploads and all(y.latency_p95_ms > x.latency_p95_ms for x, y in uploads)
+    only = [(x, y) for x, y in uploads if x.uploading_rate == 1.0]  # the median upload: mean conditions
+    assert only and all(y.latency_p50_ms == pytest.approx(x.latency_p50_ms) for x, y in only)
+
+
+def test_infeasible_bound_is_reported_and_the_fastest_pair_picked():
+    profile = synthetic_profile()
+    d = choose(profile, link(1.0, 30.0), Objective("max_accuracy", latency_ms=1.0))
+    assert not d.feasible and "no pair meets" in d.reason
+    fastest = min(c.latency_p95_ms for c in predict(profile, link(1.0, 30.0)))
+    assert d.predicted["latency_p95_ms"] == pytest.approx(fastest)
+
+
+def test_cloud_down_plans_on_the_device_and_never_loses_accuracy():
+    profile = synthetic_profile()
+    cond = link(10.0, 30.0)
+    cond.cloud_up = False
+    d = choose(profile, cond, Objective("max_accuracy", latency_ms=1000.0))
+    assert d.predicted["bytes_per_image"] == 0.0
+    assert d.predicted["accuracy"] == pytest.approx(profile.final_accuracy)
+
+
+def test_only_splits_whose_weights_arrived_are_candidates():
+    profile = synthetic_profile()
+    d = choose(profile, link(0.1, 30.0), Objective("max_accuracy", latency_ms=50.0),
+               splits=[0, 1, 2], local_final=False)
+    assert d.split_point in (0, 1, 2)
+
+
+def test_hysteresis_no_flapping_on_jitter_but_a_real_change_redecides():
+    profile = synthetic_profile()
+    sched = Scheduler(profile, Objective("max_accuracy", latency_ms=100.0), margin=0.15)
+    first = sched.update(link(20.0))
+    assert first is not None and first.predicted["bytes_per_image"] > 0
+    for i in range(40):  # +-10 % jitter: inside the margin
+        assert sched.update(link(20.0 * (1.1 if i % 2 else 0.9))) is None
+    assert sched.decisions == 1
+    moved = sched.update(link(0.05))
+    assert moved is not None and moved.predicted["bytes_per_image"] < first.predicted["bytes_per_image"]
+    assert sched.decisions == 2
+
+
+def test_a_decision_is_one_json_log_line_with_inputs_choice_and_prediction(caplog):
+    caplog.set_level("INFO", logger="device.scheduler")
+    sched = Scheduler(synthetic_profile(), Objective("min_bytes", accuracy=0.75))
+    sched.update(link(2.0))
+    line = json.loads(caplog.records[-1].getMessage())
+    assert line["event"] == "decision" and line["inputs"]["bandwidth_bit_s"] == 2_000_000
+    assert set(line["choice"]) == {"split_point", "threshold"} and "latency_p95_ms" in line["predicted"]
+
+
+# -- the profile of a real model -------------------------------------------------------------------------------
+
+@pytest.fixture
+def real_profile(small_model, tmp_path):
+    torch.manual_seed(1)
+    data = TensorDataset(torch.randn(48, 3, SIZE, SIZE), torch.randint(0, 10, (48,)))
+    prof = build_profile(small_model, DataLoader(data, batch_size=16), SIZE, "top1", [0.0, 0.2, 0.5, 1.0],
+                         "model.pt", (0.5,) * 3, (0.25,) * 3, bytes_images=16)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(prof.to_json()))
+    return prof, path
+
+
+def test_profile_covers_every_split_and_round_trips(real_profile, small_model):
+    prof, path = real_profile
+    again = load_profile(path)
+    assert again == prof
+    assert [s.split_point for s in prof.splits] == list(range(small_model.num_blocks + 1))
+    assert prof.bytes_images == 16 and "jpeg" in prof.splits[0].bytes
+    for s in prof.splits:
+        assert s.device_exits == [k for k in small_model.exit_points if k <= s.split_point]
+        for r in s.rows:
+            assert r.uploading_rate + sum(r.exit_rates) == pytest.approx(1.0)
+    # a threshold of 0 answers every image at the first exit once the split has one
+    first = small_model.exit_points[0]
+    assert prof.splits[first].row(0.0).exit_rates[0] == pytest.approx(1.0)
+    assert prof.splits[first - 1].row(0.0).uploading_rate == pytest.approx(1.0)
+
+
+def test_malformed_profiles_name_the_file(tmp_path, real_profile):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="bad.json"):
+        load_profile(bad)
+    doc = json.loads(real_profile[1].read_text())
+    doc["splits"] = doc["splits"][:-1]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="every split point"):
+        load_profile(bad)
+
+
+# -- the runtime ------------------------------------------------------------------------------------------------
+
+def sched_device(checkpoint, port, profile_path, **overrides) -> DeviceRuntime:
+    cfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": f"127.0.0.1:{port}", "split_point": 3,
+                                   "deadline_ms": 5000, "fallback": "exit", "scheduler": True,
+                                   "profile": str(profile_path), "scheduler_interval_seconds": 0.05,
+                                   "log_level": "WARNING", **overrides})
+    return DeviceRuntime.start(cfg)
+
+
+def test_split_switch_under_concurrent_classify_never_errors(checkpoint, real_profile):
+    cloud = start_cloud(checkpoint)
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], scheduler=False, profile=None)
+    n = runtime.model.num_blocks
+    errors, results, stop = [], [], threading.Event()
+
+    def work(seed):
+        i = 0
+        while not stop.is_set():
+            try:
+                results.append(runtime.classify_bytes(image_bytes(seed * 1000 + i)))
+            except Exception as err:  # noqa: BLE001 - any exception is the failure under test
+                errors.append(err)
+            i += 1
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for i in range(60):
+            runtime.set_plan(i % (n + 1), 0.5 if i % 3 else 1.0)
+            time.sleep(0.02)  # requests run on every plan
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        runtime.close()
+        cloud.stop()
+    assert not errors and len(results) > 10
+    assert len({r.split_point for r in results}) > 2 and not any(r.degraded for r in results)
+    with pytest.raises(ValueError, match="outside"):
+        runtime.set_plan(n + 1, 0.5)
+
+
+def test_last_split_with_the_whole_model_answers_locally(checkpoint):
+    cfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": "127.0.0.1:1", "deadline_ms": 200,
+                                   "log_level": "WARNING"})
+    runtime = DeviceRuntime.start(cfg)
+    try:
+        runtime.set_plan(runtime.model.num_blocks, 1.0)
+        r = runtime.classify_bytes(image_bytes(1))
+    finally:
+        runtime.close()
+    assert r.answered_by == "device:final" and not r.degraded and r.bytes_sent == 0 and runtime.rpc_calls == 0
+
+
+def test_scheduler_runs_on_the_device_and_its_prediction_matches_loopback(checkpoint, real_profile):
+    """Predicted mean latency of the pair in use vs the measured mean, on loopback: within 50 % + 3 ms (the
+    device's block times are measured by the runtime itself; loopback RTT is sub-millisecond)."""
+    cloud = start_cloud(checkpoint)
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], latency_bound_ms=1000.0)
+    try:
+        for i in range(40):  # measurements settle: block times, RTT pings, cloud compute
+            runtime.classify_bytes(image_bytes(i))
+        runtime.adaptive.step()
+        decision = runtime.adaptive.last
+        assert decision is not None and decision.feasible
+        assert (runtime.active.split_point, runtime.cfg.z_confidence_threshold) == \
+            (decision.split_point, decision.threshold)
+        cond = runtime.adaptive.conditions()
+        pair = next(c for c in predict(runtime.adaptive.profile, cond, runtime.codec_names())
+                    if (c.split_point, c.threshold) == (decision.split_point, decision.threshold))
+        x = torch.randn(3, SIZE, SIZE)
+        measured = [runtime.classify_tensor(x).latency_ms for _ in range(30)]
+        m = runtime.measurements()
+    finally:
+        runtime.close()
+        cloud.stop()
+    mean = sum(measured) / len(measured)
+    assert "scheduler" in m and m["scheduler"]["split_point"] == decision.split_point
+    assert abs(pair.latency_mean_ms - mean) <= 0.5 * mean + 3.0, (pair.latency_mean_ms, mean)
+    assert decision.cost_ms < 100
+
+
+def test_a_probe_offload_measures_a_silent_link(checkpoint, real_profile):
+    cloud = start_cloud(checkpoint)
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], probe_interval_seconds=0.2)
+    try:
+        runtime.adaptive.close()  # drive it by hand
+        runtime.set_plan(runtime.model.num_blocks, 0.0)  # every image answered on the device: nothing uploads
+        first = runtime.classify_bytes(image_bytes(1))
+        second = runtime.classify_bytes(image_bytes(2))
+    finally:
+        runtime.close()
+        cloud.stop()
+    assert first.answered_by == "cloud" and second.answered_by.startswith("device")
+
+
+@pytest.mark.parametrize("overrides,key", [({"scheduler": True}, "profile"),
+                                           ({"profile": "/nonexistent.json"}, "profile"),
+                                           ({"objective": "fastest"}, "objective"),
+                                           ({"objective": "min_bytes"}, "accuracy_floor"),
+                                           ({"latency_bound_ms": -1.0}, "latency_bound_ms"),
+                                           ({"scheduler_margin": 1.5}, "scheduler_margin")])
+def test_scheduler_config_errors_name_the_key(checkpoint, overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        from_dict(DeviceConfig, {"checkpoint": str(checkpoint), **overrides})
+
+
+def test_a_profile_of_another_model_is_refused(checkpoint, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(synthetic_profile().to_json()))
+    cloud = start_cloud(checkpoint)
+    try:
+        with pytest.raises(ConfigError, match="profile"):
+            sched_device(checkpoint, cloud.port, path)
+    finally:
+        cloud.stop()
+
+
+# -- python -m device plan --------------------------------------------------------------------------------------
+
+def plan(*args):
+    return subprocess.run([sys.executable, "-m", "device", "plan", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_plan_cli_prints_the_decision_and_table(checkpoint, real_profile):
+    common = ["--config", "apps/device.yml", f"checkpoint={checkpoint}", f"profile={real_profile[1]}"]
+    fast = plan(*common, "--bandwidth", "50mbit", "--rtt", "5ms", "--json")
+    slow = plan(*common, "--bandwidth", "20kbit", "--rtt", "200ms", "--json", "latency_bound_ms=150")
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
+    a, b = json.loads(fast.stdout), json.loads(slow.stdout)
+    assert a["conditions"]["bandwidth_bit_s"] == 50_000_000 and len(a["per_split"]) == len(real_profile[0].splits)
+    assert b["decision"]["predicted"]["bytes_per_image"] <= a["decision"]["predicted"]["bytes_per_image"]
+    text = plan(*common, "--bandwidth", "2mbit", "--rtt", "40ms")
+    assert text.returncode == 0 and "split point" in text.stdout and "<-" in text.stdout
+    bad = plan(*common, "--bandwidth", "fast", "--rtt", "40ms")
+    assert bad.returncode == 2 and "--bandwidth" in bad.stderr
+    missing = plan("--config", "apps/device.yml", f"checkpoint={checkpoint}", "--bandwidth", "2mbit", "--rtt", "4ms")
+    assert missing.returncode == 2 and "profile" in missing.stderr
