@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from models.checkpoint import load_checkpoint
+from models.offline_profile import load_profile
 from tests.conftest import ROOT
 
 TINY = ["quickstart_train_samples=256", "quickstart_val_samples=128", "width_mult=0.35", "exit_channels=8",
@@ -62,6 +63,17 @@ def test_tiny_quickstart_train_resume_and_test(tmp_path):
     # test.py's cloud-only accuracy is the final exit on the same validation set that train.py scored
     assert results["cloud_only_accuracy"] == pytest.approx(best.metrics["val_accuracy_final"], abs=1e-9)
     assert (log_dir / "test_results.csv").is_file() and (log_dir / "test_results.png").stat().st_size > 1000
+
+    # The scheduler's profile: computed block by block (models/offline_profile.py), not by test.py's table
+    # code, so its split-7 rows agreeing with the table is a check of both.
+    run("test.py", "app:apps/quickstart_test.yml", *TINY, f"log_dir={log_dir}", "split_point=all")
+    prof = load_profile(log_dir / "profile.json")
+    by_threshold = {r.threshold: r for r in prof.split(7).rows}
+    for row in results["rows"]:
+        mine = by_threshold[row["threshold"]]
+        assert (mine.uploading_rate, mine.accuracy) == pytest.approx((row["uploading_rate"], row["accuracy"]),
+                                                                     abs=1e-9)
+        assert mine.exit_rates == pytest.approx(row["exit_rates"], abs=1e-9)
 
     single = run("test.py", "app:apps/quickstart_test.yml", *TINY, f"log_dir={log_dir}",
                  "z_confidence_threshold=0.5")
