@@ -2,9 +2,10 @@
 the ``Scheduler`` (device/scheduler.py) and applies its decision with ``DeviceRuntime.set_plan``.
 
 It also pings the cloud's health service every round, which gives the round trip without payload (an offload's
-network time minus it is the time its bytes took: a bandwidth sample), and it asks for a probe offload when no
-bandwidth sample is fresh: a device that stopped uploading because the link was slow would otherwise never
-learn that it got fast again.
+network time minus it is the time its bytes took: a bandwidth sample), and when no bandwidth sample is fresh it
+sends a probe (the last activation the head computed, answer dropped) from its own thread: a device that
+stopped uploading because the link was slow would otherwise never learn that it got fast again, and a probe
+on a request's path would put its upload into that request's latency.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ class LinkEstimate:
         fresh = [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
         rates = []
         for c in fresh:
-            transfer_ms = c.network_ms - self.rtt
-            if transfer_ms > 0.5:  # below that the sample says the link is fast, not how fast
-                rates.append(c.bytes_sent / (transfer_ms / 1000.0))
+            # below 0.5 ms the sample says the link is fast, not how fast: count it as that fast (a lower bound),
+            # so that a recovered link raises a stale low estimate at once
+            transfer_ms = max(c.network_ms - self.rtt, 0.5)
+            rates.append(c.bytes_sent / (transfer_ms / 1000.0))
         if rates:
             self.bandwidth = float(len(rates) / np.sum(1.0 / np.array(rates)))  # harmonic: time-weighted
             self.bandwidth_p05 = float(np.percentile(rates, 5)) if len(rates) >= 5 else min(rates)
@@ -70,7 +72,6 @@ class Adaptive:
         self.link = LinkEstimate(initial_bandwidth_bit_s, initial_rtt_ms)
         self.failed_pings = 0
         self._last_probe = float("-inf")
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spinn-scheduler", daemon=True)
 
@@ -120,26 +121,29 @@ class Adaptive:
         up = (self.runtime.link is not None and not self.runtime.breaker.is_open
               and self.failed_pings < DOWN_AFTER_PINGS)
         return Conditions(self.link.bandwidth, self.link.bandwidth_p05, self.link.rtt, self.link.rtt_p95, queue,
-                          float(np.mean(scales)) if scales else 1.0, times["block_ms"], times["exit_ms"], up)
+                          float(np.mean(scales)) if scales else 1.0, times["block_ms"], times["exit_ms"], up,
+                          self.runtime.block_times.tail_factor())
 
     def step(self) -> Optional[Decision]:
-        """Ping, estimate, decide; apply a new decision. Returns it (None: the plan stays)."""
+        """Ping, probe the link if no offload measured it lately, estimate, decide; apply a new decision.
+        Returns it (None: the plan stays)."""
         self.ping()
+        if self.probe_due():
+            self.runtime.probe_link(timeout_s=max(1.0, self.runtime.cfg.deadline_ms / 1000.0))
         splits, local_final = self.runtime.plan_splits()
         decision = self.scheduler.update(self.conditions(), self.runtime.codec_names(), splits, local_final)
         if decision is not None:
             self.runtime.set_plan(decision.split_point, decision.threshold)
         return decision
 
-    def take_probe(self) -> bool:
-        """True (once per ``probe_interval_s``) when no offload has measured the link lately and the cloud is
-        up: the caller then offloads its request whatever its exits say."""
+    def probe_due(self) -> bool:
+        """True (at most once per ``probe_interval_s``) when no offload has measured the link lately and the
+        cloud is up."""
         now = time.monotonic()
-        with self._lock:
-            if self.failed_pings >= DOWN_AFTER_PINGS or self.runtime.breaker.is_open:
-                return False
-            last_call = self.runtime.link_stats.last_call_t()
-            if now - max(last_call, self._last_probe) < self.probe_interval_s:
-                return False
-            self._last_probe = now
-            return True
+        if self.failed_pings >= DOWN_AFTER_PINGS or self.runtime.breaker.is_open:
+            return False
+        last_call = self.runtime.link_stats.last_call_t()
+        if now - max(last_call, self._last_probe) < self.probe_interval_s:
+            return False
+        self._last_probe = now
+        return True

@@ -166,6 +166,8 @@ class DeviceRuntime:
         self.split_codecs: dict[int, CodecSpec] = {}  # the cloud's default codec per split (GetModelInfo)
         self._ask_codec = codec is None and link is not None
         self.adaptive: Optional[Adaptive] = None  # the scheduler's thread (scheduler: true)
+        self._last_activation: Optional[tuple[ActiveModel, Tensor]] = None
+        self.probe_bytes = 0  # bytes of link probes (not part of any answer)
         self._plan_split = cfg.split_point  # where the scheduler (or set_plan) wants the head
         self.link = link
         self.link_stats = LinkStats(cfg.ewma_alpha)
@@ -402,14 +404,16 @@ class DeviceRuntime:
         if active.model is not None:
             x = follow(x, active.model)
         deepest: Optional[tuple[int, Tensor]] = None
-        probe = self.adaptive is not None and self.adaptive.take_probe()
-        threshold = 1.01 if probe else self.cfg.z_confidence_threshold  # a probe is offloaded: > any confidence
-        tick = [time.perf_counter()]
+        threshold = self.cfg.z_confidence_threshold
+        begin = tick = time.perf_counter()
+        ran: list[tuple[str, int]] = []
 
         def clock(kind: str, key: int) -> None:
+            nonlocal tick
             now = time.perf_counter()
-            self.block_times.record(kind, key, (now - tick[0]) * 1000.0)
-            tick[0] = now
+            self.block_times.record(kind, key, (now - tick) * 1000.0)
+            ran.append((kind, key))
+            tick = now
 
         steps = active.head.steps(x, clock) if active.head is not None else ()
         with torch.no_grad():
@@ -418,12 +422,33 @@ class DeviceRuntime:
                     continue
                 deepest = (boundary, logits[0])
                 if float(confidence(logits[0], self.cfg.confidence)) >= threshold:
+                    self.block_times.record_request(ran, (time.perf_counter() - begin) * 1000.0)
                     return self._local(active, boundary, logits[0], k, started, degraded=False, reason="")
-            if active.complete and active.model is not None and active.split_point == active.model.num_blocks \
-                    and not probe:
+            self.block_times.record_request(ran, (time.perf_counter() - begin) * 1000.0)
+            self._last_activation = (active, x)  # what a link probe sends (device/adaptive.py)
+            if active.complete and active.model is not None and active.split_point == active.model.num_blocks:
                 # the device holds the final classifier after the last block: uploading would only move it
                 return self._local(active, -1, active.model.final(x)[0], k, started, degraded=False, reason="")
         return self._offload(active, x, deepest, k, started)
+
+    def probe_link(self, timeout_s: float) -> bool:
+        """Offload the last activation the head computed and drop the answer: a bandwidth sample for a device
+        whose plan uploads nothing (run by the scheduler's thread, never on a request's path). True when the
+        cloud answered."""
+        last, current = self._last_activation, self.active
+        if last is None or self.link is None or current is None or last[0] is not current:
+            return False
+        active, activation = last
+        request = pb.FeatureRequest(request_id="probe-" + uuid.uuid4().hex, model=active.ref,
+                                    split_point=active.split_point, features=self._encode(active, activation), top_k=1)
+        try:
+            reply, total_ms = self.link.infer(request, timeout_s)
+        except grpc.RpcError:
+            return False
+        self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, request.ByteSize(),
+                                    queue_ms=reply.timings.queue_ms, split_point=active.split_point)
+        self.probe_bytes += request.ByteSize()
+        return True
 
     def _offload(self, active: ActiveModel, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
                  started: float) -> ClassifyResult:
@@ -552,7 +577,7 @@ class DeviceRuntime:
         model = {} if active is None else {
             "model_version": active.ref.model_version, "split_point": active.split_point,
             "weights_fraction": active.weights_fraction, "head_bits": active.head_bits}
-        plan = {"threshold": self.cfg.z_confidence_threshold}
+        plan = {"threshold": self.cfg.z_confidence_threshold, "probe_bytes": self.probe_bytes}
         decision = self.adaptive.last if self.adaptive is not None else None
         if decision is not None:
             plan["scheduler"] = {"split_point": decision.split_point, "threshold": decision.threshold,

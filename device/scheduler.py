@@ -51,6 +51,7 @@ class Conditions:
     device_block_ms: dict[int, float] = field(default_factory=dict)
     device_exit_ms: dict[int, float] = field(default_factory=dict)
     cloud_up: bool = True
+    device_tail: float = 1.0  # p95 / mean of the device's compute per request (>= 1: a shared or throttled CPU)
 
     @classmethod
     def from_link(cls, bandwidth_bit_s: float, rtt_ms: float) -> "Conditions":
@@ -64,6 +65,7 @@ class Conditions:
                 round(8 * self.bandwidth_p05_bytes_per_s), "rtt_ms": round(self.rtt_ms, 2),
                 "rtt_p95_ms": round(self.rtt_p95_ms, 2), "cloud_queue_ms": round(self.cloud_queue_ms, 2),
                 "cloud_compute_scale": round(self.cloud_compute_scale, 3), "cloud_up": self.cloud_up,
+                "device_tail": round(self.device_tail, 3),
                 "device_blocks_measured": len(self.device_block_ms)}
 
 
@@ -209,7 +211,12 @@ def _candidate(entry: SplitEntry, row, codec: str, cond: Conditions, cost: _Spli
     u = row.uploading_rate
     above = max(cost.up_mean_ms - cost.head_ms, 1e-6)
     sigma = max(0.0, math.log(max(cost.up_p95_ms - cost.head_ms, above) / above)) / _Z95
-    p50, p95 = (_quantile(local, cost.up_mean_ms, sigma, cost.head_ms, u, q) for q in (0.5, 0.95))
+    p50 = _quantile(local, cost.up_mean_ms, sigma, cost.head_ms, u, 0.5)
+    # the p95 plan: device compute at its own tail too (the upload part keeps its network spread)
+    tail = cond.device_tail
+    slow_head = cost.head_ms * tail
+    up_slow = cost.up_mean_ms * tail if cost.local else cost.up_mean_ms + slow_head - cost.head_ms
+    p95 = _quantile([(t * tail, m) for t, m in local], up_slow, sigma, slow_head, u, 0.95)
     sent = 0.0 if cost.local else u * cost.mean_bytes
     device_ms = local_total + u * (cost.up_mean_ms if cost.local else cost.head_ms)
     rates = [1000.0 / max(device_ms, 1e-6)] + ([cond.bandwidth_bytes_per_s / sent] if sent > 0 else [])
@@ -249,13 +256,14 @@ def _feasible(c: Candidate, obj: Objective) -> bool:
 
 
 def score(c: Candidate, obj: Objective) -> tuple:
-    """Sort key, smaller is better: the objective first, ties broken by accuracy, then tail latency, bytes."""
+    """Sort key, smaller is better: the objective first, ties broken by accuracy, then tail latency, bytes, and
+    last the deeper split (with the cloud gone every split predicts the same: the deepest does not try it)."""
     acc = round(c.accuracy / ACCURACY_TIE)
     if obj.kind == "max_accuracy":
-        return (-acc, c.latency_p95_ms, c.bytes_per_image)
+        return (-acc, c.latency_p95_ms, c.bytes_per_image, -c.split_point)
     primary = {"min_bytes": c.bytes_per_image, "min_cloud_load": c.cloud_mflops_per_image,
                "max_throughput": -c.throughput_per_s}[obj.kind]
-    return (primary, -acc, c.latency_p95_ms)
+    return (primary, -acc, c.latency_p95_ms, -c.split_point)
 
 
 def choose_from(candidates: list[Candidate], obj: Objective) -> Decision:

@@ -102,18 +102,38 @@ class LinkStats:
 
 
 class BlockTimes:
-    """EWMA of the device's compute time per backbone block and per exit head (ms), by index/boundary."""
+    """EWMA of the device's compute time per backbone block and per exit head (ms), by index/boundary, and how
+    much slower than those averages whole requests ran (a shared or throttled CPU gives device compute a tail
+    of its own, which a p95 plan must include)."""
 
-    def __init__(self, alpha: float) -> None:
+    def __init__(self, alpha: float, window: int = 64) -> None:
         self._alpha = alpha
         self._lock = threading.Lock()
         self.blocks: dict[int, Ewma] = {}
         self.exits: dict[int, Ewma] = {}
+        self.slowness: deque[float] = deque(maxlen=window)
 
     def record(self, table: str, key: int, ms: float) -> None:
         with self._lock:
             entries = self.blocks if table == "block" else self.exits
             entries.setdefault(key, Ewma(self._alpha)).add(ms)
+
+    def record_request(self, ran: list[tuple[str, int]], ms: float) -> None:
+        """One request's device compute took ``ms`` over the blocks/exits ``ran``: keep its ratio to the sum of
+        their averages."""
+        with self._lock:
+            expected = sum((self.blocks if t == "block" else self.exits)[k].value or 0.0 for t, k in ran)
+            if expected > 0:
+                self.slowness.append(ms / expected)
+
+    def tail_factor(self) -> float:
+        """The 95th percentile of the requests' slowness over its mean (>= 1; 1 with fewer than 10 requests)."""
+        with self._lock:
+            ratios = sorted(self.slowness)
+        if len(ratios) < 10:
+            return 1.0
+        p95 = ratios[min(len(ratios) - 1, int(round(0.95 * (len(ratios) - 1))))]
+        return max(1.0, p95 / (sum(ratios) / len(ratios)))
 
     def snapshot(self) -> dict[str, dict[int, float]]:
         """``{"block_ms": {block index: ms}, "exit_ms": {boundary: ms}}``."""

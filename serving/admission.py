@@ -44,9 +44,9 @@ class Admission:
                 self._in -= 1
 
 
-#: gRPC server options that bound the calls gRPC core holds before the Python server picks them up (soft,
-#: hard); beyond them a call is refused at once. In short open-loop floods (~4x capacity, one client process)
-#: core's defaults (1000, 3000) let a large share of calls end CANCELLED after waiting; with these the excess was
-#: refused RESOURCE_EXHAUSTED. bench/load.py's 10 s flood still sees CANCELLED: see bench/results/load.md.
-PENDING_CALL_OPTIONS = [("grpc.server_max_pending_requests", 16),
-                        ("grpc.server_max_pending_requests_hard_limit", 32)]
+#: gRPC server options that bound the calls gRPC core holds before the Python server picks them up (soft limit:
+#: random early refusals above it; hard limit: every call refused), answered RESOURCE_EXHAUSTED "Too many pending
+#: requests for this server". The keys are core's GRPC_ARG_SERVER_MAX_PENDING_REQUESTS(_HARD_LIMIT), spelt with a
+#: dot after "server" (an unknown key is silently ignored: an earlier spelling with an underscore had no effect).
+PENDING_CALL_OPTIONS = [("grpc.server.max_pending_requests", 16),
+                        ("grpc.server.max_pending_requests_hard_limit", 32)]

@@ -274,18 +274,32 @@ def test_scheduler_runs_on_the_device_and_its_prediction_matches_loopback(checkp
     assert decision.cost_ms < 100
 
 
-def test_a_probe_offload_measures_a_silent_link(checkpoint, real_profile):
+def test_a_probe_measures_a_silent_link_off_the_request_path(checkpoint, real_profile):
     cloud = start_cloud(checkpoint)
     runtime = sched_device(checkpoint, cloud.port, real_profile[1], probe_interval_seconds=0.2)
     try:
         runtime.adaptive.close()  # drive it by hand
-        runtime.set_plan(runtime.model.num_blocks, 0.0)  # every image answered on the device: nothing uploads
-        first = runtime.classify_bytes(image_bytes(1))
-        second = runtime.classify_bytes(image_bytes(2))
+        runtime.set_plan(runtime.model.num_blocks, 1.0)  # the final classifier on the device: nothing uploads
+        answers = [runtime.classify_bytes(image_bytes(i)) for i in range(3)]
+        calls = runtime.link_stats.calls
+        time.sleep(0.25)
+        runtime.adaptive.step()
+        again = runtime.adaptive.probe_due()  # just probed: not due again before the interval
     finally:
         runtime.close()
         cloud.stop()
-    assert first.answered_by == "cloud" and second.answered_by.startswith("device")
+    assert all(a.answered_by == "device:final" and a.bytes_sent == 0 for a in answers)
+    assert runtime.link_stats.calls == calls + 1 and runtime.probe_bytes > 0 and not again
+
+
+def test_a_throttled_device_plans_its_tail():
+    profile = synthetic_profile()
+    steady, jittery = link(0.05), link(0.05)
+    jittery.device_tail = 1.5
+    a, b = predict(profile, steady), predict(profile, jittery)
+    local = [(x, y) for x, y in zip(a, b) if x.uploading_rate == 0.0]
+    assert local and all(y.latency_p95_ms == pytest.approx(1.5 * x.latency_p95_ms) for x, y in local)
+    assert all(y.latency_p50_ms == x.latency_p50_ms for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("overrides,key", [({"scheduler": True}, "profile"),
@@ -331,3 +345,20 @@ def test_plan_cli_prints_the_decision_and_table(checkpoint, real_profile):
     assert bad.returncode == 2 and "--bandwidth" in bad.stderr
     missing = plan("--config", "apps/device.yml", f"checkpoint={checkpoint}", "--bandwidth", "2mbit", "--rtt", "4ms")
     assert missing.returncode == 2 and "profile" in missing.stderr
+
+
+def test_link_estimate_rises_at_once_on_a_fast_sample_and_keeps_the_last_when_silent():
+    from device.adaptive import LinkEstimate
+    from device.stats import CallSample
+
+    est = LinkEstimate(initial_bandwidth_bit_s=2e6, initial_rtt_ms=40.0)
+    now = 100.0
+    pings = [(now - 1, 40.0), (now - 0.5, 40.2), (now, 39.8)]
+    slow = [CallSample(now - 0.2 * i, 40.0 + 160.0, 5000, 0.0, 1.0, 3) for i in range(5)]  # 5 kB in 160 ms
+    est.update(slow, pings, now)
+    assert est.bandwidth == pytest.approx(5000 / 0.160, rel=0.01)
+    fast = CallSample(now + 15, 40.1, 5000, 0.0, 1.0, 3)  # the slow samples have aged out; barely above the RTT
+    est.update(slow + [fast], [(now + 15, 40.0)], now + 15)
+    assert est.bandwidth >= 5000 / 0.0005 * 0.99  # a lower bound from 0.5 ms, not the stale 31 kB/s
+    est.update([], [], now + 100)  # nothing fresh: the last estimate stays
+    assert est.bandwidth >= 5000 / 0.0005 * 0.99
