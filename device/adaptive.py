@@ -29,6 +29,12 @@ WINDOW_S = 10.0  # samples older than this do not describe the link any more
 MAX_SAMPLES = 16  # the newest offloads a bandwidth estimate uses
 PING_TIMEOUT_S = 1.0
 DOWN_AFTER_PINGS = 2  # failed health pings in a row that mean the cloud is gone
+CENSORED_RAMP = 4.0  # a transfer too short to time raises the bandwidth estimate at most this much per round
+
+
+def fresh_calls(calls: list, now: float) -> list:
+    """The newest ``MAX_SAMPLES`` offload samples of the last ``WINDOW_S`` seconds."""
+    return [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
 
 
 class LinkEstimate:
@@ -45,13 +51,15 @@ class LinkEstimate:
         if fresh_pings:
             self.rtt = float(np.mean(fresh_pings))
             self.rtt_p95 = float(np.percentile(fresh_pings, 95)) if len(fresh_pings) >= 3 else max(fresh_pings)
-        fresh = [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
+        fresh = fresh_calls(calls, now)
+        resolution_ms = max(0.5, self.rtt_p95 - self.rtt)  # transfers shorter than the RTT's spread are noise
         rates = []
         for c in fresh:
-            # below 0.5 ms the sample says the link is fast, not how fast: count it as that fast (a lower bound),
-            # so that a recovered link raises a stale low estimate at once
-            transfer_ms = max(c.network_ms - self.rtt, 0.5)
-            rates.append(c.bytes_sent / (transfer_ms / 1000.0))
+            transfer_ms = c.network_ms - self.rtt
+            if transfer_ms >= resolution_ms:
+                rates.append(c.bytes_sent / (transfer_ms / 1000.0))
+            else:  # the link is faster than this sample can tell: ramp a stale low estimate up, bounded
+                rates.append(min(c.bytes_sent / (resolution_ms / 1000.0), CENSORED_RAMP * self.bandwidth))
         if rates:
             self.bandwidth = float(len(rates) / np.sum(1.0 / np.array(rates)))  # harmonic: time-weighted
             self.bandwidth_p05 = float(np.percentile(rates, 5)) if len(rates) >= 5 else min(rates)
@@ -80,20 +88,27 @@ class Adaptive:
         return self.scheduler.last
 
     def start(self) -> None:
-        self.step()
+        self._safe_step()
         self._thread.start()
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Stop the thread; waits for a round in progress (a ping and a probe, each with its deadline)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout_s)
+            self._thread.join(timeout_s if timeout_s is not None else PING_TIMEOUT_S + self._probe_timeout_s() + 5)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.step()
-            except Exception:  # a bad round must not end the scheduling: log it, keep the current plan
-                log.exception("scheduler round failed; the current plan stays")
+            self._safe_step()
+
+    def _safe_step(self) -> None:
+        try:
+            self.step()
+        except Exception:  # a bad round must not end the scheduling: log it, keep the current plan
+            log.exception("scheduler round failed; the current plan stays")
+
+    def _probe_timeout_s(self) -> float:
+        return max(1.0, self.runtime.cfg.deadline_ms / 1000.0)
 
     def ping(self) -> None:
         """One health check: its round trip is an RTT sample; failures in a row mark the cloud down."""
@@ -113,10 +128,10 @@ class Adaptive:
         now = time.monotonic()
         calls, pings = self.runtime.link_stats.recent()
         self.link.update(calls, pings, now)
-        fresh = [c for c in calls if now - c.t <= WINDOW_S][-MAX_SAMPLES:]
+        fresh = fresh_calls(calls, now)
         queue = float(np.mean([c.queue_ms for c in fresh])) if fresh else 0.0
-        scales = [c.compute_ms / cloud_ms(self.profile, c.split_point, Conditions(1, 1, 0, 0))
-                  for c in fresh if 0 <= c.split_point <= self.profile.num_blocks]
+        scales = [c.compute_ms / est for c in fresh if 0 <= c.split_point <= self.profile.num_blocks
+                  and (est := cloud_ms(self.profile, c.split_point)) > 0]
         times = self.runtime.block_times.snapshot()
         up = (self.runtime.link is not None and not self.runtime.breaker.is_open
               and self.failed_pings < DOWN_AFTER_PINGS)
@@ -128,19 +143,29 @@ class Adaptive:
         """Ping, probe the link if no offload measured it lately, estimate, decide; apply a new decision.
         Returns it (None: the plan stays)."""
         self.ping()
-        if self.probe_due():
-            self.runtime.probe_link(timeout_s=max(1.0, self.runtime.cfg.deadline_ms / 1000.0))
+        if not self._stop.is_set() and self.probe_due():
+            self.runtime.probe_link(timeout_s=self._probe_timeout_s())
         splits, local_final = self.runtime.plan_splits()
-        decision = self.scheduler.update(self.conditions(), self.runtime.codec_names(), splits, local_final)
-        if decision is not None:
-            self.runtime.set_plan(decision.split_point, decision.threshold)
+        active = self.runtime.active
+        current = None if active is None else (active.split_point, active.threshold)
+        decision = self.scheduler.update(self.conditions(), self.runtime.codec_names(), splits, local_final,
+                                         current)
+        if decision is not None and not self._stop.is_set():
+            try:
+                self.runtime.set_plan(decision.split_point, decision.threshold)
+            except ValueError as err:  # the usable splits changed under it: decide again next round
+                log.warning("scheduler: %s; deciding again", err)
+                self.scheduler.last = None
+                return None
         return decision
 
     def probe_due(self) -> bool:
-        """True (at most once per ``probe_interval_s``) when no offload has measured the link lately and the
-        cloud is up."""
+        """True (at most once per ``probe_interval_s``) when no offload has measured the link lately, the cloud
+        is up and the device served a request in the last ``WINDOW_S``."""
         now = time.monotonic()
         if self.failed_pings >= DOWN_AFTER_PINGS or self.runtime.breaker.is_open:
+            return False
+        if now - self.runtime.last_request_t > WINDOW_S:  # an idle device does not spend its link on probes
             return False
         last_call = self.runtime.link_stats.last_call_t()
         if now - max(last_call, self._last_probe) < self.probe_interval_s:

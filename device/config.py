@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,11 @@ class DeviceConfig:
     scheduler: bool = False  # True: split_point and z_confidence_threshold are only where it starts
     profile: Optional[str] = None  # written by python test.py ... split_point=all (needed with scheduler)
     objective: str = "max_accuracy"  # max_accuracy | min_bytes | min_cloud_load | max_throughput
-    latency_bound_ms: Optional[float] = 300.0  # p95 bound (max_accuracy; the others too when set)
+    latency_bound_ms: Optional[float] = None  # p95 bound: needed by max_accuracy, optional for the others
     accuracy_floor: Optional[float] = None  # accuracy bound of min_bytes / min_cloud_load / max_throughput
     scheduler_interval_seconds: float = 0.5  # how often the measurements are looked at (and the cloud pinged)
     scheduler_margin: float = 0.15  # relative change that makes it re-decide, and gain that makes it switch
-    probe_interval_seconds: float = 2.0  # with no offload for this long, the next request is offloaded
+    probe_interval_seconds: float = 2.0  # with no offload for this long, the scheduler's thread probes the link
     initial_bandwidth_mbit: float = 5.0  # upload bandwidth assumed until the first offload measures it
     initial_rtt_ms: float = 50.0
     # channel
@@ -90,16 +91,29 @@ class DeviceConfig:
     def objective_spec(self) -> Objective:
         return Objective(self.objective, self.latency_bound_ms, self.accuracy_floor)
 
+    def check_objective(self) -> None:
+        """ConfigError naming the key unless objective, latency_bound_ms and accuracy_floor make an objective
+        (checked when the scheduler is on, and by ``python -m device plan``)."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"config key 'objective': must be one of {OBJECTIVES}, got {self.objective!r}")
+        bound = self.latency_bound_ms
+        if bound is None and self.objective == "max_accuracy":
+            raise ConfigError("config key 'latency_bound_ms': objective max_accuracy needs a p95 bound (ms)")
+        if bound is not None and not (math.isfinite(bound) and bound > 0):
+            raise ConfigError(f"config key 'latency_bound_ms': must be a number > 0 (ms), got {bound}")
+        floor = self.accuracy_floor
+        if floor is None and self.objective != "max_accuracy":
+            raise ConfigError(f"config key 'accuracy_floor': objective {self.objective} needs one")
+        if floor is not None and not 0.0 <= floor <= 1.0:
+            raise ConfigError(f"config key 'accuracy_floor': must be in [0, 1], got {floor}")
+
     def _validate_scheduler(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"config key 'objective': must be one of {OBJECTIVES}, got {self.objective!r}")
-        try:
-            self.objective_spec().validate()
-        except ValueError as err:
-            key = "latency_bound_ms" if "latency" in str(err) else "accuracy_floor"
-            raise ConfigError(f"config key '{key}': {err}") from None
-        if self.accuracy_floor is None and self.objective != "max_accuracy":
-            raise ConfigError(f"config key 'accuracy_floor': objective {self.objective} needs one")
+        for key in ("scheduler_interval_seconds", "probe_interval_seconds", "initial_bandwidth_mbit",
+                    "initial_rtt_ms"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"config key '{key}': must be a finite number, got {getattr(self, key)}")
         if not 0.0 <= self.scheduler_margin < 1.0:
             raise ConfigError(f"config key 'scheduler_margin': must be in [0, 1), got {self.scheduler_margin}")
         if self.scheduler and self.profile is None:
@@ -107,6 +121,8 @@ class DeviceConfig:
                               "python test.py app:... split_point=all)")
         if self.profile is not None and not Path(self.profile).is_file():
             raise ConfigError(f"config key 'profile': file {self.profile!r} does not exist")
+        if self.scheduler:
+            self.check_objective()
 
     def validate(self) -> None:
         addresses = self.addresses()

@@ -12,17 +12,19 @@ import re
 from dataclasses import asdict
 
 from device.config import DeviceConfig
-from device.scheduler import Candidate, Conditions, choose_from, predict
+from device.scheduler import Candidate, Conditions, choose_from, feasible, predict, score
 from models.config import ConfigError
 from models.offline_profile import ProfileError, load_profile
 
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)?\s*$", re.IGNORECASE)
-_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$", re.IGNORECASE)
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+_RATE = re.compile(r"^\s*" + _NUMBER + r"\s*(bit|kbit|mbit|gbit)?(?:/s)?\s*$", re.IGNORECASE)
+_TIME = re.compile(r"^\s*" + _NUMBER + r"\s*(ms|s)?\s*$", re.IGNORECASE)
 _RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
 def parse_rate(text: str) -> float:
-    """``2mbit`` / ``500kbit`` / ``1e6`` (bit/s, tc's units) -> bit/s; ValueError naming the text otherwise."""
+    """``2mbit`` / ``500kbit`` / ``2Mbit/s`` / ``1e6`` (bit/s, tc's units) -> bit/s; ValueError naming the
+    text otherwise."""
     m = _RATE.match(text)
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"--bandwidth {text!r}: expected a positive rate like 2mbit, 500kbit or 1000000 (bit/s)")
@@ -38,14 +40,12 @@ def parse_ms(text: str) -> float:
 
 
 def best_per_split(candidates: list[Candidate], objective) -> list[Candidate]:
-    """Per split point, the candidate the objective ranks first (the table ``plan`` prints)."""
-    from device.scheduler import _feasible, score
-
+    """Per split point, the candidate the objective ranks first, feasible ones first (the table ``plan`` prints)."""
     best: dict[int, Candidate] = {}
     for c in candidates:
         b = best.get(c.split_point)
-        key = (not _feasible(c, objective), score(c, objective))
-        if b is None or key < (not _feasible(b, objective), score(b, objective)):
+        key = (not feasible(c, objective), score(c, objective))
+        if b is None or key < (not feasible(b, objective), score(b, objective)):
             best[c.split_point] = c
     return [best[s] for s in sorted(best)]
 
@@ -71,10 +71,14 @@ def run_plan(cfg: DeviceConfig, bandwidth: str, rtt: str, slowdown: float, as_js
     option or key."""
     if cfg.profile is None:
         raise ConfigError("config key 'profile': plan needs the offline profile (python test.py ... split_point=all)")
+    cfg.check_objective()
+    try:
+        profile = load_profile(cfg.profile)
+    except ProfileError as err:
+        raise ConfigError(f"config key 'profile': {err}") from None
     try:
         cond = Conditions.from_link(parse_rate(bandwidth), parse_ms(rtt))
-        profile = load_profile(cfg.profile)
-    except (ValueError, ProfileError) as err:
+    except ValueError as err:
         raise ConfigError(str(err)) from None
     if slowdown <= 0:
         raise ConfigError(f"--device-slowdown must be > 0, got {slowdown}")

@@ -86,6 +86,8 @@ class ActiveModel:
     complete: bool  # the whole model at full precision: a failed offload may run on to the final classifier
     weights_fraction: float = 1.0
     head_bits: float = 32.0
+    threshold: float = 1.0  # the plan is (head, threshold): one store publishes both
+    usable: bool = True  # the head of the configured split has arrived (streaming); False: only split 0
     transform: Callable = field(init=False, repr=False, compare=False)  # from ``preprocess``
 
     def __post_init__(self) -> None:
@@ -96,12 +98,12 @@ class ActiveModel:
         return 0 if self.head is None else self.head.split_point
 
 
-def weightless(info: pb.ModelInfo) -> ActiveModel:
+def weightless(info: pb.ModelInfo, threshold: float = 1.0) -> ActiveModel:
     """What a device with no weights serves: every image offloaded at split point 0 (the cloud runs the whole
     model), with the preprocessing and class names from the cloud's ModelInfo."""
     pre = Preprocess(info.input_size, info.resize_size, tuple(info.mean), tuple(info.std))  # type: ignore[arg-type]
     return ActiveModel(None, None, info.model, list(info.class_names), pre, complete=False, weights_fraction=0.0,
-                       head_bits=0.0)
+                       head_bits=0.0, threshold=threshold, usable=False)
 
 
 def split_codecs(info: pb.ModelInfo) -> dict[int, CodecSpec]:
@@ -161,14 +163,16 @@ class DeviceRuntime:
                                                                   model_version=cfg.model_version)
             model = checkpoint.model.eval().to(self.torch_device)
             self.active = ActiveModel(model, head(model, cfg.split_point), ref, checkpoint.class_names,
-                                      checkpoint.preprocess, complete=True)
+                                      checkpoint.preprocess, complete=True, threshold=cfg.z_confidence_threshold)
         self.codec = codec or OFFLINE_CODEC
         self.split_codecs: dict[int, CodecSpec] = {}  # the cloud's default codec per split (GetModelInfo)
         self._ask_codec = codec is None and link is not None
         self.adaptive: Optional[Adaptive] = None  # the scheduler's thread (scheduler: true)
         self._last_activation: Optional[tuple[ActiveModel, Tensor]] = None
         self.probe_bytes = 0  # bytes of link probes (not part of any answer)
+        self.last_request_t = float("-inf")  # time.monotonic of the last classify
         self._plan_split = cfg.split_point  # where the scheduler (or set_plan) wants the head
+        self._plan_lock = threading.Lock()  # install (stream thread) and set_plan (scheduler) read-modify-write
         self.link = link
         self.link_stats = LinkStats(cfg.ewma_alpha)
         self.block_times = BlockTimes(cfg.ewma_alpha)
@@ -205,15 +209,19 @@ class DeviceRuntime:
         runtime = cls(cfg, checkpoint, link, codec)
         if info is not None:
             runtime.split_codecs = split_codecs(info)
-        runtime.start_scheduler()
+        try:
+            runtime.start_scheduler(info)
+        except ConfigError:
+            runtime.close()
+            raise
         log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s%s", cfg.split_point,
                  cfg.z_confidence_threshold, runtime.codec.name, link.target,
                  ", scheduler on" if runtime.adaptive else "")
         return runtime
 
-    def start_scheduler(self) -> None:
+    def start_scheduler(self, info: Optional[pb.ModelInfo] = None) -> None:
         """With ``scheduler: true``: load the profile and start the scheduler's thread (ConfigError naming
-        the key when the profile does not fit the model)."""
+        the key when the profile does not fit the model, or ``info``'s while no weights have arrived)."""
         if not self.cfg.scheduler:
             return
         try:
@@ -221,11 +229,14 @@ class DeviceRuntime:
         except ProfileError as err:
             raise ConfigError(f"config key 'profile': {err}") from None
         active = self.active
-        if active is not None and active.model is not None and (
-                profile.num_blocks, profile.exit_points) != (active.model.num_blocks, active.model.exit_points):
+        shape = None
+        if active is not None and active.model is not None:
+            shape = (active.model.num_blocks, list(active.model.exit_points))
+        elif info is not None:  # streaming, no weights yet: the cloud's ModelInfo describes the model
+            shape = (max((s.split_point for s in info.split_points), default=0), list(info.exit_points))
+        if shape is not None and (profile.num_blocks, profile.exit_points) != shape:
             raise ConfigError(f"config key 'profile': {self.cfg.profile!r} profiles {profile.num_blocks} blocks with "
-                              f"exits {profile.exit_points}; the model has {active.model.num_blocks} with exits "
-                              f"{active.model.exit_points}")
+                              f"exits {profile.exit_points}; the model has {shape[0]} with exits {shape[1]}")
         cfg = self.cfg
         self.adaptive = Adaptive(self, profile, cfg.objective_spec(), cfg.scheduler_interval_seconds,
                                  cfg.scheduler_margin, cfg.probe_interval_seconds, cfg.initial_bandwidth_mbit * 1e6,
@@ -240,14 +251,18 @@ class DeviceRuntime:
         codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
         runtime = cls(cfg, None, link, codec)
         if info is not None:
-            runtime.active = weightless(info)
+            runtime.active = weightless(info, cfg.z_confidence_threshold)
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
         runtime.streamed.start()
         if info is not None:
             runtime.split_codecs = split_codecs(info)
-        runtime.start_scheduler()
+        try:
+            runtime.start_scheduler(info)
+        except ConfigError:
+            runtime.close()
+            raise
         active = runtime.active
         log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",
                  cfg.split_point, "no model" if active is None else active.split_point, cfg.z_confidence_threshold,
@@ -265,17 +280,20 @@ class DeviceRuntime:
         before that at split point 0 (the cloud runs the whole network on the input)."""
         model, progress = snapshot.checkpoint.model, snapshot.progress
         self._check_split(model)
-        split = 0
-        if progress.complete:
-            split = self._plan_split
-        elif progress.usable:
-            split = min(self._plan_split, self.cfg.split_point)
         m = snapshot.manifest
-        previous = self.active
-        self.active = ActiveModel(
-            model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
-            snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete,
-            weights_fraction=progress.weights_fraction, head_bits=progress.head_bits)
+        with self._plan_lock:
+            split = 0
+            if progress.complete:
+                split = self._plan_split
+            elif progress.usable:
+                split = min(self._plan_split, self.cfg.split_point)
+            previous = self.active
+            self.active = ActiveModel(
+                model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+                snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete,
+                weights_fraction=progress.weights_fraction, head_bits=progress.head_bits,
+                threshold=previous.threshold if previous is not None else self.cfg.z_confidence_threshold,
+                usable=progress.usable)
         if previous is None or (previous.split_point, previous.ref.model_version) != (split, m.model_version):
             log.info("serving %s version %s at split point %d (head %.1f bits per weight)", m.model_id,
                      m.model_version, split, progress.head_bits)
@@ -324,41 +342,56 @@ class DeviceRuntime:
 
     def set_threshold(self, threshold: float) -> None:
         """Change the confidence threshold for the next requests (test.py --live sweeps it; a scheduler tunes it)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"z_confidence_threshold must be in [0, 1], got {threshold}")
-        self.cfg.z_confidence_threshold = threshold
+        active = self.active
+        self.set_plan(active.split_point if active is not None else self.cfg.split_point, threshold)
+
+    @property
+    def threshold(self) -> float:
+        active = self.active
+        return active.threshold if active is not None else self.cfg.z_confidence_threshold
 
     def plan_splits(self) -> tuple[list[int], bool]:
         """The split points a plan may use now, and whether the device holds the whole model (then at the last
         split it answers with the final classifier itself). While weights stream in, only the splits whose
         head has arrived: up to the configured split once it is usable, else split point 0."""
-        active = self.active
+        return self._allowed(self.active)
+
+    def _allowed(self, active: Optional[ActiveModel]) -> tuple[list[int], bool]:
         if active is None or active.model is None:
             return [0], False
         n = active.model.num_blocks
         if active.complete:
             return list(range(n + 1)), True
-        if active.split_point > 0:
+        if active.usable:
             return list(range(min(self.cfg.split_point, n) + 1)), False
         return [0], False
 
     def set_plan(self, split_point: int, threshold: float) -> None:
         """Serve at ``split_point`` with ``threshold`` from the next request on, without a pause: the head of
-        any split is a slice of the weights the device holds, so this is one reference store."""
-        self.set_threshold(threshold)
-        active = self.active
-        if active is None or active.model is None:
-            return
-        try:
-            check_split_point(active.model, split_point)
-        except ValueError as err:
-            raise ValueError(f"set_plan: {err}") from None
-        allowed, _ = self.plan_splits()
-        if split_point not in allowed:
-            raise ValueError(f"set_plan: split point {split_point} is not usable yet (usable: {allowed})")
-        self._plan_split = split_point
+        any split is a slice of the weights the device holds, and head and threshold are published by one
+        reference store, so a request runs on the old plan or the new one, never a mix. ValueError (nothing
+        changed) for a threshold outside [0, 1] or a split point not usable now."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"z_confidence_threshold must be in [0, 1], got {threshold}")
+        with self._plan_lock:
+            active = self.active
+            if active is None:
+                self.cfg.z_confidence_threshold = threshold
+                return
+            if active.model is None:  # no weights yet: split 0 whatever the plan says
+                self.active = dataclasses.replace(active, threshold=threshold)
+                return
+            try:
+                check_split_point(active.model, split_point)
+            except ValueError as err:
+                raise ValueError(f"set_plan: {err}") from None
+            allowed, _ = self._allowed(active)
+            if split_point not in allowed:
+                raise ValueError(f"set_plan: split point {split_point} is not usable yet (usable: {allowed})")
+            self._plan_split = split_point
+            new_head = active.head if split_point == active.split_point else head(active.model, split_point)
+            self.active = dataclasses.replace(active, head=new_head, threshold=threshold)
         if split_point != active.split_point:
-            self.active = dataclasses.replace(active, head=head(active.model, split_point))
             log.info("split point %d -> %d, threshold %.3f", active.split_point, split_point, threshold)
 
     def codec_for(self, split_point: int) -> CodecSpec:
@@ -372,7 +405,10 @@ class DeviceRuntime:
         active = self.active
         n = active.model.num_blocks if active is not None and active.model is not None else 0
         names = {s: self.codec_for(s).name for s in range(1, n + 1)}
-        names[0] = JPEG if self._jpeg_input() else (self.cfg.codec or self.cfg.input_codec)
+        if self._jpeg_input():
+            names[0] = JPEG
+        else:
+            names[0] = self.cfg.codec if self.cfg.split_point == 0 and self.cfg.codec else self.cfg.input_codec
         return names
 
     def _jpeg_input(self) -> bool:
@@ -404,12 +440,16 @@ class DeviceRuntime:
         if active.model is not None:
             x = follow(x, active.model)
         deepest: Optional[tuple[int, Tensor]] = None
-        threshold = self.cfg.z_confidence_threshold
+        threshold = active.threshold
+        self.last_request_t = time.monotonic()
         begin = tick = time.perf_counter()
         ran: list[tuple[str, int]] = []
+        cuda = x.device.type == "cuda"
 
         def clock(kind: str, key: int) -> None:
             nonlocal tick
+            if cuda:  # kernels run asynchronously: without this the time lands wherever the next sync is
+                torch.cuda.synchronize(x.device)
             now = time.perf_counter()
             self.block_times.record(kind, key, (now - tick) * 1000.0)
             ran.append((kind, key))
@@ -424,6 +464,7 @@ class DeviceRuntime:
                 if float(confidence(logits[0], self.cfg.confidence)) >= threshold:
                     self.block_times.record_request(ran, (time.perf_counter() - begin) * 1000.0)
                     return self._local(active, boundary, logits[0], k, started, degraded=False, reason="")
+                tick = time.perf_counter()  # the confidence test is neither this exit's time nor the next block's
             self.block_times.record_request(ran, (time.perf_counter() - begin) * 1000.0)
             self._last_activation = (active, x)  # what a link probe sends (device/adaptive.py)
             if active.complete and active.model is not None and active.split_point == active.model.num_blocks:
@@ -577,7 +618,7 @@ class DeviceRuntime:
         model = {} if active is None else {
             "model_version": active.ref.model_version, "split_point": active.split_point,
             "weights_fraction": active.weights_fraction, "head_bits": active.head_bits}
-        plan = {"threshold": self.cfg.z_confidence_threshold, "probe_bytes": self.probe_bytes}
+        plan = {"threshold": self.threshold, "probe_bytes": self.probe_bytes}
         decision = self.adaptive.last if self.adaptive is not None else None
         if decision is not None:
             plan["scheduler"] = {"split_point": decision.split_point, "threshold": decision.threshold,

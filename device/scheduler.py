@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
@@ -29,8 +30,9 @@ from models.offline_profile import JPEG, OfflineProfile, SplitEntry
 log = logging.getLogger("device.scheduler")
 
 OBJECTIVES = ("max_accuracy", "min_bytes", "min_cloud_load", "max_throughput")
-_Z95 = statistics.NormalDist().inv_cdf(0.95)
-ACCURACY_TIE = 0.002  # accuracies closer than this are equal (an evaluation set of ~1,000 images)
+_NORMAL = statistics.NormalDist()
+_Z95 = _NORMAL.inv_cdf(0.95)
+ACCURACY_TIE = 0.002  # accuracies are compared in steps of this (about 2 images of an evaluation set of 1,000)
 
 
 @dataclass
@@ -60,13 +62,14 @@ class Conditions:
         return cls(bw, bw, rtt_ms, rtt_ms)
 
     def summary(self) -> dict:
-        """The inputs of a decision, for its log line (device times summed, not per block)."""
+        """The inputs of a decision, for its log line (device time of all blocks summed, not per block)."""
         return {"bandwidth_bit_s": round(8 * self.bandwidth_bytes_per_s), "bandwidth_p05_bit_s":
                 round(8 * self.bandwidth_p05_bytes_per_s), "rtt_ms": round(self.rtt_ms, 2),
                 "rtt_p95_ms": round(self.rtt_p95_ms, 2), "cloud_queue_ms": round(self.cloud_queue_ms, 2),
                 "cloud_compute_scale": round(self.cloud_compute_scale, 3), "cloud_up": self.cloud_up,
                 "device_tail": round(self.device_tail, 3),
-                "device_blocks_measured": len(self.device_block_ms)}
+                "device_blocks_measured": len(self.device_block_ms),
+                "device_blocks_ms": round(sum(self.device_block_ms.values()), 2)}
 
 
 @dataclass
@@ -83,9 +86,9 @@ class Objective:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.kind!r}")
         if self.kind == "max_accuracy" and self.latency_ms is None:
             raise ValueError("objective max_accuracy needs a latency bound (latency_bound_ms)")
-        if self.latency_ms is not None and self.latency_ms <= 0:
-            raise ValueError(f"latency bound must be > 0 ms, got {self.latency_ms}")
-        if self.accuracy is not None and not 0.0 <= self.accuracy <= 1.0:
+        if self.latency_ms is not None and not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
+            raise ValueError(f"latency bound must be a number > 0 ms, got {self.latency_ms}")
+        if self.accuracy is not None and not 0.0 <= self.accuracy <= 1.0:  # also false for NaN
             raise ValueError(f"accuracy floor must be in [0, 1], got {self.accuracy}")
 
 
@@ -144,13 +147,11 @@ def device_times(profile: OfflineProfile, cond: Conditions) -> tuple[np.ndarray,
     return blocks, exits, profile.final_ms * block_scale
 
 
-def cloud_ms(profile: OfflineProfile, split: int, cond: Conditions) -> float:
-    """The cloud's compute for one image from ``split`` on: profile times (batch 1) scaled by measurement."""
+def cloud_ms(profile: OfflineProfile, split: int, scale: float = 1.0) -> float:
+    """The cloud's compute for one image from ``split`` on (ms): the profile's batch-1 times x ``scale`` (what the
+    cloud's answers report over that estimate)."""
     return (sum(profile.block_ms[split:]) + sum(v for k, v in profile.exit_ms.items() if k > split)
-            + profile.final_ms) * cond.cloud_compute_scale
-
-
-_NORMAL = statistics.NormalDist()
+            + profile.final_ms) * scale
 
 
 def _quantile(local: list[tuple[float, float]], up_median: float, sigma: float, floor: float, u: float,
@@ -197,7 +198,7 @@ def _split_cost(profile: OfflineProfile, entry: SplitEntry, codec: str, cond: Co
     mean_bytes, p95_bytes = upload_bytes(entry, codec)
     local = not cond.cloud_up or (local_final and s == profile.num_blocks)
     if not local:
-        cloud = cond.cloud_queue_ms + cloud_ms(profile, s, cond)
+        cloud = cond.cloud_queue_ms + cloud_ms(profile, s, cond.cloud_compute_scale)
         up_mean = head_ms + mean_bytes / cond.bandwidth_bytes_per_s * 1000 + cond.rtt_ms + cloud
         up_p95 = head_ms + p95_bytes / cond.bandwidth_p05_bytes_per_s * 1000 + cond.rtt_p95_ms + cloud
     else:  # the breaker is open, or the device holds the final classifier after the last block
@@ -232,6 +233,10 @@ def predict(profile: OfflineProfile, cond: Conditions, codecs: Optional[dict[int
     split 0 for an input upload). ``local_final``: the device holds the whole model, so at the last split
     point it answers with the final classifier itself instead of uploading (DeviceRuntime does)."""
     codecs = codecs or {}
+    if not cond.cloud_up and local_final:
+        # every split would answer on the device, but any split short of the last would also try the cloud
+        # whenever the breaker half-opens: plan the one that never does
+        splits = [profile.num_blocks]
     blocks, exits, final_ms = device_times(profile, cond)
     prefix = [0.0, *np.cumsum(blocks).tolist()]  # device time to each boundary
     chosen = range(profile.num_blocks + 1) if splits is None else sorted(set(splits))
@@ -249,7 +254,8 @@ def predict(profile: OfflineProfile, cond: Conditions, codecs: Optional[dict[int
     return out
 
 
-def _feasible(c: Candidate, obj: Objective) -> bool:
+def feasible(c: Candidate, obj: Objective) -> bool:
+    """Whether ``c`` meets the objective's constraints (p95 bound, accuracy floor)."""
     if obj.latency_ms is not None and c.latency_p95_ms > obj.latency_ms:
         return False
     return obj.accuracy is None or c.accuracy >= obj.accuracy - 1e-9
@@ -271,13 +277,15 @@ def choose_from(candidates: list[Candidate], obj: Objective) -> Decision:
     else the most accurate), marked infeasible with the reason."""
     if not candidates:
         raise ValueError("no candidate split point (no weights for any head yet)")
-    feasible = [c for c in candidates if _feasible(c, obj)]
-    if feasible:
-        best = min(feasible, key=lambda c: score(c, obj))
-        return Decision.of(best, True, f"{obj.kind}: best of {len(feasible)} feasible of {len(candidates)}")
-    if obj.latency_ms is not None and (obj.accuracy is None or any(c.accuracy >= obj.accuracy for c in candidates)):
-        best = min(candidates, key=lambda c: (c.latency_p95_ms, -c.accuracy))
-        why = f"no pair meets p95 <= {obj.latency_ms:g} ms; the fastest (p95 {best.latency_p95_ms:.1f} ms)"
+    ok = [c for c in candidates if feasible(c, obj)]
+    if ok:
+        best = min(ok, key=lambda c: score(c, obj))
+        return Decision.of(best, True, f"{obj.kind}: best of {len(ok)} feasible of {len(candidates)}")
+    accurate = [c for c in candidates if obj.accuracy is None or c.accuracy >= obj.accuracy - 1e-9]
+    if obj.latency_ms is not None and accurate:
+        best = min(accurate, key=lambda c: (c.latency_p95_ms, -c.accuracy))
+        why = f"no pair meets p95 <= {obj.latency_ms:g} ms; the fastest (p95 {best.latency_p95_ms:.1f} ms)" + (
+            "" if obj.accuracy is None else f" of those with accuracy >= {obj.accuracy}")
     else:
         best = min(candidates, key=lambda c: (-c.accuracy, c.latency_p95_ms))
         why = f"no pair reaches accuracy {obj.accuracy}; the most accurate ({best.accuracy:.4f})"
@@ -295,12 +303,15 @@ def choose(profile: OfflineProfile, conditions: Conditions, objective: Objective
 
 
 def _moved(old: Conditions, new: Conditions, margin: float) -> bool:
-    """Whether the link moved by more than ``margin`` (relative) since ``old``, or the cloud came or went."""
+    """Whether the link, the cloud or the device moved by more than ``margin`` (relative; times with a 1 ms
+    floor, so that sub-millisecond loopback jitter is no move) since ``old``, or the cloud came or went."""
     if old.cloud_up != new.cloud_up:
         return True
     pairs = [(old.bandwidth_bytes_per_s, new.bandwidth_bytes_per_s), (old.bandwidth_p05_bytes_per_s,
-             new.bandwidth_p05_bytes_per_s), (old.rtt_ms, new.rtt_ms), (old.rtt_p95_ms, new.rtt_p95_ms),
-             (old.cloud_queue_ms + 1.0, new.cloud_queue_ms + 1.0)]
+             new.bandwidth_p05_bytes_per_s), (old.rtt_ms + 1.0, new.rtt_ms + 1.0),
+             (old.rtt_p95_ms + 1.0, new.rtt_p95_ms + 1.0), (old.cloud_queue_ms + 1.0, new.cloud_queue_ms + 1.0),
+             (old.cloud_compute_scale, new.cloud_compute_scale), (old.device_tail, new.device_tail),
+             (sum(old.device_block_ms.values()) + 1.0, sum(new.device_block_ms.values()) + 1.0)]
     return any(abs(b - a) > margin * max(abs(a), 1e-9) for a, b in pairs)
 
 
@@ -316,13 +327,16 @@ class Scheduler:
         self.margin = margin
         self.last: Optional[Decision] = None
         self._basis: Optional[Conditions] = None
-        self._splits: Optional[tuple[int, ...]] = None
+        self._splits: Optional[tuple] = None
         self.decisions = 0
-        self.costs_ms: list[float] = []
+        self.costs_ms: deque[float] = deque(maxlen=256)  # of the recent due rounds
 
     def update(self, cond: Conditions, codecs: Optional[dict[int, str]] = None,
-               splits: Optional[Iterable[int]] = None, local_final: bool = True) -> Optional[Decision]:
-        """A new decision when one is due and differs from the current pair, else None."""
+               splits: Optional[Iterable[int]] = None, local_final: bool = True,
+               current: Optional[tuple[int, float]] = None) -> Optional[Decision]:
+        """A new decision when one is due and differs from the pair in use, else None. ``current``: the pair
+        the device actually serves (default: the last decision), so that a decision that could not be applied
+        is not taken for the plan in force."""
         splits = None if splits is None else tuple(sorted(set(splits)))
         due = self.last is None or (splits, local_final) != self._splits or _moved(self._basis, cond, self.margin)
         if not due:
@@ -330,29 +344,34 @@ class Scheduler:
         started = time.perf_counter()
         candidates = predict(self.profile, cond, codecs, splits, local_final)
         best = choose_from(candidates, self.objective)
-        current = next((c for c in candidates if self.last is not None and (c.split_point, c.threshold) ==
-                        (self.last.split_point, self.last.threshold)), None)
+        in_use = current if current is not None else (
+            None if self.last is None else (self.last.split_point, self.last.threshold))
+        now = next((c for c in candidates if (c.split_point, c.threshold) == in_use), None)
         self._basis, self._splits = cond, (splits, local_final)
         cost = (time.perf_counter() - started) * 1000.0
         self.costs_ms.append(cost)
-        if current is not None and not self._better(best, current):
-            self.last = Decision.of(current, _feasible(current, self.objective), "kept: no better by the margin")
+        if now is not None and not self._better(best, now):
+            self.last = Decision.of(now, feasible(now, self.objective), "kept: no better pair by the margin")
             self.last.cost_ms = cost
+            self._log(cond, self.last, "kept")
             return None
         best.cost_ms = cost
         self.last = best
         self.decisions += 1
-        log.info(json.dumps({"event": "decision", "inputs": cond.summary(), "objective": asdict(self.objective),
-                             "choice": {"split_point": best.split_point, "threshold": best.threshold},
-                             "feasible": best.feasible, "reason": best.reason, "predicted": best.predicted,
-                             "cost_ms": round(cost, 3)}))
+        self._log(cond, best, "decision")
         return best
+
+    def _log(self, cond: Conditions, d: Decision, event: str) -> None:
+        log.info(json.dumps({"event": event, "inputs": cond.summary(), "objective": asdict(self.objective),
+                             "choice": {"split_point": d.split_point, "threshold": d.threshold},
+                             "feasible": d.feasible, "reason": d.reason, "predicted": d.predicted,
+                             "cost_ms": round(d.cost_ms, 3)}))
 
     def _better(self, new: Decision, current: Candidate) -> bool:
         obj = self.objective
         if (new.split_point, new.threshold) == (current.split_point, current.threshold):
             return False
-        if not _feasible(current, obj):
+        if not feasible(current, obj):
             return True
         p = new.predicted
         if obj.kind == "max_accuracy":

@@ -9,6 +9,7 @@ scales those times by what it measures itself, so a profile made on a workstatio
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,12 +130,30 @@ def profile_from_json(data: dict) -> OfflineProfile:
         raise ValueError("splits must list every split point 0..num_blocks in order")
     if len(out.block_ms) != out.num_blocks:
         raise ValueError(f"block_ms has {len(out.block_ms)} entries for {out.num_blocks} blocks")
+    if sorted(out.exit_ms) != sorted(out.exit_points):
+        raise ValueError(f"exit_ms is keyed {sorted(out.exit_ms)}, exit_points are {out.exit_points}")
+    times = [*out.block_ms, *out.exit_ms.values(), out.final_ms]
+    if not all(math.isfinite(t) and t >= 0 for t in times) or sum(times) <= 0:
+        raise ValueError("block_ms / exit_ms / final_ms must be finite, >= 0 and not all 0")
     for s in splits:
-        if not s.rows:
-            raise ValueError(f"split {s.split_point} has no threshold rows")
-        if any(len(r.exit_rates) != len(s.device_exits) for r in s.rows):
-            raise ValueError(f"split {s.split_point}: exit_rates do not match device_exits")
+        _check_split(s)
     return out
+
+
+def _check_split(s: SplitEntry) -> None:
+    """ValueError naming the split and field of an entry no planner can use."""
+    if not s.rows:
+        raise ValueError(f"split {s.split_point} has no threshold rows")
+    if not s.bytes or any(not (b.mean > 0 and b.p95 >= 0) for b in s.bytes.values()):
+        raise ValueError(f"split {s.split_point}: bytes must list at least one codec with sizes > 0")
+    for r in s.rows:
+        if len(r.exit_rates) != len(s.device_exits):
+            raise ValueError(f"split {s.split_point}: exit_rates do not match device_exits")
+        shares = [r.uploading_rate, *r.exit_rates]
+        if not 0.0 <= r.threshold <= 1.0 or not 0.0 <= r.accuracy <= 1.0 or any(x < 0 for x in shares) \
+                or abs(sum(shares) - 1.0) > 1e-3:
+            raise ValueError(f"split {s.split_point}, threshold {r.threshold}: threshold and accuracy must be in "
+                             "[0, 1] and uploading_rate + exit_rates must be 1")
 
 
 @dataclass

@@ -195,7 +195,7 @@ def sched_device(checkpoint, port, profile_path, **overrides) -> DeviceRuntime:
     cfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": f"127.0.0.1:{port}", "split_point": 3,
                                    "deadline_ms": 5000, "fallback": "exit", "scheduler": True,
                                    "profile": str(profile_path), "scheduler_interval_seconds": 0.05,
-                                   "log_level": "WARNING", **overrides})
+                                   "latency_bound_ms": 300.0, "log_level": "WARNING", **overrides})
     return DeviceRuntime.start(cfg)
 
 
@@ -250,14 +250,16 @@ def test_scheduler_runs_on_the_device_and_its_prediction_matches_loopback(checkp
     """Predicted mean latency of the pair in use vs the measured mean, on loopback: within 50 % + 3 ms (the
     device's block times are measured by the runtime itself; loopback RTT is sub-millisecond)."""
     cloud = start_cloud(checkpoint)
-    runtime = sched_device(checkpoint, cloud.port, real_profile[1], latency_bound_ms=1000.0)
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], latency_bound_ms=1000.0,
+                           scheduler_interval_seconds=3600)  # rounds by hand: the plan cannot move under the test
     try:
         for i in range(40):  # measurements settle: block times, RTT pings, cloud compute
             runtime.classify_bytes(image_bytes(i))
+        runtime.adaptive.scheduler.last = None  # a due round whatever moved
         runtime.adaptive.step()
         decision = runtime.adaptive.last
         assert decision is not None and decision.feasible
-        assert (runtime.active.split_point, runtime.cfg.z_confidence_threshold) == \
+        assert (runtime.active.split_point, runtime.threshold) == \
             (decision.split_point, decision.threshold)
         cond = runtime.adaptive.conditions()
         pair = next(c for c in predict(runtime.adaptive.profile, cond, runtime.codec_names())
@@ -271,14 +273,14 @@ def test_scheduler_runs_on_the_device_and_its_prediction_matches_loopback(checkp
     mean = sum(measured) / len(measured)
     assert "scheduler" in m and m["scheduler"]["split_point"] == decision.split_point
     assert abs(pair.latency_mean_ms - mean) <= 0.5 * mean + 3.0, (pair.latency_mean_ms, mean)
-    assert decision.cost_ms < 100
 
 
 def test_a_probe_measures_a_silent_link_off_the_request_path(checkpoint, real_profile):
     cloud = start_cloud(checkpoint)
-    runtime = sched_device(checkpoint, cloud.port, real_profile[1], probe_interval_seconds=0.2)
+    # the thread's rounds an hour apart: this test drives the rounds by hand
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], probe_interval_seconds=0.2,
+                           scheduler_interval_seconds=3600)
     try:
-        runtime.adaptive.close()  # drive it by hand
         runtime.set_plan(runtime.model.num_blocks, 1.0)  # the final classifier on the device: nothing uploads
         answers = [runtime.classify_bytes(image_bytes(i)) for i in range(3)]
         calls = runtime.link_stats.calls
@@ -302,15 +304,52 @@ def test_a_throttled_device_plans_its_tail():
     assert all(y.latency_p50_ms == x.latency_p50_ms for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("overrides,key", [({"scheduler": True}, "profile"),
+@pytest.mark.parametrize("overrides,key", [({"scheduler": True, "profile": None}, "profile"),
                                            ({"profile": "/nonexistent.json"}, "profile"),
                                            ({"objective": "fastest"}, "objective"),
                                            ({"objective": "min_bytes"}, "accuracy_floor"),
+                                           ({"latency_bound_ms": None}, "latency_bound_ms"),
                                            ({"latency_bound_ms": -1.0}, "latency_bound_ms"),
+                                           ({"latency_bound_ms": float("nan")}, "latency_bound_ms"),
+                                           ({"accuracy_floor": 1.5, "objective": "min_bytes"}, "accuracy_floor"),
+                                           ({"scheduler_interval_seconds": float("inf")},
+                                            "scheduler_interval_seconds"),
                                            ({"scheduler_margin": 1.5}, "scheduler_margin")])
-def test_scheduler_config_errors_name_the_key(checkpoint, overrides, key):
+def test_scheduler_config_errors_name_the_key(checkpoint, real_profile, overrides, key):
+    keys = {"checkpoint": str(checkpoint), "scheduler": True, "profile": str(real_profile[1]),
+            "latency_bound_ms": 300.0, **overrides}
     with pytest.raises(ConfigError, match=key):
-        from_dict(DeviceConfig, {"checkpoint": str(checkpoint), **overrides})
+        from_dict(DeviceConfig, keys)
+
+
+def test_infeasible_with_a_floor_stays_above_the_floor():
+    profile = synthetic_profile()
+    d = choose(profile, link(1.0, 30.0), Objective("min_bytes", latency_ms=1.0, accuracy=0.8))
+    assert not d.feasible and d.predicted["accuracy"] >= 0.8 and "accuracy >= 0.8" in d.reason
+
+
+def test_while_streaming_every_split_up_to_the_usable_head_stays_a_candidate(checkpoint):
+    import dataclasses
+
+    cfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": "127.0.0.1:1", "split_point": 5,
+                                   "deadline_ms": 200, "log_level": "WARNING"})
+    runtime = DeviceRuntime.start(cfg)
+    try:
+        partial = dataclasses.replace(runtime.active, complete=False, usable=True)
+        runtime.active = partial
+        assert runtime.plan_splits() == (list(range(6)), False)
+        runtime.set_plan(0, 0.5)  # the scheduler moved to the input upload ...
+        assert runtime.plan_splits() == (list(range(6)), False)  # ... and may come back: the head is still held
+        with pytest.raises(ValueError, match="not usable"):
+            runtime.set_plan(6, 0.5)
+        runtime.active = dataclasses.replace(partial, usable=False)
+        assert runtime.plan_splits() == ([0], False)
+        before = runtime.active
+        with pytest.raises(ValueError, match="z_confidence_threshold"):
+            runtime.set_plan(0, 1.5)
+        assert runtime.active is before  # a refused plan changes nothing
+    finally:
+        runtime.close()
 
 
 def test_a_profile_of_another_model_is_refused(checkpoint, tmp_path):
@@ -326,39 +365,39 @@ def test_a_profile_of_another_model_is_refused(checkpoint, tmp_path):
 
 # -- python -m device plan --------------------------------------------------------------------------------------
 
-def plan(*args):
-    return subprocess.run([sys.executable, "-m", "device", "plan", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+def plan_json(capsys, cfg_keys: dict, bandwidth: str, rtt: str) -> dict:
+    from device.plan import run_plan
+
+    cfg = from_dict(DeviceConfig, cfg_keys)
+    assert run_plan(cfg, bandwidth, rtt, 1.0, as_json=True) == 0
+    return json.loads(capsys.readouterr().out)
 
 
-def test_plan_cli_prints_the_decision_and_table(checkpoint, real_profile):
-    common = ["--config", "apps/device.yml", f"checkpoint={checkpoint}", f"profile={real_profile[1]}"]
-    fast = plan(*common, "--bandwidth", "50mbit", "--rtt", "5ms", "--json")
-    slow = plan(*common, "--bandwidth", "20kbit", "--rtt", "200ms", "--json", "latency_bound_ms=150")
-    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
-    a, b = json.loads(fast.stdout), json.loads(slow.stdout)
-    assert a["conditions"]["bandwidth_bit_s"] == 50_000_000 and len(a["per_split"]) == len(real_profile[0].splits)
-    assert b["decision"]["predicted"]["bytes_per_image"] <= a["decision"]["predicted"]["bytes_per_image"]
-    text = plan(*common, "--bandwidth", "2mbit", "--rtt", "40ms")
-    assert text.returncode == 0 and "split point" in text.stdout and "<-" in text.stdout
-    bad = plan(*common, "--bandwidth", "fast", "--rtt", "40ms")
-    assert bad.returncode == 2 and "--bandwidth" in bad.stderr
-    missing = plan("--config", "apps/device.yml", f"checkpoint={checkpoint}", "--bandwidth", "2mbit", "--rtt", "4ms")
+def test_plan_prints_the_decision_and_table(capsys, checkpoint, real_profile):
+    from device.plan import parse_ms, parse_rate, run_plan
+
+    keys = {"checkpoint": str(checkpoint), "profile": str(real_profile[1]), "latency_bound_ms": 300.0}
+    fast = plan_json(capsys, keys, "50mbit", "5ms")
+    slow = plan_json(capsys, {**keys, "latency_bound_ms": 150.0}, "20kbit", "200ms")
+    assert fast["conditions"]["bandwidth_bit_s"] == 50_000_000 and len(fast["per_split"]) == len(real_profile[0].splits)
+    assert slow["decision"]["predicted"]["bytes_per_image"] <= fast["decision"]["predicted"]["bytes_per_image"]
+    assert run_plan(from_dict(DeviceConfig, keys), "2mbit", "40ms", 1.0, as_json=False) == 0
+    text = capsys.readouterr().out
+    assert "split point" in text and "<-" in text
+    assert parse_rate("2Mbit/s") == parse_rate("2mbit") == parse_rate("2e6") == 2e6 and parse_ms("0.04s") == 40.0
+    with pytest.raises(ConfigError, match="--bandwidth"):
+        run_plan(from_dict(DeviceConfig, keys), "fast", "40ms", 1.0, as_json=False)
+    with pytest.raises(ConfigError, match="latency_bound_ms"):
+        run_plan(from_dict(DeviceConfig, {**keys, "latency_bound_ms": None}), "2mbit", "4ms", 1.0, as_json=False)
+
+
+def test_plan_cli_exit_status_and_messages(checkpoint, real_profile):
+    common = ["--config", "apps/device.yml", f"checkpoint={checkpoint}", "latency_bound_ms=300"]
+    ok = subprocess.run([sys.executable, "-m", "device", "plan", *common, f"profile={real_profile[1]}",
+                         "--bandwidth", "2mbit", "--rtt", "40ms", "--json"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["decision"]["feasible"] in (True, False)
+    missing = subprocess.run([sys.executable, "-m", "device", "plan", *common, "--bandwidth", "2mbit", "--rtt",
+                              "4ms"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "profile" in missing.stderr
-
-
-def test_link_estimate_rises_at_once_on_a_fast_sample_and_keeps_the_last_when_silent():
-    from device.adaptive import LinkEstimate
-    from device.stats import CallSample
-
-    est = LinkEstimate(initial_bandwidth_bit_s=2e6, initial_rtt_ms=40.0)
-    now = 100.0
-    pings = [(now - 1, 40.0), (now - 0.5, 40.2), (now, 39.8)]
-    slow = [CallSample(now - 0.2 * i, 40.0 + 160.0, 5000, 0.0, 1.0, 3) for i in range(5)]  # 5 kB in 160 ms
-    est.update(slow, pings, now)
-    assert est.bandwidth == pytest.approx(5000 / 0.160, rel=0.01)
-    fast = CallSample(now + 15, 40.1, 5000, 0.0, 1.0, 3)  # the slow samples have aged out; barely above the RTT
-    est.update(slow + [fast], [(now + 15, 40.0)], now + 15)
-    assert est.bandwidth >= 5000 / 0.0005 * 0.99  # a lower bound from 0.5 ms, not the stale 31 kB/s
-    est.update([], [], now + 100)  # nothing fresh: the last estimate stays
-    assert est.bandwidth >= 5000 / 0.0005 * 0.99
