@@ -199,8 +199,12 @@ def _split_cost(profile: OfflineProfile, entry: SplitEntry, codec: str, cond: Co
     local = not cond.cloud_up or (local_final and s == profile.num_blocks)
     if not local:
         cloud = cond.cloud_queue_ms + cloud_ms(profile, s, cond.cloud_compute_scale)
-        up_mean = head_ms + mean_bytes / cond.bandwidth_bytes_per_s * 1000 + cond.rtt_ms + cloud
-        up_p95 = head_ms + p95_bytes / cond.bandwidth_p05_bytes_per_s * 1000 + cond.rtt_p95_ms + cloud
+        transfer = mean_bytes / cond.bandwidth_bytes_per_s * 1000
+        up_mean = head_ms + transfer + cond.rtt_ms + cloud
+        # the transfer's and the RTT's excess at their tails, combined as independent spreads (adding two
+        # p95s would plan for a far rarer event than the p95)
+        extra = math.hypot(p95_bytes / cond.bandwidth_p05_bytes_per_s * 1000 - transfer, cond.rtt_p95_ms - cond.rtt_ms)
+        up_p95 = up_mean + extra
     else:  # the breaker is open, or the device holds the final classifier after the last block
         up_mean = up_p95 = prefix[-1] + heads + final_ms
     return _SplitCost(times, head_ms, up_mean, up_p95, mean_bytes, local)
