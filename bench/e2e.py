@@ -393,8 +393,13 @@ def run_phase(index: int, strategies: list[str], runtimes: dict, images: list, t
     marks = {"phase": index, "order": order, "start": time.perf_counter() - t0, "strategies": {}}
     for name in order:
         start, cpu, own = time.perf_counter() - t0, time.process_time(), time.thread_time()
+        adaptive = getattr(runtimes[name], "adaptive", None)
+        sched_cpu = adaptive.cpu_ms if adaptive is not None else 0.0
         for x, label in images:
             rows.append(classify(runtimes[name], name, index, x, label, t0))
+        if adaptive is not None:  # the scheduler thread's CPU while its own requests ran
+            marks.setdefault("scheduler_cpu_ms", 0.0)
+            marks["scheduler_cpu_ms"] += adaptive.cpu_ms - sched_cpu
         # CPU seconds of the whole driver (every runtime's threads) and of this thread (the requests themselves)
         # during this strategy's requests: the difference is background work sharing the device's quota
         marks["strategies"][name] = {"start": start, "end": time.perf_counter() - t0,
@@ -443,8 +448,14 @@ def drive(args: argparse.Namespace, app_args: list[str], phases: list[Phase]) ->
         static = {"split_point": decision.split_point, "threshold": decision.threshold,
                   "feasible": decision.feasible, "predicted": jsonable(dict(decision.predicted)),
                   "reason": decision.reason}
+        adaptive = getattr(runtimes.get("scheduler"), "adaptive", None)
+        cost = None if adaptive is None else {
+            "rounds": adaptive.rounds, "cpu_ms": adaptive.cpu_ms, "decisions": adaptive.scheduler.decisions,
+            "cpu_ms_own_turns": sum(m.get("scheduler_cpu_ms", 0.0) for m in marks),
+            "requests": sum(1 for r in rows if r["strategy"] == "scheduler"),
+            "request_ms_mean": float(np.mean([r["latency_ms"] for r in rows if r["strategy"] == "scheduler"]))}
         Path(args.out).write_text(json.dumps({"rows": rows, "marks": marks, "static": static,
-                                              "images": len(images)}))
+                                              "images": len(images), "scheduler_cost": cost}))
         say("FINISHED")
     finally:
         for runtime in runtimes.values():
@@ -584,6 +595,15 @@ def markdown(result: dict) -> str:
               "", "Checks:", ""]
     lines += [f"- {'PASS' if c['passed'] else 'FAIL'} [{c['phase']}] {c['check']}: {c['detail']}"
               for c in result["checks"]]
+    cost = result.get("scheduler_cost")
+    if cost:
+        own = cost.get("cpu_ms_own_turns", cost["cpu_ms"]) / max(1, cost["requests"])
+        whole = cost["cpu_ms"] / max(1, cost["requests"])
+        lines += ["", f"Scheduler's own cost (CPU time of its thread: pings, probes, estimates, decisions): "
+                  f"{own:.2f} ms per request while its own requests ran = **{100 * own / cost['request_ms_mean']:.2f}"
+                  f" %** of its mean request latency ({cost['request_ms_mean']:.0f} ms); over the whole run "
+                  f"({cost['rounds']} rounds, {cost['decisions']} switches, also while the other strategies had their "
+                  f"turns) {whole:.2f} ms per request ({100 * whole / cost['request_ms_mean']:.2f} %)."]
     lines += ["", "Scheduler choices per phase (split/threshold: requests): " + "; ".join(
         f"{p['label']}: " + ", ".join(f"{c['split_point']}/{c['threshold']:g}: {c['requests']}"
                                       for c in p["strategies"].get("scheduler", {}).get("choices", []))
@@ -685,6 +705,7 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
                         "strategies": args.strategies, "tbf_only": args.tbf_only,
                         "profile": str(args.profile)},
               "static": raw["static"], "cpu_stat": raw.get("cpu_stat", {}), "summary": summary,
+              "scheduler_cost": raw.get("scheduler_cost"),
               "checks": checks(summary), "marks": raw["marks"], "rows": raw["rows"]}
     result["passed"] = all(c["passed"] for c in result["checks"])
     RESULTS.mkdir(parents=True, exist_ok=True)

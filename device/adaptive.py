@@ -80,6 +80,8 @@ class Adaptive:
         self.link = LinkEstimate(initial_bandwidth_bit_s, initial_rtt_ms)
         self.failed_pings = 0
         self._last_probe = float("-inf")
+        self.rounds = 0
+        self.cpu_ms = 0.0  # CPU time of this thread's rounds (ping, probe, estimate, decide): its own cost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spinn-scheduler", daemon=True)
 
@@ -102,10 +104,13 @@ class Adaptive:
             self._safe_step()
 
     def _safe_step(self) -> None:
+        started = time.thread_time()
         try:
             self.step()
         except Exception:  # a bad round must not end the scheduling: log it, keep the current plan
             log.exception("scheduler round failed; the current plan stays")
+        self.rounds += 1
+        self.cpu_ms += (time.thread_time() - started) * 1000.0
 
     def _probe_timeout_s(self) -> float:
         return max(1.0, self.runtime.cfg.deadline_ms / 1000.0)
