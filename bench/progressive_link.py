@@ -234,6 +234,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--name", default="quickstart")
     parser.add_argument("--cache", default="/tmp/spinn-progressive-link-cache")
+    parser.add_argument("--keep-rows", action="store_true", help="also write every request's row to the JSON")
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cloud", default="", help=argparse.SUPPRESS)
     args, app_args = parser.parse_known_args()
@@ -250,8 +251,9 @@ def main() -> int:
     command = "python bench/progressive_link.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"progressive_link_{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary,
-                                                     "rows": raw["rows"]}, indent=1))
+    # the per-request rows are megabytes on a real model: kept only on request (--keep-rows)
+    doc = {"command": command, "summary": summary, **({"rows": raw["rows"]} if args.keep_rows else {})}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(markdown(summary, args.name, command))
     print(markdown(summary, args.name, command))
     return 0
