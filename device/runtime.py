@@ -207,17 +207,22 @@ class DeviceRuntime:
         info = cls._model_info(link, cfg)
         codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
         runtime = cls(cfg, checkpoint, link, codec)
-        if info is not None:
-            runtime.split_codecs = split_codecs(info)
-        try:
-            runtime.start_scheduler(info)
-        except ConfigError:
-            runtime.close()
-            raise
+        runtime._adopt_info_and_schedule(info)
         log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s%s", cfg.split_point,
                  cfg.z_confidence_threshold, runtime.codec.name, link.target,
                  ", scheduler on" if runtime.adaptive else "")
         return runtime
+
+    def _adopt_info_and_schedule(self, info: Optional[pb.ModelInfo]) -> None:
+        """The cloud's codec per split from ``info`` (when it answered), then the scheduler; on a ConfigError
+        everything started so far is closed before it is raised."""
+        if info is not None:
+            self.split_codecs = split_codecs(info)
+        try:
+            self.start_scheduler(info)
+        except ConfigError:
+            self.close()
+            raise
 
     def start_scheduler(self, info: Optional[pb.ModelInfo] = None) -> None:
         """With ``scheduler: true``: load the profile and start the scheduler's thread (ConfigError naming
@@ -256,13 +261,7 @@ class DeviceRuntime:
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
         runtime.streamed.start()
-        if info is not None:
-            runtime.split_codecs = split_codecs(info)
-        try:
-            runtime.start_scheduler(info)
-        except ConfigError:
-            runtime.close()
-            raise
+        runtime._adopt_info_and_schedule(info)
         active = runtime.active
         log.info("device streaming its weights: split point %d once usable (now %s), threshold %.2f, cloud %s",
                  cfg.split_point, "no model" if active is None else active.split_point, cfg.z_confidence_threshold,
