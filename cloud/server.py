@@ -33,7 +33,7 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
-from serving.admission import PENDING_CALL_OPTIONS, Admission, Overloaded
+from serving.admission import Admission, Overloaded, pending_call_options
 from serving.metrics import Exporter, start_exporter
 from proto.manifest import manifest_message
 
@@ -78,6 +78,7 @@ class CloudConfig:
     metrics_address: Optional[str] = None  # host:port: Prometheus /metrics there (None: not exported)
     intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
     rpc_threads: int = 80  # >= max_in_flight + max_streams + 4 (spare threads for health checks)
+    max_pending_calls: Optional[int] = None  # calls gRPC core queues before dropping (CANCELLED); None: core's
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -107,6 +108,8 @@ class CloudConfig:
                 f"{self.max_in_flight + self.max_streams + SPARE_RPC_THREADS} (threads left for health checks and "
                 f"refusals), got {self.rpc_threads}")
         check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
+        if self.max_pending_calls is not None and self.max_pending_calls < 1:
+            raise ConfigError(f"config key 'max_pending_calls': must be >= 1, got {self.max_pending_calls}")
         check_at_least(self, ("delivery_chunk_bytes", "delivery_cache_packages", "delivery_usable_planes",
                               "delivery_message_bytes"), 1)
         for i, split_point in enumerate(self.delivery_prebuild):
@@ -429,7 +432,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                ("grpc.http2.max_ping_strikes", 0),
-               *PENDING_CALL_OPTIONS]
+               *pending_call_options(cfg.max_pending_calls)]
     interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
     # Calls beyond the pool wait in gRPC's queue; this bounds it (refused RESOURCE_EXHAUSTED beyond). Admission
     # (max_in_flight, max_streams) refuses earlier, so the pool always has threads left for health checks.

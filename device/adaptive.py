@@ -46,6 +46,11 @@ class LinkEstimate:
         self.bandwidth_p05 = self.bandwidth
         self.rtt, self.rtt_p95 = initial_rtt_ms, initial_rtt_ms
 
+    def summary(self) -> dict:
+        """The estimate in bit/s and ms."""
+        return {"bandwidth_bit_s": round(8 * self.bandwidth), "bandwidth_p05_bit_s": round(8 * self.bandwidth_p05),
+                "rtt_ms": round(self.rtt, 2), "rtt_p95_ms": round(self.rtt_p95, 2)}
+
     def update(self, calls: list, pings: list[tuple[float, float]], now: float) -> None:
         fresh_pings = [ms for t, ms in pings if now - t <= WINDOW_S]
         if fresh_pings:

@@ -622,7 +622,9 @@ class DeviceRuntime:
         if decision is not None:
             plan["scheduler"] = {"split_point": decision.split_point, "threshold": decision.threshold,
                                  "feasible": decision.feasible, "reason": decision.reason,
-                                 "predicted": decision.predicted}
+                                 "predicted": decision.predicted,
+                                 # what it plans with (rtt_ms/upload_bytes_per_s above are the plain EWMAs)
+                                 "link": self.adaptive.link.summary()}
         return {"rtt_ms": link.rtt_ms, "upload_bytes_per_s": link.upload_bytes_per_s, "offloads": link.calls,
                 "offload_failures": link.failures, "breaker_open": self.breaker.is_open,
                 **model, **plan, **self.block_times.snapshot()}

@@ -20,7 +20,7 @@ from device.watch import FolderWatcher
 from models.config import ConfigError
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from serving.admission import PENDING_CALL_OPTIONS, Overloaded
+from serving.admission import Overloaded
 from serving.metrics import Exporter, start_exporter
 
 log = logging.getLogger("device")
@@ -78,7 +78,7 @@ class DeviceServer:
 
 def build_server(cfg: DeviceConfig, runtime: DeviceRuntime) -> DeviceServer:
     """Start the local API on ``cfg.listen`` (and the folder watch when ``watch_dir`` is set)."""
-    options = [("grpc.max_receive_message_length", cfg.max_image_bytes + 4096), *PENDING_CALL_OPTIONS]
+    options = [("grpc.max_receive_message_length", cfg.max_image_bytes + 4096)]
     # Threads beyond max_in_flight answer health checks and refusals under a flood; gRPC's queue is bounded.
     threads = cfg.max_in_flight + SPARE_THREADS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class Overloaded(Exception):
@@ -44,11 +44,17 @@ class Admission:
                 self._in -= 1
 
 
-#: gRPC server options bounding the calls gRPC core holds before the Python server picks them up: none set, so
-#: core's defaults apply. Core's keys are GRPC_ARG_SERVER_MAX_PENDING_REQUESTS(_HARD_LIMIT),
-#: "grpc.server.max_pending_requests[_hard_limit]" (an earlier spelling with an underscore after "server" was
-#: silently ignored). A call core drops from that queue reaches the client as CANCELLED, not RESOURCE_EXHAUSTED.
-#: Measured with bench/load.py (bench/results/load_pending*.md): 16/32 kept health checks under 100 ms in a 4x
-#: flood but dropped 28 of 32,000 steady calls; 64/128 dropped none of those but, like 256/512, dropped calls of
-#: the default suite's short in-process flood (tests/test_fuzz_small.py), which core's defaults do not.
-PENDING_CALL_OPTIONS: list[tuple[str, int]] = []
+def pending_call_options(soft_limit: Optional[int]) -> list[tuple[str, int]]:
+    """gRPC server options bounding the calls gRPC core holds before the Python server picks them up: random
+    early drops above ``soft_limit``, all beyond twice it; None: core's defaults (no options).
+
+    A call core drops from that queue reaches the client as CANCELLED, not RESOURCE_EXHAUSTED. Core's keys are
+    GRPC_ARG_SERVER_MAX_PENDING_REQUESTS(_HARD_LIMIT), with a dot after "server" (an unknown key is ignored
+    silently). Measured with bench/load.py (bench/results/load_pending*.md): 16 kept health checks under 100 ms in
+    a 4x flood but dropped steady calls; 64 dropped none of those but dropped calls of the default suite's short
+    in-process flood (tests/test_fuzz_small.py), which core's defaults do not: hence no bound by default.
+    """
+    if soft_limit is None:
+        return []
+    return [("grpc.server.max_pending_requests", soft_limit),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * soft_limit)]

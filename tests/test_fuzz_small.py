@@ -1,6 +1,7 @@
 """The fuzz harness (bench/fuzz.py) at a small size against real daemons built in this process: every answer is
 OK or a documented status, and both daemons still answer afterwards. The full-size run is the benchmark."""
 
+import pytest
 import grpc
 
 from bench.fuzz import fuzz_cloud, fuzz_device, hostile_image, IMAGE_KINDS, MUTATIONS, serving
@@ -9,7 +10,7 @@ from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.runtime import DeviceRuntime
 from device.server import build_server as build_device_server
-from models.config import from_dict
+from models.config import ConfigError, from_dict
 
 
 def test_fuzzing_both_daemons_gets_only_documented_answers(checkpoint):
@@ -69,3 +70,25 @@ def test_load_and_overload_harness_at_a_small_size(checkpoint):
     assert calm["codes"] == {"OK": 40}
     assert flood["answered"] == flood["issued"] and set(flood["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
     assert flood["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and flood["health_checks"] > 5
+
+
+def test_the_pending_call_bound_reaches_grpc_core(checkpoint):
+    """With ``max_pending_calls`` set, core drops the flood's excess from its queue (CANCELLED): the keys are
+    spelt as core reads them (an unknown key is ignored silently, which the underscore spelling once was)."""
+    from bench.load import overload, steady
+
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING", max_in_flight=4,
+                      max_streams=1, rpc_threads=9, max_queue_delay_ms=20.0, max_pending_calls=1)
+    cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    address = f"127.0.0.1:{cloud.port}"
+    try:
+        calm = steady(address, 4, 10)
+        flood = overload(address, 8 * calm["throughput_rps"], 1.5)
+    finally:
+        cloud.stop()
+    assert flood["answered"] == flood["issued"] and flood["codes"].get("CANCELLED", 0) > 0, flood["codes"]
+
+
+def test_max_pending_calls_must_be_positive(checkpoint):
+    with pytest.raises(ConfigError, match="max_pending_calls"):
+        CloudConfig(checkpoint=str(checkpoint), max_pending_calls=0).validate()

@@ -272,6 +272,7 @@ def test_scheduler_runs_on_the_device_and_its_prediction_matches_loopback(checkp
         cloud.stop()
     mean = sum(measured) / len(measured)
     assert "scheduler" in m and m["scheduler"]["split_point"] == decision.split_point
+    assert m["scheduler"]["link"]["rtt_ms"] == pytest.approx(cond.rtt_ms, abs=0.01)
     assert abs(pair.latency_mean_ms - mean) <= 0.5 * mean + 3.0, (pair.latency_mean_ms, mean)
 
 
