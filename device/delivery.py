@@ -277,6 +277,8 @@ class StreamedModel:
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice)
         with self._lock:
+            if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
+                return
             if self.current is None:
                 self.current = stream
             else:
@@ -323,9 +325,11 @@ class StreamedModel:
                 self._begin(manifest)
 
     def close(self) -> None:
-        self._stop.set()
+        with self._lock:  # after this, _begin starts no stream (see there)
+            self._stop.set()
+            streams = (self.current, self.pending)
         self._wake.set()
-        for stream in (self.current, self.pending):
+        for stream in streams:
             if stream is not None:
                 stream.stop()
         if self._poller.is_alive():

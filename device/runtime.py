@@ -34,6 +34,7 @@ from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecSpec, encode, encode_jpeg
 from serving.admission import Admission
+from serving.heap import freeze_heap
 
 log = logging.getLogger("device")
 
@@ -208,6 +209,7 @@ class DeviceRuntime:
         codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
         runtime = cls(cfg, checkpoint, link, codec)
         runtime._adopt_info_and_schedule(info)
+        freeze_heap()
         log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s%s", cfg.split_point,
                  cfg.z_confidence_threshold, runtime.codec.name, link.target,
                  ", scheduler on" if runtime.adaptive else "")
@@ -260,6 +262,7 @@ class DeviceRuntime:
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
+        freeze_heap()  # before the stream's swaps start making short-lived modules
         runtime.streamed.start()
         runtime._adopt_info_and_schedule(info)
         active = runtime.active
