@@ -12,8 +12,9 @@ Any app config works (its checkpoint, dataset and ``split_point``). Curves, per 
 - *device-only*: the final classifier of the whole model as received so far (what answers when the cloud is
   gone), after every chunk up to ``--max-points`` points spread over the bytes (every chunk for small models).
 
-Schemes: ours (models/progressive.py) in the ``split`` and ``value`` orders, and the anchor (bench/
-progressivenet.py: per-tensor range, 2-bit slices, layer order). Bytes are cumulative chunk payloads (ours) or
+Schemes: ours (models/progressive.py) in the ``split`` and ``value`` orders, the ``value`` order without the
+output-bias correction, and the anchor (bench/progressivenet.py: per-tensor range, 2-bit slices, layer order).
+``--device-only``: just the two ``value`` curves, device-only (cheap enough for a whole test set). Bytes are cumulative chunk payloads (ours) or
 part sizes (anchor), as a fraction of the float32 size of the weights. Writes
 ``bench/results/progressive_<name>.{json,md,png}``.
 """
@@ -41,7 +42,8 @@ from models.config import parse_app_argv  # noqa: E402
 from models.datasets import build_datasets  # noqa: E402
 from models.exit_policy import CachedOutputs, confidence, evaluate_threshold  # noqa: E402
 from models.partition import Head, tail  # noqa: E402
-from models.progressive import Decoder, build_package, updated_model  # noqa: E402
+from models.bias_correction import bias_inputs  # noqa: E402
+from models.progressive import DEFAULT_CORRECTED_PLANES, Decoder, build_package, updated_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -96,8 +98,10 @@ def eval_points(sizes: list[int], max_points: int) -> set[int]:
     return chosen | {len(sizes) - 1}
 
 
-def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, **package_args) -> dict:
-    """Ours: build the package, apply its chunks one by one, evaluate; also times decode + swap per chunk."""
+def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, with_system: bool = True,
+               **package_args) -> dict:
+    """Ours: build the package, apply its chunks one by one, evaluate (the system at the split too unless
+    ``with_system`` is False); also times decode + swap per chunk."""
     meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
     package = build_package(ckpt.model.state_dict(), meta, "bench", "1", ev.split_point, ckpt.model.exit_points,
                             order, **package_args)
@@ -113,14 +117,13 @@ def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, **p
         model = updated_model(model, decoder.tensors(changed))
         swap_ms.append((time.perf_counter() - started) * 1000)
         cum += m.chunks[i].size
-        head_changed = bool(head_names & set(changed))
+        head_changed = with_system and bool(head_names & set(changed))
         if head_changed:
             system = ev.system(model)
         if head_changed or i in wanted:
-            assert system is not None
             points.append({"chunk": i, "stage": m.chunks[i].stage, "bytes": cum,
-                           "fraction": cum / m.float32_bytes, "system_accuracy": system[0],
-                           "uploading_rate": system[1], "head_bits": decoder.progress().head_bits,
+                           "fraction": cum / m.float32_bytes, "system_accuracy": system and system[0],
+                           "uploading_rate": system and system[1], "head_bits": decoder.progress().head_bits,
                            "device_accuracy": ev.device_final(model) if i in wanted else None})
     return {"order": order, "chunks": len(m.chunks), "total_bytes": m.total_bytes,
             "usable_chunk": m.usable_chunk, "usable_bytes": sum(c.size for c in m.chunks[:m.usable_chunk + 1]),
@@ -184,7 +187,8 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              f"Split point {result['split_point']}, threshold {result['threshold']}, {result['images']} images; "
              f"float32 weights {result['float32_bytes']:,} B. Full precision: system at the split "
-             f"{full['system_accuracy']:.4f} (uploading {full['uploading_rate']:.3f}), device-only final "
+             f"{'-' if full['system_accuracy'] is None else round(full['system_accuracy'], 4)} (uploading "
+             f"{'-' if full['uploading_rate'] is None else round(full['uploading_rate'], 3)}), device-only final "
              f"{full['device_accuracy']:.4f}.", "",
              "| scheme | stream bytes | vs plain 16-bit | system within 1 pt from | device-only within 1 pt from |",
              "|---|---|---|---|---|"]
@@ -215,13 +219,15 @@ def plot(result: dict, path: Path) -> None:
             pts = [p for p in curve["points"] if p.get(key) is not None]
             ax.plot([100 * p["fraction"] for p in pts], [p[key] for p in pts], marker=".", label=name)
         full = result["full"][key]
+        if full is None:  # --device-only
+            continue
         ax.axhline(full - 0.01, color="grey", linestyle="--", linewidth=1, label="full precision - 1 pt")
         ax.set_xscale("log")
         ax.set_xlabel("bytes received, % of float32 weights")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="lower right")
+    axes[1].legend(loc="lower right")
     fig.suptitle(f"Progressive delivery: {result['name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -235,13 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--usable-planes", type=int, default=7)
     parser.add_argument("--chunk-bytes", type=int, default=16384)
+    parser.add_argument("--device-only", action="store_true",
+                        help="only the device-only curves of the value order, with and without bias correction "
+                             "(the whole-model question, cheap enough for a whole test set)")
+    parser.add_argument("--corrected-planes", type=int, default=DEFAULT_CORRECTED_PLANES,
+                        help="planes per layer that carry its output-bias correction (0: none)")
     args, rest = parser.parse_known_args(argv)
     cfg = parse_app_argv(AppConfig, rest)
     torch.manual_seed(0)
     ckpt, batches = load(cfg, args.limit)
     split = cfg.split_point if cfg.split_point is not None else max(ckpt.model.exit_points)
     ev = Evaluator(ckpt.model, split, args.threshold, cfg.confidence, batches)
-    system, upload = ev.system(ckpt.model)
+    system, upload = (None, None) if args.device_only else ev.system(ckpt.model)
     state = ckpt.model.state_dict()
     result = {"name": args.name, "command": "python bench/progressive.py " + " ".join(sys.argv[1:] if argv is None
                                                                                     else argv),
@@ -250,14 +261,19 @@ def main(argv: list[str] | None = None) -> int:
               plain_package_bytes(state, 16),
               "full": {"system_accuracy": system, "uploading_rate": upload, "device_accuracy": ev.device_final(
                   ckpt.model)}, "schemes": {}}
-    for order in ("split", "value"):
-        curve = ours_curve(ckpt, ev, order, args.max_points, usable_planes=args.usable_planes,
-                           chunk_bytes=args.chunk_bytes)
-        result["schemes"][f"ours ({order} order)"] = curve
-        print(f"ours {order}: {len(curve['points'])} points", flush=True)
-    result["schemes"]["anchor (ProgressiveNet)"] = anchor_curve(ckpt, ev)
+    bias = bias_inputs(ckpt.model, ckpt.preprocess.input_size)
+    schemes = [("split order", "split", args.corrected_planes), ("value order", "value", args.corrected_planes),
+               ("value order, no bias correction", "value", 0)]
+    for name, order, corrected in schemes[1:] if args.device_only else schemes:
+        curve = ours_curve(ckpt, ev, order, args.max_points, not args.device_only, usable_planes=args.usable_planes,
+                           chunk_bytes=args.chunk_bytes, bias=bias, corrected_planes=corrected)
+        result["schemes"][f"ours ({name})"] = curve
+        print(f"ours {name}: {len(curve['points'])} points", flush=True)
+    if not args.device_only:
+        result["schemes"]["anchor (ProgressiveNet)"] = anchor_curve(ckpt, ev)
     for curve in result["schemes"].values():
-        curve["within_1pt"] = {"system": within(curve["points"], "system_accuracy", system),
+        curve["within_1pt"] = {"system": None if system is None else within(curve["points"], "system_accuracy",
+                                                                             system),
                                "device": within(curve["points"], "device_accuracy", result["full"]["device_accuracy"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"progressive_{args.name}"

@@ -12,6 +12,7 @@ from typing import Iterator
 import grpc
 
 from cloud.inference import RequestError, ServedModel
+from models.bias_correction import bias_inputs
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
 from proto import spinn_v1_pb2 as pb
@@ -51,7 +52,7 @@ class PackageCache:
                 slot.append(build_package(
                     served.model.state_dict(), served.metadata, served.model_id, served.model_version,
                     split_point, served.model.exit_points, order, self.bits, self.usable_planes,
-                    self.chunk_bytes))
+                    self.chunk_bytes, bias_inputs(served.model, served.input_size)))
                 m = slot[0].manifest
                 log.info("built progressive package for split point %d, order %s: %d chunks, %d bytes (%.1f %% "
                          "of float32) in %.1f s", split_point, order, len(m.chunks), m.total_bytes,

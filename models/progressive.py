@@ -25,6 +25,12 @@ Coding, per conv/linear weight ``w`` of shape ``(C_out, ...)``, with ``B`` bits 
   missing bits sit at the middle of their interval. On the quickstart model the small tensors are 4.5 % of the
   float32 bytes coded whole, 1.9 % as high halves (and 2.6 % for the low ones, later).
 
+- Output-bias correction (``models/bias_correction.py``): while a layer has 1..``corrected_planes`` planes,
+  the unit that brings its p-th plane ends with the expected shift of its outputs caused by the weights'
+  error so far (data-free input means; one float32 scale and an int8 per output channel), which the decoder
+  adds to the BatchNorm's ``running_mean`` that follows (a linear layer's bias: subtracted). Past that plane
+  the shift is dropped, so the final weights are exactly the B-bit ones.
+
 A *unit* is (group, plane); a *chunk* is a run of consecutive units in the package's order, at most about
 ``chunk_bytes`` long (a unit is never cut). Orders (``ORDERS``):
 
@@ -51,10 +57,13 @@ import numpy as np
 import torch
 import zstandard
 
+from models.bias_correction import BiasInput, output_shift, shift_code, shift_decode
+
 ORDERS = ("split", "value")
 DEFAULT_BITS = 16
 DEFAULT_USABLE_PLANES = 7
 DEFAULT_CHUNK_BYTES = 16 * 1024
+DEFAULT_CORRECTED_PLANES = 6  # 8 made the quickstart stream 1.003x the plain 16-bit package
 
 _SECTION = struct.Struct("<BI")  # flag (0 raw, 1 zstd), payload length
 _RAW, _ZSTD = 0, 1
@@ -82,6 +91,7 @@ class TensorInfo:
     part: str
     scales: Optional[np.ndarray] = None
     offsets: Optional[np.ndarray] = None  # float32 (bits,) for planes tensors
+    target: Optional[int] = None  # planes tensors: the raw tensor of its group its output shift goes to
 
     @property
     def numel(self) -> int:
@@ -118,6 +128,7 @@ class Manifest:
     chunks: list[ChunkInfo]
     final_sha256: str
     usable_chunk: int = -1  # after chunks[0..usable_chunk] every head layer has >= usable_planes planes
+    corrected_planes: int = 0  # output shifts travel while 1..corrected_planes planes of a layer are known
 
     @property
     def planes(self) -> int:
@@ -338,9 +349,22 @@ class _Units:
     distortion: dict[int, list[float]]  # group -> mean per-channel relative squared error after p planes
 
 
+def _shift_target(i: int, infos: list[TensorInfo], bias: dict[str, BiasInput]) -> Optional[int]:
+    """Index of the tensor that takes planes tensor ``i``'s output shift: a float32 raw tensor of its group with
+    one value per output channel (where the checkpoint's layout is another, no correction)."""
+    b = bias.get(infos[i].name)
+    for t, info in enumerate(infos):
+        if b is not None and info.name == b.target and info.group == i and info.kind == "raw" and \
+                info.dtype == "float32" and info.shape == (infos[i].shape[0],) and \
+                b.mean.shape == (infos[i].shape[1] * b.groups if len(infos[i].shape) > 1 else 0,):
+            return t
+    return None
+
+
 def _code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo], bits: int,
-                usable_planes: int) -> _Units:
+                usable_planes: int, bias: Optional[dict[str, BiasInput]] = None, corrected_planes: int = 0) -> _Units:
     planes = bits - 1
+    bias = bias or {}
     data: dict[tuple[int, int], bytes] = {}
     distortion: dict[int, list[float]] = {}
     infos = []
@@ -351,8 +375,9 @@ def _code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo
             continue
         mag, neg, scales = quantize(tensors[i], bits)
         offsets = fill_offsets(mag, planes)
+        target = _shift_target(i, infos_no_scales, bias)
         infos.append(TensorInfo(info.name, info.shape, info.dtype, info.kind, info.group, info.part, scales,
-                                offsets))
+                                offsets, target))
         w = tensors[i].detach().cpu().double().reshape(mag.shape[0], -1).numpy()
         energy = np.maximum((w ** 2).sum(axis=1), 1e-30)
         flat_mag, flat_neg = mag.reshape(-1), neg.reshape(-1)
@@ -363,6 +388,10 @@ def _code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo
             errors.append(float((((w - approx) ** 2).sum(axis=1) / energy).mean()))
             if p < planes:
                 data[(i, p)] = encode_plane(flat_mag, flat_neg, p, planes)
+            if target is not None and 1 <= p <= corrected_planes:  # travels with the unit that makes p planes
+                b = bias[info.name]
+                shift = b.sign * output_shift((approx - w).reshape(info.shape), b.mean, b.groups)
+                data[(i, p - 1)] += _section(shift_code(shift))
         distortion[i] = errors
     low_plane = raw_low_plane(bits, usable_planes)
     for g, (first, low) in _raw_sections(tensors, infos).items():  # decoded before the plane, first then low
@@ -420,8 +449,7 @@ def _stages(units: _Units, order: str, planes: int, usable: int) -> list[tuple[s
     # value: the head usable first (the device answers at its split), then one plane of every other backbone
     # layer (a layer still all zero kills the whole network, which the additive proxy underrates), then the
     # head's refinement and the backbone's by value per byte, and last the exits past the split point, which
-    # the final classifier does not use. Measured on the StanfordCars dev model: 15.4 % of the float32 bytes
-    # to within 1 point of the final classifier with the head refined before the rest, XX with this.
+    # the final classifier does not use.
     later_exits = [g for g in rest if units.infos[g].name.startswith("exits.")]
     backbone = [g for g in rest if g not in later_exits]
     start = {**dict.fromkeys(head, usable), **dict.fromkeys(backbone, 1)}
@@ -461,11 +489,15 @@ def build_package(
     state: dict[str, torch.Tensor], metadata: dict, model_id: str, model_version: str, split_point: int,
     exit_points: list[int], order: str = "split", bits: int = DEFAULT_BITS,
     usable_planes: int = DEFAULT_USABLE_PLANES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    bias: Optional[dict[str, BiasInput]] = None, corrected_planes: int = DEFAULT_CORRECTED_PLANES,
 ) -> Package:
     """Code ``state`` (an EarlyExitMobileNetV2 state dict) into a progressive package for ``split_point``.
 
     ``metadata`` is stored as is in the manifest (the checkpoint's model_config, class_names, preprocess).
-    Raises ValueError for an unknown order, bits outside 2..24 or a tensor of another dtype.
+    ``bias`` (``models.bias_correction.bias_inputs``; None: no correction) makes each layer's first
+    ``corrected_planes`` planes carry the output shift of the weights known so far.
+    Raises ValueError for an unknown order, bits outside 2..24, a negative corrected_planes or a tensor of
+    another dtype.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -473,12 +505,15 @@ def build_package(
         raise ValueError(f"bits must be in 2..24, got {bits}")
     if not 1 <= usable_planes <= bits - 1:
         raise ValueError(f"usable_planes must be in 1..{bits - 1}, got {usable_planes}")
+    if corrected_planes < 0:
+        raise ValueError(f"corrected_planes must be >= 0, got {corrected_planes}")
+    corrected_planes = min(corrected_planes, bits - 2) if bias else 0  # the last plane never carries a shift
     infos = describe_tensors(state, split_point, exit_points, {})
-    units = _code_units(state, infos, bits, usable_planes)
+    units = _code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes)
     chunks, payloads = _pack_chunks(_stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits, order, split_point, usable_planes, units.infos,
-                        chunks, final_sha256="")
+                        chunks, final_sha256="", corrected_planes=corrected_planes)
     decoder = Decoder(manifest)
     for i, payload in enumerate(payloads):
         decoder.apply(i, payload)
@@ -543,6 +578,8 @@ class Decoder:
         self._planes: dict[int, _PlaneState] = {}
         self._values: dict[int, torch.Tensor] = {}
         self._high: dict[int, np.ndarray] = {}  # float32 raw tensors whose low halves are still missing
+        self._shifts: dict[int, np.ndarray] = {}  # target tensor -> output shift of its layer's known planes
+        self._shown: dict[int, torch.Tensor] = {}  # target tensor -> its value with the shift added
         self._raw_of: dict[int, list[int]] = {}  # group -> its raw tensors, in order
         self._index = {t.name: i for i, t in enumerate(manifest.tensors)}
         for i, t in enumerate(manifest.tensors):
@@ -570,7 +607,7 @@ class Decoder:
             if plane != planes[g]:
                 raise ProgressiveError(f"chunk {index}: plane {plane} of {m.tensors[g].name} out of order")
             planes[g] += 1
-        raw, high = dict(self._values), dict(self._high)
+        raw, high, shifts = dict(self._values), dict(self._high), dict(self._shifts)
         for g, plane in info.units:
             group_raw = self._raw_of.get(g, []) if plane in (0, m.raw_low_plane) else []
             for r in group_raw if plane == 0 else []:
@@ -580,15 +617,37 @@ class Decoder:
             changed.update(group_raw)
             decode_plane(self._planes[g], buf, m.planes, f"chunk {index} ({m.tensors[g].name})")
             changed.add(g)
+            target = m.tensors[g].target
+            if target is not None:
+                self._read_shift(g, target, plane + 1, buf, index, shifts)
+                changed.add(target)
         if buf.read(1):
             raise ProgressiveError(f"chunk {index}: trailing bytes")
-        self._values, self._high = raw, high
+        self._values, self._high, self._shifts = raw, high, shifts
         for i in changed:
             if i in self._planes:
                 self._values[i] = self._dequantize(i)
+            elif i in shifts and i in raw:
+                self._shown[i] = raw[i] + torch.from_numpy(shifts[i]).reshape(raw[i].shape)
+            else:
+                self._shown.pop(i, None)
         self.next_chunk += 1
         self.bytes += info.size
         return [m.tensors[i].name for i in sorted(changed)]
+
+    def _read_shift(self, g: int, target: int, known: int, buf: io.BytesIO, index: int,
+                    shifts: dict[int, np.ndarray]) -> None:
+        """The output shift of layer ``g`` with ``known`` planes (sent while ``known <= corrected_planes``;
+        past that, the weights are close enough and the target is left as sent)."""
+        if known > self.manifest.corrected_planes:
+            shifts.pop(target, None)
+            return
+        what = f"chunk {index} ({self.manifest.tensors[g].name} output shift)"
+        channels = self.manifest.tensors[target].numel
+        shift = shift_decode(_read_section(buf, 4 + channels, what), channels)
+        if shift is None:
+            raise ProgressiveError(f"{what}: not {channels} int8 codes and a finite scale")
+        shifts[target] = shift
 
     def _read_array(self, info: TensorInfo, buf: io.BytesIO, index: int, dtype: str) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
@@ -623,6 +682,8 @@ class Decoder:
     def tensor(self, index: int) -> Optional[torch.Tensor]:
         """Current value of tensor ``index``: planes tensors are zeros before their first plane; a raw tensor
         is None until its chunk arrived."""
+        if index in self._shown:
+            return self._shown[index]
         if index in self._values:
             return self._values[index]
         if index in self._planes:

@@ -19,8 +19,10 @@ def manifest_message(m: Manifest) -> pb.Manifest:
         tensors=[pb.TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype, planes=t.kind == "planes",
                                 group=t.group, part=t.part,
                                 scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes(),
-                                offsets=b"" if t.offsets is None else t.offsets.astype("<f4").tobytes())
+                                offsets=b"" if t.offsets is None else t.offsets.astype("<f4").tobytes(),
+                                shift_target=0 if t.target is None else t.target + 1)
                  for t in m.tensors],
+        corrected_planes=m.corrected_planes,
         chunks=[pb.ChunkEntry(index=c.index, unit_groups=[g for g, _ in c.units],
                               unit_planes=[p for _, p in c.units], raw=list(c.raw), size=c.size, sha256=c.sha256,
                               stage=c.stage)
@@ -39,7 +41,20 @@ def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
         scales = np.frombuffer(t.scales, "<f4").astype(np.float32)
         offsets = _offsets(t.offsets, bits, f"{where}.offsets ({t.name!r})")
     return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales,
-                      offsets)
+                      offsets, t.shift_target - 1 if t.planes and t.shift_target else None)
+
+
+def _check_targets(tensors: list[TensorInfo], corrected_planes: int, bits: int) -> None:
+    if not 0 <= corrected_planes <= bits - 2:
+        raise ProgressiveError(f"manifest.corrected_planes: {corrected_planes} is outside 0..{bits - 2}")
+    for i, t in enumerate(tensors):
+        if t.target is None:
+            continue
+        target = tensors[t.target] if 0 <= t.target < len(tensors) else None
+        if target is None or target.kind != "raw" or target.dtype != "float32" or target.group != i or \
+                target.numel != t.shape[0]:
+            raise ProgressiveError(f"manifest.tensors[{i}].shift_target: not a float32 tensor of its group with "
+                                   f"one value per output channel ({t.name!r})")
 
 
 def _offsets(data: bytes, bits: int, where: str) -> np.ndarray | None:
@@ -65,6 +80,7 @@ def manifest_from_message(msg: pb.Manifest) -> Manifest:
     if not 2 <= msg.bits <= 24:
         raise ProgressiveError(f"manifest.bits: {msg.bits} is outside 2..24")
     tensors = [_tensor(i, t, len(msg.tensors), msg.bits) for i, t in enumerate(msg.tensors)]
+    _check_targets(tensors, msg.corrected_planes, msg.bits)
     chunks = []
     for i, c in enumerate(msg.chunks):
         units = tuple(zip(c.unit_groups, c.unit_planes))
@@ -74,4 +90,4 @@ def manifest_from_message(msg: pb.Manifest) -> Manifest:
             raise ProgressiveError(f"manifest.chunks[{i}]: malformed")
         chunks.append(ChunkInfo(c.index, units, tuple(c.raw), c.size, c.sha256, c.stage))
     return Manifest(msg.model.model_id, msg.model.model_version, metadata, msg.bits, msg.order, msg.split_point,
-                    msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk)
+                    msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk, msg.corrected_planes)

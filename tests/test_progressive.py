@@ -20,11 +20,12 @@ from device.delivery import ChunkStore, WeightStream, fetch_manifest, lower_thre
 from device.link import CloudLink
 from device.runtime import DeviceRuntime, NoModelError, weightless
 from device.server import build_server as build_device_server
+from models.bias_correction import bias_inputs, input_means
 from models.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
-from models.progressive import (Decoder, ProgressiveError, _code_units, build_package, describe_tensors, quantize,
-                                updated_model)
+from models.progressive import (DEFAULT_CORRECTED_PLANES, Decoder, ProgressiveError, _code_units, build_package,
+                                describe_tensors, quantize, updated_model)
 from models.config import from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -34,10 +35,10 @@ from tests.conftest import NAMES, SIZE
 from tests.test_device import image_bytes, wait_until
 
 
-def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6):
+def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None):
     meta = checkpoint_metadata(model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
     return build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
-                         usable_planes, chunk_bytes)
+                         usable_planes, chunk_bytes, bias)
 
 
 def reference(weight: torch.Tensor, bits: int, planes_known: int, offset=None) -> np.ndarray:
@@ -179,6 +180,115 @@ def test_manifest_survives_the_wire_and_bad_manifests_name_the_field(small_model
     msg = manifest_message(m)
     msg.chunks[3].unit_planes[0] = 99
     with pytest.raises(ProgressiveError, match=r"chunks\[3\]"):
+        manifest_from_message(msg)
+
+
+# -- output-bias correction ----------------------------------------------------------------------------------
+
+
+def test_data_free_input_means_follow_the_batchnorm_statistics():
+    # conv -> BN(beta, gamma) -> ReLU6 -> conv: the second conv's input mean is E[relu6(z)], z ~ N(beta, gamma^2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(4, 2, 1)).eval()
+    beta, gamma = torch.tensor([-1.0, 0.0, 1.0, 5.0]), torch.tensor([0.5, 1.0, 2.0, 1.0])
+    with torch.no_grad():
+        net[1].bias.copy_(beta)
+        net[1].weight.copy_(-gamma)  # the spread is |gamma|
+    got = input_means(net, 48)["3"]
+
+    def clipped_mean(mu: float, sigma: float) -> float:  # E[clip(z, 0, 6)] by quadrature, independently
+        z = np.linspace(mu - 10 * sigma, mu + 10 * sigma, 200_001)
+        density = np.exp(-0.5 * ((z - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+        return float(np.trapezoid(np.clip(z, 0, 6) * density, z))
+
+    expected = [clipped_mean(float(b), float(g)) for b, g in zip(beta, gamma)]
+    np.testing.assert_allclose(got, expected, atol=0.03)
+    assert torch.equal(net[1].bias, beta)  # the model itself is untouched
+
+
+def conv_shift(error: torch.Tensor, mean: np.ndarray, groups: int) -> np.ndarray:
+    """Independent reference of a layer's output shift: the conv of the weight error over a constant image
+    of the input means, read at a pixel no padding reaches (a linear layer: a matrix-vector product)."""
+    if error.dim() == 2:
+        return (error.double() @ torch.from_numpy(mean)).numpy()
+    k = error.shape[-1]
+    image = torch.from_numpy(mean).double()[None, :, None, None].expand(1, -1, k, k)
+    return torch.nn.functional.conv2d(image, error.double(), groups=groups)[0, :, 0, 0].numpy()
+
+
+def test_each_corrected_plane_carries_its_layers_output_shift_and_the_end_is_exact(small_model):
+    bias = bias_inputs(small_model, SIZE)
+    package = package_of(small_model, bias=bias)
+    m, state = package.manifest, small_model.state_dict()
+    targets = {g: m.tensors[g].target for g in m.groups() if m.tensors[g].target is not None}
+    convs = {g for g in targets if m.tensors[g].name.startswith(("features", "exits")) and
+             m.tensors[targets[g]].name.endswith("running_mean")}
+    assert m.corrected_planes == DEFAULT_CORRECTED_PLANES and len(convs) > 20 and any(m.tensors[t].name.endswith(".bias")
+                                                               for t in targets.values())
+    decoder, known, checked = Decoder(m), dict.fromkeys(m.groups(), 0), 0
+    for index, payload in enumerate(package.payloads):
+        decoder.apply(index, payload)
+        for g, _ in m.chunks[index].units:
+            known[g] += 1
+            if g not in targets:
+                continue
+            name, target = m.tensors[g].name, m.tensors[targets[g]]
+            shown, sent = decoder.tensor(targets[g]).numpy(), state[target.name].numpy()
+            if known[g] > m.corrected_planes:
+                continue
+            whole = sent if known[g] > m.raw_low_plane else half_reference(state[target.name]).numpy()
+            b = bias[name]
+            expected = b.sign * conv_shift(decoder.tensor(g) - state[name], b.mean, b.groups)
+            # int8 codes: within half a step of 1/127 of the largest shift (plus float32 rounding)
+            np.testing.assert_allclose(shown - whole, expected, atol=0.5 * np.abs(expected).max() / 127 + 1e-5)
+            checked += 1
+    assert checked > 100
+    final = decoder.state_dict()
+    assert all(torch.equal(final[n], v) for n, v in state.items() if v.dim() < 2)  # shifts gone at the end
+    assert decoder.digest() == m.final_sha256 == package_of(small_model).manifest.final_sha256
+
+
+def test_output_bias_correction_brings_a_coarse_model_closer():
+    # BatchNorm statistics measured on the inputs (as after training), so that its beta and gamma describe its
+    # outputs, the premise of the data-free means; measured: error 0.107 -> 0.061 (0.223 with the sign flipped)
+    torch.manual_seed(0)
+    model = EarlyExitMobileNetV2(ModelConfig(width_mult=0.35, num_classes=10, exits=[0.15, 0.45, 0.75],
+                                             exit_channels=16))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.momentum = None  # a plain average over the batches below
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator) * 0.5)
+        for _ in range(4):
+            model.train()(torch.randn(16, 3, SIZE, SIZE, generator=generator))
+        model.eval()
+        x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        full = model(x)[-1]
+    errors = []
+    for bias in (None, bias_inputs(model, SIZE)):
+        package = package_of(model, order="value", bias=bias)
+        decoder, coarse = Decoder(package.manifest), model
+        for index, payload in enumerate(package.payloads[:len(package.payloads) // 10]):
+            coarse = updated_model(coarse, decoder.tensors(decoder.apply(index, payload)))
+        with torch.no_grad():
+            errors.append(float((coarse(x)[-1] - full).pow(2).mean()))
+    assert errors[1] < 0.8 * errors[0], errors
+
+
+def test_bad_shift_targets_name_the_field(small_model):
+    m = package_of(small_model, bias=bias_inputs(small_model, SIZE)).manifest
+    g, other = [g for g in m.groups() if m.tensors[g].target is not None][:2]
+    # itself (a planes tensor), another layer's running_mean, out of range (the wire value is 1 + the index)
+    for bad in (g + 1, m.tensors[other].target + 1, len(m.tensors) + 5):
+        msg = manifest_message(m)
+        msg.tensors[g].shift_target = bad
+        with pytest.raises(ProgressiveError, match=rf"tensors\[{g}\].shift_target"):
+            manifest_from_message(msg)
+    msg = manifest_message(m)
+    msg.corrected_planes = 15
+    with pytest.raises(ProgressiveError, match="corrected_planes"):
         manifest_from_message(msg)
 
 
