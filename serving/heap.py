@@ -15,9 +15,10 @@ def freeze_heap() -> int:
     Why: a full collection traverses every tracked object while holding the GIL, so it stalls all requests. In
     a replay of the quickstart model's weight stream, one triggered by the swaps' short-lived modules took
     154 ms; after freezing, the longest took 3 ms. Frozen objects are still freed by reference counting;
-    only cycles among them are never collected, so call this once, after start-up. Process-wide.
+    only cycles among them are never collected, so call this once, after start-up. Process-wide. No
+    ``gc.collect()`` first: it would cost a full pass (hundreds of ms) before the device's first answer, for
+    the few cycles that start-up leaves.
     """
-    gc.collect()
     gc.freeze()
     count = gc.get_freeze_count()
     log.debug("froze %d objects out of the collector's reach", count)
