@@ -99,7 +99,7 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
             thread.join()
         stream = runtime.streamed.current if runtime.streamed else None
         streamed = {"total_bytes": stream.manifest.total_bytes, "float32_bytes": stream.manifest.float32_bytes,
-                    "chunks": len(stream.manifest.chunks), "digest_ok": stream.decoder.digest() ==
+                    "chunks": len(stream.manifest.chunks), "digest_ok": stream.digest() ==
                     stream.manifest.final_sha256} if stream else {}
     finally:
         runtime.close()

@@ -9,11 +9,12 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import grpc
 import torch
 
+from device.decode_process import DecoderDied, DecoderProcess
 from device.link import NETWORK_CODES, CloudLink
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
@@ -21,6 +22,8 @@ from proto import spinn_v1_pb2 as pb
 from proto.manifest import manifest_from_message, manifest_message
 
 log = logging.getLogger("device")
+
+AnyDecoder = Union[Decoder, DecoderProcess]
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,13 @@ class WeightStream:
     streamed (on the stream's thread); the decoder
     and the model of the previous snapshot are never modified in place (``updated_model`` shares unchanged
     tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
-    next chunk with a bounded backoff; every call has a deadline.
+    next chunk with a bounded backoff; every call has a deadline. ``new_decoder`` makes the decoder (in this
+    process by default; ``DecoderProcess`` in a child); one that dies is rebuilt from the chunks on disk.
     """
 
     def __init__(self, link: CloudLink, manifest: Manifest, store: ChunkStore, device: torch.device,
-                 on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0, nice: int = 0) -> None:
+                 on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0, nice: int = 0,
+                 new_decoder: Callable[[Manifest], AnyDecoder] = Decoder) -> None:
         """``call_timeout_s``: deadline of one StreamWeights call; a stream still running then is resumed.
         ``nice``: added to the stream thread's nice value (see ``lower_thread_priority``)."""
         self.link = link
@@ -111,7 +116,9 @@ class WeightStream:
         self.store = store
         self.on_snapshot = on_snapshot
         self.call_timeout_s = call_timeout_s
-        self.decoder = Decoder(manifest)
+        self.new_decoder = new_decoder
+        self.decoder = new_decoder(manifest)
+        self.final_digest: Optional[str] = None  # set once complete (the decoder is closed then)
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
         self._call = None  # the StreamWeights call in progress (cancelled by stop)
@@ -133,10 +140,16 @@ class WeightStream:
             call.cancel()  # a stream waiting for its next message ends now, not when the message comes
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+        if not self._thread.is_alive():  # also when it never started; a running one closes it on its way out
+            _close(self.decoder)
 
     @property
     def complete(self) -> bool:
         return self.decoder.next_chunk == len(self.manifest.chunks)
+
+    def digest(self) -> str:
+        """SHA-256 of the decoded weights so far (``manifest.final_sha256`` once complete and intact)."""
+        return self.final_digest if self.final_digest is not None else self.decoder.digest()
 
     def _load_cached(self) -> None:
         changed: set[str] = set()
@@ -164,6 +177,22 @@ class WeightStream:
 
     def _run(self) -> None:
         lower_thread_priority(self.nice)
+        try:
+            self._stream_until_complete()
+        finally:
+            _close(self.decoder)
+
+    def _restart_decoder(self) -> None:
+        """A fresh decoder brought to where the dead one was, from the verified chunks on disk; one that fails
+        again is left closed, so the next chunk raises DecoderDied and comes back here after a backoff."""
+        _close(self.decoder)
+        try:
+            self.decoder = self.new_decoder(self.manifest)
+            self._load_cached()
+        except DecoderDied as err:
+            log.warning("%s", err)
+
+    def _stream_until_complete(self) -> None:
         backoff = 0.2
         while not self._stop.is_set() and not self.complete:
             try:
@@ -180,8 +209,16 @@ class WeightStream:
                 self.refused += 1
                 log.warning("chunk refused (%s); fetching it again", err)
                 self._stop.wait(backoff)
+            except DecoderDied as err:
+                if self._stop.is_set():
+                    break
+                log.warning("%s; rebuilding it from the weights cache in %.1f s", err, backoff)
+                self._stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+                self._restart_decoder()
         if self.complete:
-            ok = self.decoder.digest() == self.manifest.final_sha256
+            self.final_digest = self.decoder.digest()
+            ok = self.final_digest == self.manifest.final_sha256
             log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
                      self.manifest.model_version, self.decoder.bytes, "verified" if ok else "MISMATCH")
 
@@ -216,6 +253,11 @@ class WeightStream:
             calls.cancel()
 
 
+def _close(decoder: AnyDecoder) -> None:
+    if isinstance(decoder, DecoderProcess):
+        decoder.close()
+
+
 def lower_thread_priority(nice: int) -> None:
     """Make the calling thread ``nice`` steps nicer (Linux gives each thread its own nice value; elsewhere a
     no-op). Decoding chunks then takes the CPU only when serving does not want it: on a 2-core device the
@@ -245,13 +287,16 @@ class StreamedModel:
     second one beside it; ``install`` (the runtime) gets every snapshot of the version in use, and the new
     version's first usable snapshot, after which the old stream stops. The cloud is asked for its manifest every
     ``poll_seconds`` and whenever ``check_soon`` is called (e.g. after the cloud refused a version);
-    ``timeout_s`` is the deadline of one GetManifest call.
+    ``timeout_s`` is the deadline of one GetManifest call. ``decode_process``: decode in a child process
+    (``DecoderProcess``; this process's decoder if the child cannot start).
     """
 
     def __init__(self, link: CloudLink, root: Path, split_point: int, order: str, device: torch.device,
-                 install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float, nice: int = 0) -> None:
+                 install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float, nice: int = 0,
+                 decode_process: bool = False) -> None:
         self.link, self.root, self.split_point, self.order = link, root, split_point, order
         self.nice = nice
+        self.decode_process = decode_process
         self.device, self.install = device, install
         self.poll_seconds, self.timeout_s = poll_seconds, timeout_s
         self.current: Optional[WeightStream] = None
@@ -273,11 +318,22 @@ class StreamedModel:
     def check_soon(self) -> None:
         self._wake.set()
 
+    def _new_decoder(self, manifest: Manifest) -> AnyDecoder:
+        if not self.decode_process:
+            return Decoder(manifest)
+        try:
+            return DecoderProcess(manifest, self.nice)
+        except DecoderDied as err:
+            log.warning("%s; decoding in this process instead", err)
+            return Decoder(manifest)
+
     def _begin(self, manifest: Manifest) -> None:
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
-                              lambda snap: self._on_snapshot(stream, snap), nice=self.nice)
+                              lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
+                              new_decoder=self._new_decoder)
         with self._lock:
             if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
+                stream.stop()
                 return
             if self.current is None:
                 self.current = stream

@@ -261,7 +261,8 @@ class DeviceRuntime:
             runtime.active = weightless(info, cfg.z_confidence_threshold)
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
-            cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice)
+            cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice,
+            decode_process=cfg.stream_decode_process)
         freeze_heap()  # before the stream's swaps start making short-lived modules
         runtime.streamed.start()
         runtime._adopt_info_and_schedule(info)

@@ -4,6 +4,7 @@ and the device streaming its model, against a real cloud on loopback with real s
 import gc
 import os
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
+from device.decode_process import DecoderDied, DecoderProcess
 from device.delivery import ChunkStore, WeightStream, fetch_manifest, lower_thread_priority
 from device.link import CloudLink
 from device.runtime import DeviceRuntime, NoModelError, weightless
@@ -442,7 +444,7 @@ def test_streamed_weights_equal_the_cloud_package_and_the_device_answers_alone(c
     try:
         assert wait_until(lambda: runtime.active is not None and runtime.active.complete, 30)
         stream = runtime.streamed.current
-        assert stream.decoder.digest() == stream.manifest.final_sha256
+        assert stream.digest() == stream.manifest.final_sha256
         cloud.stop()  # the cloud is gone: the whole model answers with its final classifier
         result = runtime.classify_tensor(torch.randn(3, SIZE, SIZE))
     finally:
@@ -469,7 +471,7 @@ def test_twenty_cuts_and_restarts_resume_to_identical_weights(checkpoint, cloud,
     finally:
         link.close()
     assert resumed_from[1:] == [max(c, r) for c, r in zip(cuts, resumed_from)] and resumed_from[-1] < n
-    assert stream.complete and stream.decoder.digest() == manifest.final_sha256
+    assert stream.complete and stream.digest() == manifest.final_sha256
 
 
 def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, tmp_path):
@@ -486,7 +488,7 @@ def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, 
         stream = runtime.streamed.current
         assert stream.refused == 1 and stream.decoder.next_chunk >= 5
         assert wait_until(lambda: runtime.active.complete, 30)
-        assert stream.decoder.digest() == stream.manifest.final_sha256
+        assert stream.digest() == stream.manifest.final_sha256
     finally:
         runtime.close()
 
@@ -641,3 +643,59 @@ def test_a_streaming_device_freezes_the_heap_it_started_with(checkpoint, cloud, 
     finally:
         runtime.close()
         gc.unfreeze()
+
+
+def test_the_decode_process_gives_the_decoders_tensors_and_refuses_a_bad_chunk(small_model):
+    package = package_of(small_model)
+    local, remote = Decoder(package.manifest), DecoderProcess(package.manifest)
+    try:
+        bad = bytearray(package.payloads[0])
+        bad[-1] ^= 1
+        with pytest.raises(ProgressiveError, match="SHA-256"):
+            remote.apply(0, bytes(bad))
+        assert remote.next_chunk == 0
+        for index, payload in enumerate(package.payloads):
+            changed = remote.apply(index, payload)
+            assert changed == local.apply(index, payload)
+            expected = local.tensors(changed)
+            assert all(torch.equal(value, expected[name]) for name, value in remote.tensors(changed).items())
+            assert remote.progress() == local.progress() and remote.next_chunk == index + 1
+        assert remote.bytes == local.bytes and remote.digest() == package.manifest.final_sha256
+        assert remote.tensors(local.state_dict()).keys() == local.state_dict().keys()
+    finally:
+        remote.close()
+    assert remote.process is None
+
+
+def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
+    package = package_of(small_model)
+    remote = DecoderProcess(package.manifest, timeout_s=1.0)
+    process = remote.process
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DecoderDied, match="within 1 s"):
+            remote.apply(0, package.payloads[0])
+        assert not process.is_alive() and remote.process is None
+        with pytest.raises(DecoderDied):  # closed: every later call says so too, at once
+            remote.apply(0, package.payloads[0])
+    finally:
+        if process.is_alive():
+            process.kill()
+
+
+def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_completes(checkpoint, tmp_path):
+    cloud = start_cloud(checkpoint, delivery_message_bytes=300)  # slow enough to kill it mid-stream
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache"))
+    try:
+        assert wait_until(lambda: runtime.streamed.current is not None
+                          and runtime.streamed.current.decoder.next_chunk >= 3, 30)
+        stream = runtime.streamed.current
+        first = stream.decoder.process
+        first.kill()
+        assert wait_until(lambda: stream.complete, 60)
+        assert stream.digest() == stream.manifest.final_sha256 and runtime.active.complete
+        assert isinstance(stream.decoder, DecoderProcess) and first.exitcode == -signal.SIGKILL
+    finally:
+        runtime.close()
+        cloud.stop()
+    assert stream.decoder.process is None  # a finished stream leaves no process behind
