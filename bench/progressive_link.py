@@ -66,7 +66,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     cfg = from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": args.cloud, "split_point": split,
                                    "z_confidence_threshold": args.threshold, "deadline_ms": 5000,
                                    "weights_cache": args.cache, "log_level": "WARNING",
-                                   "stream_nice": args.stream_nice})
+                                   "stream_nice": args.stream_nice,
+                                   "stream_decode_process": not args.decode_in_thread})
     local = local_images(ckpt.model, images, split, args.threshold)
     torch.set_num_threads(1)  # the device: one core, the other one is the cloud's
     started = time.perf_counter()
@@ -137,7 +138,7 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
     steady = [r for r in rows if r["complete"]]
     out = {
         "rate_bit_s": args.rate, "threshold": args.threshold, "requests": len(rows), "split_point": split,
-        "stream_nice": args.stream_nice,
+        "stream_nice": args.stream_nice, "decode": "thread" if args.decode_in_thread else "process",
         "first_answer_s": first(rows, lambda r: True),
         "first_answer_equal_to_full_s": first(rows, lambda r: r["equal_to_full"]),
         "first_answer_at_split_s": first(rows, lambda r: r["split_point"] == split),
@@ -165,6 +166,7 @@ def markdown(s: dict, name: str, command: str) -> str:
     lines = [f"# Progressive delivery over a {s['rate_bit_s'] / 1e6:g} Mbit/s link: {name}", "", f"`{command}`", "",
              f"Cloud and device in two network namespaces, veth shaped with tc tbf each way (no added delay). "
              f"Device split point {s['split_point']}, threshold {s['threshold']}, stream_nice {s['stream_nice']}, "
+             f"chunks decoded in a {s.get('decode', 'thread')}, "
              f"{s['requests']} requests from two loops, {s['degraded']} degraded.", "",
              f"- float32 checkpoint ({s['checkpoint_bytes']:,} B) over GetCheckpoint: "
              f"**{s['checkpoint_download_s']:.1f} s**",
@@ -231,6 +233,8 @@ def main() -> int:
     parser.add_argument("--steady", type=int, default=300, help="requests per loop after the model is complete")
     parser.add_argument("--limit", type=int, default=256, help="validation images cycled through")
     parser.add_argument("--stream-nice", type=int, default=10, help="the device's stream_nice")
+    parser.add_argument("--decode-in-thread", action="store_true",
+                        help="the device decodes in the stream's thread (stream_decode_process=false)")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--name", default="quickstart")
     parser.add_argument("--cache", default="/tmp/spinn-progressive-link-cache")

@@ -31,16 +31,17 @@ class DecoderDied(RuntimeError):
     rebuilds it from the verified chunks on disk)."""
 
 
-def _serve(conn: Connection, manifest: Manifest, nice: int) -> None:
-    """Child main loop: ``("apply", index, payload)`` -> ``("ok", changed, values, next, bytes, progress)`` or
-    ``("refused", text)``; ``("digest",)`` -> ``("ok", sha256)``; ``None`` ends it."""
+def _serve(conn: Connection, nice: int) -> None:
+    """Child main loop: ``("manifest", m)`` -> ``("ok",)`` (a fresh decoder for ``m``); ``("apply", index,
+    payload)`` -> ``("ok", changed, values, next, bytes, progress)`` or ``("refused", text)``; ``("digest",)``
+    -> ``("ok", sha256)``; ``None`` ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the device stops this process itself, after draining
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice > 0 and hasattr(os, "nice"):
         os.nice(nice)
     torch.set_num_threads(1)
-    decoder = Decoder(manifest)
     conn.send(("ready",))
+    decoder: Optional[Decoder] = None
     while True:
         try:
             message = conn.recv()
@@ -48,6 +49,11 @@ def _serve(conn: Connection, manifest: Manifest, nice: int) -> None:
             return
         if message is None:
             return
+        if message[0] == "manifest":
+            decoder = Decoder(message[1])
+            conn.send(("ok",))
+            continue
+        assert decoder is not None, "the parent sends the manifest first"
         if message[0] == "digest":
             conn.send(("ok", decoder.digest()))
             continue
@@ -62,31 +68,52 @@ def _serve(conn: Connection, manifest: Manifest, nice: int) -> None:
 
 
 class DecoderProcess:
-    """A ``Decoder`` for ``manifest`` computed in a child process, with the calls ``WeightStream`` makes:
-    ``apply``, ``tensors``, ``progress``, ``digest``, ``next_chunk``, ``bytes``.
+    """A ``Decoder`` computed in a child process, with the calls ``WeightStream`` makes: ``apply``, ``tensors``,
+    ``progress``, ``digest``, ``next_chunk``, ``bytes``.
 
-    Calls are serialised (one stream thread makes them) and each has a deadline of ``timeout_s`` (starting:
-    START_TIMEOUT_S); a child that
-    dies or misses it is killed and the call raises DecoderDied. ``nice``: the child's nice value increment.
+    The child starts at construction without waiting for it (a device spawns one when it starts, so that its
+    interpreter is up by the time the manifest arrives); ``begin(manifest)`` waits for it (START_TIMEOUT_S) and
+    gives it the package. Calls are serialised (one stream thread makes them) and each has a deadline of
+    ``timeout_s``; a child that dies or misses it is killed and the call raises DecoderDied. ``nice``: the
+    child's nice value increment.
     """
 
-    def __init__(self, manifest: Manifest, nice: int = 0, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self.manifest = manifest
+    def __init__(self, manifest: Optional[Manifest] = None, nice: int = 0,
+                 timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self.next_chunk = 0
         self.bytes = 0
-        self._progress = Decoder(manifest).progress()  # nothing received: computed here, no round trip
         self._values: dict[str, torch.Tensor] = {}  # every tensor that has a value, as the child last sent it
         self._lock = threading.Lock()
+        self._started = False
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, manifest, nice), name="spinn-decode", daemon=True)
+        self.process: Optional[mp.process.BaseProcess] = ctx.Process(target=_serve, args=(child, nice),
+                                                                     name="spinn-decode", daemon=True)
         self.process.start()
         child.close()
-        self._receive("start", START_TIMEOUT_S)
+        if manifest is not None:
+            self.begin(manifest)
+
+    def ready(self) -> bool:
+        """Whether ``begin`` would not wait: the child is up (or already gone, which ``begin`` reports)."""
+        return self._started or self.process is None or self._conn.poll(0)
+
+    def begin(self, manifest: Manifest) -> "DecoderProcess":
+        """Wait for the child to be up and give it ``manifest``; returns self. Raises DecoderDied."""
+        with self._lock:
+            if not self._started:
+                self._receive("start", START_TIMEOUT_S)
+                self._started = True
+        self._call(("manifest", manifest), "the manifest")
+        self.manifest = manifest
+        self._progress = Decoder(manifest).progress()  # nothing received: computed here, no round trip
+        return self
 
     def _receive(self, what: str, timeout_s: Optional[float] = None) -> tuple:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if self.process is None:
+            raise DecoderDied(f"decode process closed before {what}")
         if not self._conn.poll(timeout_s):
             self.close(wait_s=0)
             raise DecoderDied(f"decode process: no answer to {what} within {timeout_s:.0f} s")

@@ -24,6 +24,8 @@ from proto.manifest import manifest_from_message, manifest_message
 log = logging.getLogger("device")
 
 AnyDecoder = Union[Decoder, DecoderProcess]
+#: Decode processes a stream starts again after one died, before it decodes in its own thread for good.
+MAX_DECODER_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,16 @@ class WeightStream:
     streamed (on the stream's thread); the decoder
     and the model of the previous snapshot are never modified in place (``updated_model`` shares unchanged
     tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
-    next chunk with a bounded backoff; every call has a deadline. ``new_decoder`` makes the decoder (in this
-    process by default; ``DecoderProcess`` in a child); one that dies is rebuilt from the chunks on disk.
+    next chunk with a bounded backoff; every call has a deadline.
+
+    With ``decode_process``, a ``DecoderProcess`` is started beside the stream and takes over decoding once its
+    interpreter is up (it replays the verified chunks from disk first); until then, and for good if it
+    cannot start or dies MAX_DECODER_RESTARTS times, chunks are decoded on the stream's thread.
     """
 
     def __init__(self, link: CloudLink, manifest: Manifest, store: ChunkStore, device: torch.device,
                  on_snapshot: Callable[[Snapshot], None], call_timeout_s: float = 600.0, nice: int = 0,
-                 new_decoder: Callable[[Manifest], AnyDecoder] = Decoder) -> None:
+                 decode_process: bool = False) -> None:
         """``call_timeout_s``: deadline of one StreamWeights call; a stream still running then is resumed.
         ``nice``: added to the stream thread's nice value (see ``lower_thread_priority``)."""
         self.link = link
@@ -116,8 +121,9 @@ class WeightStream:
         self.store = store
         self.on_snapshot = on_snapshot
         self.call_timeout_s = call_timeout_s
-        self.new_decoder = new_decoder
-        self.decoder = new_decoder(manifest)
+        self.decoder: AnyDecoder = Decoder(manifest)
+        self.decoder_restarts = 0
+        self.helper = _spawn_decoder(nice) if decode_process else None  # takes over when up (_hand_over)
         self.final_digest: Optional[str] = None  # set once complete (the decoder is closed then)
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
@@ -141,7 +147,7 @@ class WeightStream:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         if not self._thread.is_alive():  # also when it never started; a running one closes it on its way out
-            _close(self.decoder)
+            self._close_decoders()
 
     @property
     def complete(self) -> bool:
@@ -180,17 +186,46 @@ class WeightStream:
         try:
             self._stream_until_complete()
         finally:
-            _close(self.decoder)
+            self._close_decoders()
 
-    def _restart_decoder(self) -> None:
-        """A fresh decoder brought to where the dead one was, from the verified chunks on disk; one that fails
-        again is left closed, so the next chunk raises DecoderDied and comes back here after a backoff."""
-        _close(self.decoder)
+    def _close_decoders(self) -> None:
+        helper, self.helper = self.helper, None
+        for decoder in (helper, self.decoder):
+            if isinstance(decoder, DecoderProcess):
+                decoder.close()
+
+    def _hand_over(self) -> None:
+        """Once the helper process is up, bring it to this decoder's chunk from the verified chunks on disk
+        and decode there from now on; on any failure keep decoding here."""
+        helper = self.helper
+        if helper is None or not helper.ready():
+            return
+        self.helper = None
         try:
-            self.decoder = self.new_decoder(self.manifest)
-            self._load_cached()
-        except DecoderDied as err:
-            log.warning("%s", err)
+            helper.begin(self.manifest)
+            for index in range(self.decoder.next_chunk):
+                payload = self.store.load(index)
+                if payload is None:
+                    raise DecoderDied(f"chunk {index} is not in the weights cache")
+                helper.apply(index, payload)
+        except (DecoderDied, ProgressiveError) as err:
+            log.warning("decoding stays in the stream's thread: %s", err)
+            helper.close()
+            return
+        self.decoder = helper
+
+    def _restart_decoder(self, err: DecoderDied) -> None:
+        """Back to a decoder in this process, brought to where the dead one was from the chunks on disk, and
+        (a bounded number of times) a new helper process to take over again."""
+        self.decoder_restarts += 1
+        again = self.decoder_restarts <= MAX_DECODER_RESTARTS
+        log.warning("%s; decoding in the stream's thread%s", err, " until a new decode process is up" if again
+                    else f" from now on ({MAX_DECODER_RESTARTS} restarts)")
+        self._close_decoders()
+        self.decoder = Decoder(self.manifest)
+        self._load_cached()
+        if again:
+            self.helper = _spawn_decoder(self.nice)
 
     def _stream_until_complete(self) -> None:
         backoff = 0.2
@@ -212,10 +247,7 @@ class WeightStream:
             except DecoderDied as err:
                 if self._stop.is_set():
                     break
-                log.warning("%s; rebuilding it from the weights cache in %.1f s", err, backoff)
-                self._stop.wait(backoff)
-                backoff = min(5.0, backoff * 2)
-                self._restart_decoder()
+                self._restart_decoder(err)
         if self.complete:
             self.final_digest = self.decoder.digest()
             ok = self.final_digest == self.manifest.final_sha256
@@ -249,13 +281,17 @@ class WeightStream:
                          100 * p.weights_fraction, p.head_bits)
                 self._refine(set(changed))
                 self.on_snapshot(self.snapshot)
+                self._hand_over()
         finally:
             calls.cancel()
 
 
-def _close(decoder: AnyDecoder) -> None:
-    if isinstance(decoder, DecoderProcess):
-        decoder.close()
+def _spawn_decoder(nice: int) -> Optional[DecoderProcess]:
+    try:
+        return DecoderProcess(nice=nice)
+    except OSError as err:  # no process to be had (limits): decode in the stream's thread
+        log.warning("could not start a decode process: %s", err)
+        return None
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -287,8 +323,7 @@ class StreamedModel:
     second one beside it; ``install`` (the runtime) gets every snapshot of the version in use, and the new
     version's first usable snapshot, after which the old stream stops. The cloud is asked for its manifest every
     ``poll_seconds`` and whenever ``check_soon`` is called (e.g. after the cloud refused a version);
-    ``timeout_s`` is the deadline of one GetManifest call. ``decode_process``: decode in a child process
-    (``DecoderProcess``; this process's decoder if the child cannot start).
+    ``timeout_s`` is the deadline of one GetManifest call; ``decode_process``: see ``WeightStream``.
     """
 
     def __init__(self, link: CloudLink, root: Path, split_point: int, order: str, device: torch.device,
@@ -318,19 +353,10 @@ class StreamedModel:
     def check_soon(self) -> None:
         self._wake.set()
 
-    def _new_decoder(self, manifest: Manifest) -> AnyDecoder:
-        if not self.decode_process:
-            return Decoder(manifest)
-        try:
-            return DecoderProcess(manifest, self.nice)
-        except DecoderDied as err:
-            log.warning("%s; decoding in this process instead", err)
-            return Decoder(manifest)
-
     def _begin(self, manifest: Manifest) -> None:
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
-                              new_decoder=self._new_decoder)
+                              decode_process=self.decode_process)
         with self._lock:
             if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
                 stream.stop()

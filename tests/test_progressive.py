@@ -683,19 +683,29 @@ def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
             process.kill()
 
 
-def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_completes(checkpoint, tmp_path):
-    cloud = start_cloud(checkpoint, delivery_message_bytes=300)  # slow enough to kill it mid-stream
-    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache"))
+def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_completes(checkpoint, cloud, tmp_path):
+    link = CloudLink(device_cfg(cloud.port, tmp_path))
+    manifest = fetch_manifest(link, 7, "split", 30)
+    decoded_by, killed = [], []
+
+    def on_snapshot(snap):  # on the stream's thread, before it looks at its helper
+        decoded_by.append(type(stream.decoder).__name__)
+        if stream.helper is not None:  # hold the (fast, local) stream until the helper's interpreter is up
+            assert wait_until(stream.helper.ready, 60)
+        if len(decoded_by) == 8:
+            killed.append(stream.decoder.process)
+            stream.decoder.process.kill()
+
+    stream = WeightStream(link, manifest, ChunkStore(tmp_path / "cache", manifest), torch.device("cpu"),
+                          on_snapshot, decode_process=True)
     try:
-        assert wait_until(lambda: runtime.streamed.current is not None
-                          and runtime.streamed.current.decoder.next_chunk >= 3, 30)
-        stream = runtime.streamed.current
-        first = stream.decoder.process
-        first.kill()
+        stream.start()
         assert wait_until(lambda: stream.complete, 60)
-        assert stream.digest() == stream.manifest.final_sha256 and runtime.active.complete
-        assert isinstance(stream.decoder, DecoderProcess) and first.exitcode == -signal.SIGKILL
+        stream.stop()
     finally:
-        runtime.close()
-        cloud.stop()
-    assert stream.decoder.process is None  # a finished stream leaves no process behind
+        link.close()
+    assert stream.digest() == manifest.final_sha256 and stream.decoder_restarts == 1
+    # chunk 1 decoded here; the helper replays it and takes over; killed after chunk 8, chunk 9 is decoded here
+    assert decoded_by[:9] == ["Decoder"] + ["DecoderProcess"] * 7 + ["Decoder"]
+    assert decoded_by[-1] == "DecoderProcess" and killed[0].exitcode == -signal.SIGKILL
+    assert stream.helper is None and stream.decoder.process is None  # a finished stream leaves no process
