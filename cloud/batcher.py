@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from serving.priority import lower_thread_priority
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,8 @@ class DynamicBatcher:
     """Collects submitted tensors per key and runs ``run(key, batch) -> list[(N, classes)]`` on batches.
 
     ``max_batch_size`` counts images (a request may carry several); ``max_queue_delay_ms`` is how long the
-    oldest request waits for company; ``max_queue_size`` bounds the number of waiting requests.
+    oldest request waits for company; ``max_queue_size`` bounds the number of waiting requests. ``nice``: the
+    batching thread (which runs the forward) runs that much nicer than the caller's threads.
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class DynamicBatcher:
         max_batch_size: int = 16,
         max_queue_delay_ms: float = 2.0,
         max_queue_size: int = 256,
+        nice: int = 0,
     ) -> None:
         self._run = run
+        self.nice = nice
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -157,6 +162,7 @@ class DynamicBatcher:
             return batch
 
     def _loop(self) -> None:
+        lower_thread_priority(self.nice)
         while True:
             batch = self._take_batch()
             if batch is None:

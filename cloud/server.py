@@ -75,6 +75,7 @@ class CloudConfig:
     max_in_flight: int = 64  # Infer requests admitted at once; beyond: RESOURCE_EXHAUSTED at once
     max_streams: int = 8  # StreamWeights/GetCheckpoint streams at once; beyond: RESOURCE_EXHAUSTED
     forward_timeout_s: float = 60.0  # a batch forward running longer is failed (UNAVAILABLE) by the watchdog
+    forward_nice: int = 10  # the forward (batcher thread or worker process) runs this much nicer, 0..19 (Linux)
     metrics_address: Optional[str] = None  # host:port: Prometheus /metrics there (None: not exported)
     intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
     rpc_threads: int = 80  # >= max_in_flight + max_streams + 4 (spare threads for health checks)
@@ -102,6 +103,8 @@ class CloudConfig:
         check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes",
                               "max_in_flight", "max_streams"), 1)
         check_positive(self, ("forward_timeout_s", "grace_seconds"))
+        if not 0 <= self.forward_nice <= 19:
+            raise ConfigError(f"config key 'forward_nice': must be in 0..19, got {self.forward_nice}")
         if self.rpc_threads < self.max_in_flight + self.max_streams + SPARE_RPC_THREADS:
             raise ConfigError(
                 f"config key 'rpc_threads': must be >= max_in_flight + max_streams + {SPARE_RPC_THREADS} = "
@@ -425,7 +428,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     """
     servicer: InferenceServicer  # assigned below; the batcher calls it only once requests arrive
     batcher = DynamicBatcher(lambda s, x: servicer.run_batch(s, x), cfg.max_batch_size,
-                             cfg.max_queue_delay_ms, cfg.max_queue_size)
+                             cfg.max_queue_delay_ms, cfg.max_queue_size, cfg.forward_nice)
     options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                ("grpc.max_send_message_length", cfg.max_message_bytes),
                # devices keep idle channels alive with pings (device config keepalive_ms >= 10 s)
@@ -502,7 +505,8 @@ def serve(cfg: CloudConfig) -> int:
         if cfg.forward_process:
             # The worker owns the model that computes; this process keeps a CPU copy for metadata only.
             served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version)
-            worker = ForwardWorker(served.checkpoint_bytes, cfg.checkpoint, device, intra_op_threads_for(cfg))
+            worker = ForwardWorker(served.checkpoint_bytes, cfg.checkpoint, device, intra_op_threads_for(cfg),
+                                   cfg.forward_nice)
         else:
             served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version, device)
         beyond = [s for s in cfg.delivery_prebuild if s > served.model.num_blocks]

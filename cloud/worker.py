@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -27,7 +28,7 @@ class WorkerError(RuntimeError):
     """The forward process failed to start, died, or raised; the message says which."""
 
 
-def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, threads: int) -> None:
+def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, threads: int, nice: int) -> None:
     """Worker main loop: ``(split_point, activations)`` in, ``("ok", [logits...])`` or ``("error", text)`` out."""
     from cloud.inference import ServedModel, run_tail  # in the child: spawn imports afresh
     from models.checkpoint import load_checkpoint_bytes
@@ -35,6 +36,8 @@ def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, thread
     # Ctrl-C and SIGTERM reach the whole process group; the daemon drains first and then stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)  # the whole process, its intra-op threads included (see CloudConfig.forward_nice)
     torch.set_num_threads(threads)
     try:
         served = ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", "", b"",
@@ -65,8 +68,8 @@ class ForwardWorker:
     serialised, which is what the single batcher thread does anyway.
     """
 
-    def __init__(self, checkpoint: bytes, source: str, device: torch.device, threads: int) -> None:
-        self._args = (checkpoint, source, str(device), threads)
+    def __init__(self, checkpoint: bytes, source: str, device: torch.device, threads: int, nice: int = 0) -> None:
+        self._args = (checkpoint, source, str(device), threads, nice)
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self.process: mp.process.BaseProcess | None = None

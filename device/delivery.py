@@ -16,6 +16,7 @@ import torch
 
 from device.decode_process import DecoderDied, DecoderProcess
 from device.link import NETWORK_CODES, CloudLink
+from serving.priority import lower_thread_priority
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
 from proto import spinn_v1_pb2 as pb
@@ -292,19 +293,6 @@ def _spawn_decoder(nice: int) -> Optional[DecoderProcess]:
     except OSError as err:  # no process to be had (limits): decode in the stream's thread
         log.warning("could not start a decode process: %s", err)
         return None
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Make the calling thread ``nice`` steps nicer (Linux gives each thread its own nice value; elsewhere a
-    no-op). Decoding chunks then takes the CPU only when serving does not want it: on a 2-core device the
-    refining work otherwise competes with classify for the cores and shows in its tail latency."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError as err:
-        log.debug("could not lower the weight stream's priority: %s", err)
 
 
 def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float) -> Manifest:

@@ -370,10 +370,12 @@ def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoi
     from cloud.worker import ForwardWorker, WorkerError
 
     served = ServedModel.from_file(str(checkpoint), "spinn", "1")
-    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1)
+    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1, nice=3)
     running = start(checkpoint)
     running.set_model(served, worker)
     pids = []
+    if hasattr(os, "getpriority"):  # the whole worker process runs nicer than the daemon
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
         x = torch.randn(2, 3, SIZE, SIZE)
@@ -395,6 +397,26 @@ def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoi
     finally:
         running.stop()
     assert worker.process is None and not os.path.exists(f"/proc/{pids[1]}")
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread nice value here")
+def test_the_forward_runs_nicer_than_the_grpc_threads_and_the_range_is_checked():
+    seen = []
+
+    def run(key, batch):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return [batch.sum(dim=(1, 2, 3)).unsqueeze(1)]
+
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_ms=0, nice=4)
+    try:
+        batcher.submit(0, torch.ones(1, 1, 2, 2)).result(30)
+    finally:
+        batcher.close(drain=False)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, mine + 4)] and mine == os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for bad in (-1, 20):
+        with pytest.raises(ConfigError, match="forward_nice"):
+            CloudConfig(forward_nice=bad).validate()
 
 
 def test_forward_process_with_a_bad_checkpoint_fails_clearly():

@@ -18,7 +18,8 @@ from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.decode_process import DecoderDied, DecoderProcess
-from device.delivery import ChunkStore, WeightStream, fetch_manifest, lower_thread_priority
+from device.delivery import ChunkStore, WeightStream, fetch_manifest
+from serving.priority import lower_thread_priority
 from device.link import CloudLink
 from device.runtime import DeviceRuntime, NoModelError, weightless
 from device.server import build_server as build_device_server
