@@ -12,10 +12,11 @@ Any app config works (its checkpoint, dataset and ``split_point``). Curves, per 
 - *device-only*: the final classifier of the whole model as received so far (what answers when the cloud is
   gone), after every chunk up to ``--max-points`` points spread over the bytes (every chunk for small models).
 
-Schemes: ours (models/progressive.py) in the ``split`` and ``value`` orders, the ``value`` order without the
-output-bias correction, and the anchor (bench/progressivenet.py: per-tensor range, 2-bit slices, layer order).
-``--device-only``: just the two ``value`` curves, device-only (cheap enough for a whole test set). Bytes are cumulative chunk payloads (ours) or
-part sizes (anchor), as a fraction of the float32 size of the weights. Writes
+Schemes: ours (models/progressive.py) in the ``split``, ``value`` and ``whole`` orders, the ``value`` order
+without the output-bias correction, and the anchor (bench/progressivenet.py: per-tensor range, 2-bit slices,
+layer order). ``--device-only``: just the ``value`` (with and without bias correction) and ``whole`` curves,
+device-only (cheap enough for a whole test set). Bytes are cumulative chunk payloads (ours) or part sizes
+(anchor), as a fraction of the float32 size of the weights. Writes
 ``bench/results/progressive_<name>.{json,md,png}``.
 """
 
@@ -27,7 +28,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -43,7 +46,7 @@ from models.datasets import build_datasets  # noqa: E402
 from models.exit_policy import CachedOutputs, confidence, evaluate_threshold  # noqa: E402
 from models.partition import Head, tail  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
-from models.progressive import DEFAULT_CORRECTED_PLANES, Decoder, build_package, updated_model  # noqa: E402
+from models.progressive import DEFAULT_CORRECTED_PLANES, ORDERS, Decoder, build_package, updated_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -99,9 +102,10 @@ def eval_points(sizes: list[int], max_points: int) -> set[int]:
 
 
 def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, with_system: bool = True,
-               **package_args) -> dict:
+               dense: Optional[tuple[float, float]] = None, **package_args) -> dict:
     """Ours: build the package, apply its chunks one by one, evaluate (the system at the split too unless
-    ``with_system`` is False); also times decode + swap per chunk."""
+    ``with_system`` is False) at ``max_points`` points and at every chunk ending within ``dense`` (a range of
+    shares of the float32 bytes); also times decode + swap per chunk."""
     meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
     package = build_package(ckpt.model.state_dict(), meta, "bench", "1", ev.split_point, ckpt.model.exit_points,
                             order, **package_args)
@@ -110,6 +114,9 @@ def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, wit
     decoder = Decoder(m)
     model = checkpoint_from_metadata(meta, blank_state(m), "bench", assign=True).model
     wanted = eval_points([c.size for c in m.chunks], max_points)
+    if dense is not None:
+        ends = np.cumsum([c.size for c in m.chunks]) / m.float32_bytes
+        wanted |= {i for i, end in enumerate(ends) if dense[0] <= end <= dense[1]}
     points, cum, system, swap_ms = [], 0, None, []
     for i, payload in enumerate(package.payloads):
         started = time.perf_counter()
@@ -242,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--usable-planes", type=int, default=7)
     parser.add_argument("--chunk-bytes", type=int, default=16384)
     parser.add_argument("--device-only", action="store_true",
-                        help="only the device-only curves of the value order, with and without bias correction "
-                             "(the whole-model question, cheap enough for a whole test set)")
+                        help="only the device-only curves of the value (with and without bias correction) and "
+                             "whole orders (the whole-model question, cheap enough for a whole test set)")
+    parser.add_argument("--orders", nargs="+", choices=ORDERS, default=None, help="only these orders' curves")
+    parser.add_argument("--dense", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                        help="also evaluate after every chunk ending between LO and HI percent of the float32 bytes")
     parser.add_argument("--corrected-planes", type=int, default=DEFAULT_CORRECTED_PLANES,
                         help="planes per layer that carry its output-bias correction (0: none)")
     args, rest = parser.parse_known_args(argv)
@@ -263,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                   ckpt.model)}, "schemes": {}}
     bias = bias_inputs(ckpt.model, ckpt.preprocess.input_size)
     schemes = [("split order", "split", args.corrected_planes), ("value order", "value", args.corrected_planes),
-               ("value order, no bias correction", "value", 0)]
+               ("value order, no bias correction", "value", 0), ("whole order", "whole", args.corrected_planes)]
     for name, order, corrected in schemes[1:] if args.device_only else schemes:
-        curve = ours_curve(ckpt, ev, order, args.max_points, not args.device_only, usable_planes=args.usable_planes,
+        if args.orders and order not in args.orders:
+            continue
+        dense = None if args.dense is None else (args.dense[0] / 100, args.dense[1] / 100)
+        curve = ours_curve(ckpt, ev, order, args.max_points, not args.device_only, dense,
+                           usable_planes=args.usable_planes,
                            chunk_bytes=args.chunk_bytes, bias=bias, corrected_planes=corrected)
         result["schemes"][f"ours ({name})"] = curve
         print(f"ours {name}: {len(curve['points'])} points", flush=True)

@@ -42,6 +42,10 @@ A *unit* is (group, plane); a *chunk* is a run of consecutive units in the packa
   value per byte: the drop of the layer's mean per-channel relative squared weight error
   (``||w_c - w^_c||^2 / ||w_c||^2``, a proxy for output noise since a BatchNorm follows every conv) divided by
   the unit's bytes; the exits past the split point last.
+- ``whole``: the final classifier soonest, for a device that expects to answer alone: one plane of every
+  backbone layer, then all their remaining planes by value per byte as in ``value`` (the head is not served
+  first), then every exit. Its device answers through split point 0 until its head and exits are usable, which
+  in this order is near the end.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import zstandard
 
 from models.bias_correction import BiasInput, output_shift, shift_code, shift_decode
 
-ORDERS = ("split", "value")
+ORDERS = ("split", "value", "whole")
 DEFAULT_BITS = 16
 DEFAULT_USABLE_PLANES = 7
 DEFAULT_CHUNK_BYTES = 16 * 1024
@@ -452,6 +456,12 @@ def _stages(units: _Units, order: str, planes: int, usable: int) -> list[tuple[s
     # the final classifier does not use.
     later_exits = [g for g in rest if units.infos[g].name.startswith("exits.")]
     backbone = [g for g in rest if g not in later_exits]
+    if order == "whole":
+        head_exits = [g for g in head if units.infos[g].name.startswith("exits.")]
+        backbone = [g for g in head if g not in head_exits] + backbone
+        return [("first", _plane_major(backbone, 0, 1)),
+                ("value", _greedy_by_value(units, dict.fromkeys(backbone, 1), planes)),
+                ("exits", _plane_major(head_exits + later_exits, 0, planes))]
     start = {**dict.fromkeys(head, usable), **dict.fromkeys(backbone, 1)}
     return [("head-usable", _plane_major(head, 0, usable)), ("rest-first", _plane_major(backbone, 0, 1)),
             ("value", _greedy_by_value(units, start, planes)), ("later-exits", _plane_major(later_exits, 0, planes))]

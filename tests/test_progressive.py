@@ -143,6 +143,21 @@ def test_the_head_is_usable_first_and_the_order_is_recorded(small_model):
     assert [c.units for c in value.chunks] != [c.units for c in m.chunks]
 
 
+def test_the_whole_order_serves_the_backbone_by_value_and_the_exits_last(small_model):
+    m = package_of(small_model, split_point=7, order="whole").manifest
+    units = [u for c in m.chunks for u in c.units]
+    planes = [i for i, t in enumerate(m.tensors) if t.kind == "planes"]
+    exits = {i for i in planes if m.tensors[i].name.startswith("exits.")}
+    backbone = [i for i in planes if i not in exits]
+    assert units[: len(backbone)] == [(g, 0) for g in backbone]  # one plane of every layer first, head or not
+    first_exit = min(k for k, (g, _) in enumerate(units) if g in exits)
+    assert {u for u in units[:first_exit]} == {(g, p) for g in backbone for p in range(m.planes)}
+    assert {g for g, _ in units[first_exit:]} == exits and len(units) == len(planes) * m.planes
+    later = units[len(backbone): first_exit]
+    assert later != sorted(later, key=lambda u: (u[1], u[0]))  # by value, not plane by plane
+    assert m.final_sha256 == package_of(small_model, split_point=7).manifest.final_sha256
+
+
 def test_the_whole_stream_is_not_larger_than_a_plain_16_bit_package(small_model):
     m = package_of(small_model, chunk_bytes=16384).manifest
     plain = sum(2 * t.numel + 4 * t.shape[0] if t.kind == "planes" else 4 * t.numel for t in m.tensors)
