@@ -101,9 +101,8 @@ class WeightStream:
     """Streams one package into a decoder on a thread of its own.
 
     ``snapshot`` holds the model after the cached chunks; ``on_snapshot`` gets a new one after every chunk
-    streamed (on the stream's thread); the decoder
-    and the model of the previous snapshot are never modified in place (``updated_model`` shares unchanged
-    tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
+    streamed (on the stream's thread); the decoder and the model of the previous snapshot are never modified in
+    place (``updated_model`` shares unchanged tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
     next chunk with a bounded backoff; every call has a deadline.
 
     With ``decode_process``, a ``DecoderProcess`` is started beside the stream and takes over decoding once its
