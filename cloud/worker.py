@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
-import signal
 import threading
 import time
 from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
+
+from serving.priority import become_background_child
 
 log = logging.getLogger("cloud.worker")
 
@@ -33,11 +33,7 @@ def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, thread
     from cloud.inference import ServedModel, run_tail  # in the child: spawn imports afresh
     from models.checkpoint import load_checkpoint_bytes
 
-    # Ctrl-C and SIGTERM reach the whole process group; the daemon drains first and then stops this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if nice > 0 and hasattr(os, "nice"):
-        os.nice(nice)  # the whole process, its intra-op threads included (see CloudConfig.forward_nice)
+    become_background_child(nice)  # the daemon drains first, then stops this process (CloudConfig.forward_nice)
     torch.set_num_threads(threads)
     try:
         served = ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", "", b"",

@@ -10,8 +10,6 @@ changed, which the stream swaps into the serving model as before.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
 import threading
 from multiprocessing.connection import Connection
 from typing import Iterable, Optional
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress
+from serving.priority import become_background_child
 
 #: Longest waits for the child to start (it imports torch) and to decode one chunk.
 START_TIMEOUT_S = 120.0
@@ -35,10 +34,7 @@ def _serve(conn: Connection, nice: int) -> None:
     """Child main loop: ``("manifest", m)`` -> ``("ok",)`` (a fresh decoder for ``m``); ``("apply", index,
     payload)`` -> ``("ok", changed, values, next, bytes, progress)`` or ``("refused", text)``; ``("digest",)``
     -> ``("ok", sha256)``; ``None`` ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the device stops this process itself, after draining
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if nice > 0 and hasattr(os, "nice"):
-        os.nice(nice)
+    become_background_child(nice)  # the device stops this process itself, after draining
     torch.set_num_threads(1)
     conn.send(("ready",))
     decoder: Optional[Decoder] = None
@@ -71,11 +67,10 @@ class DecoderProcess:
     """A ``Decoder`` computed in a child process, with the calls ``WeightStream`` makes: ``apply``, ``tensors``,
     ``progress``, ``digest``, ``next_chunk``, ``bytes``.
 
-    The child starts at construction without waiting for it (a device spawns one when it starts, so that its
-    interpreter is up by the time the manifest arrives); ``begin(manifest)`` waits for it (START_TIMEOUT_S) and
-    gives it the package. Calls are serialised (one stream thread makes them) and each has a deadline of
-    ``timeout_s``; a child that dies or misses it is killed and the call raises DecoderDied. ``nice``: the
-    child's nice value increment.
+    The child starts at construction without waiting for it (``WeightStream`` decodes in its own thread until
+    ``ready()``); ``begin(manifest)`` waits for it (START_TIMEOUT_S) and gives it the package. Calls are
+    serialised (one stream thread makes them) and each has a deadline of ``timeout_s``; a child that dies or
+    misses it is killed and the call raises DecoderDied. ``nice``: the child's nice value increment.
     """
 
     def __init__(self, manifest: Optional[Manifest] = None, nice: int = 0,

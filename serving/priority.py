@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 log = logging.getLogger("spinn")
@@ -21,3 +22,13 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError as err:
         log.debug("could not lower thread %s's priority: %s", threading.current_thread().name, err)
+
+
+def become_background_child(nice: int) -> None:
+    """In a child process the daemon owns (forward worker, decode process): ignore SIGINT/SIGTERM, which reach
+    the whole process group while the daemon drains and then stops the child itself, and run ``nice`` steps
+    nicer (the whole process, its torch threads included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)
