@@ -1,16 +1,22 @@
 """Load and overload of the cloud daemon over loopback.
 
     python bench/load.py [--clients 32] [--requests 1000] [--overload 4] [--overload-seconds 10]
-                         [--checkpoint PATH] [--name load] [key=value ... for python -m cloud]
+                         [--generators 2] [--split-point N] [--checkpoint PATH] [--name load]
+                         [key=value ... for python -m cloud]
 
 1. steady: ``--clients`` threads, each sending ``--requests`` Infer calls back to back. Pass: 0 errors; the
    daemon's resident memory (VmRSS) at the end within 10 % (and 50 MiB) of what it was after a warm-up.
 2. overload: requests issued open-loop (futures, not waiting for answers) at ``--overload`` x the steady
-   throughput for ``--overload-seconds``, while a prober checks health every 50 ms. Pass: every call ends
-   OK or RESOURCE_EXHAUSTED (no other status, nothing lost), refusals come back fast (their p99 is reported),
-   the accepted calls' p99 is bounded by the admission limit, and every health check answers within 100 ms.
+   throughput for ``--overload-seconds`` by ``--generators`` processes, while a prober checks health every
+   50 ms. Pass: every call ends OK or RESOURCE_EXHAUSTED (no other status, nothing lost), refusals come back
+   fast (their p99 is reported), the accepted calls' p99 is bounded by the admission limit, and every health
+   check answers within 100 ms.
 
-Results in bench/results/<name>.{json,md}. A small random model is served unless ``--checkpoint`` is given.
+Results in bench/results/<name>.{json,md}. A small random model is served unless ``--checkpoint`` is given;
+its forward costs less than a gRPC call, so its "capacity" is that of Python gRPC on the machine, and 4x of it
+is more calls than these two cores can even refuse. A trained model (e.g. ``--checkpoint
+../shared/models/cars_dev_joint20.pt --split-point 9``) measures overload of the forward, the case admission
+control exists for.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -58,11 +65,11 @@ def template(stub: pb_grpc.InferenceStub, split_point: int | None = None) -> pb.
                              features=encode(torch.randn(1, *shape), CodecSpec("int8", "zstd")), top_k=1)
 
 
-def steady(address: str, clients: int, requests: int) -> dict:
+def steady(address: str, clients: int, requests: int, split_point: Optional[int] = None) -> dict:
     """``clients`` threads x ``requests`` back-to-back calls; status counts, latency percentiles (ms), rate."""
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.InferenceStub(channel)
-    req = template(stub)
+    req = template(stub, split_point)
     codes: Counter = Counter()
     latencies: list[float] = []
     lock = threading.Lock()
@@ -112,15 +119,15 @@ def probe_health(address: str, seconds: float, period_s: float, out: "mp.Queue")
     out.put(latencies)
 
 
-def overload(address: str, rate: float, seconds: float) -> dict:
-    """Issue calls open-loop at ``rate`` per second for ``seconds``; health probed every 50 ms meanwhile."""
+def generate(address: str, rate: float, seconds: float, split_point: Optional[int], out: "mp.Queue") -> None:
+    """Issue Infer calls open-loop (futures, not waiting for answers) at ``rate`` per second for ``seconds`` on
+    a channel of its own; put ``(issued, [(status name, latency ms)])`` on ``out``. Runs in a process of its
+    own: one Python client cannot issue and complete thousands of calls a second by itself."""
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.InferenceStub(channel)
-    req = template(stub)
+    req = template(stub, split_point)
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
-    ctx = mp.get_context("spawn")
-    health_out = ctx.Queue()
 
     def finished(future: grpc.Future, started: float) -> None:
         try:
@@ -131,9 +138,6 @@ def overload(address: str, rate: float, seconds: float) -> dict:
         with lock:
             results.append((code, (time.perf_counter() - started) * 1000))
 
-    prober = ctx.Process(target=probe_health, args=(address, seconds, 0.05, health_out))
-    prober.start()
-    time.sleep(1.0)  # the prober's interpreter is up before the flood starts
     futures = []  # a call whose future is garbage-collected is cancelled: keep them all
     issued, begin = 0, time.perf_counter()
     while (now := time.perf_counter()) - begin < seconds:
@@ -147,14 +151,36 @@ def overload(address: str, rate: float, seconds: float) -> dict:
     deadline = time.monotonic() + 60
     while len(results) < issued and time.monotonic() < deadline:
         time.sleep(0.05)
-    health_ms = health_out.get(timeout=60)
-    prober.join(30)
+    with lock:
+        done = list(results)
+    out.put((issued, done))
     channel.close()
+
+
+def overload(address: str, rate: float, seconds: float, generators: int = 2,
+             split_point: Optional[int] = None) -> dict:
+    """Calls open-loop at ``rate`` per second in total from ``generators`` processes for ``seconds``; health
+    probed every 50 ms meanwhile from another process."""
+    ctx = mp.get_context("spawn")
+    health_out, calls_out = ctx.Queue(), ctx.Queue()
+    prober = ctx.Process(target=probe_health, args=(address, seconds + 2.0, 0.05, health_out))
+    flood = [ctx.Process(target=generate, args=(address, rate / generators, seconds, split_point, calls_out))
+             for _ in range(generators)]
+    prober.start()
+    time.sleep(1.0)  # the prober's interpreter is up before the flood starts
+    for g in flood:
+        g.start()
+    parts = [calls_out.get(timeout=seconds + 180) for _ in flood]
+    health_ms = health_out.get(timeout=60)
+    for proc in (prober, *flood):
+        proc.join(30)
+    issued = sum(n for n, _ in parts)
+    results = [r for _, rs in parts for r in rs]
     codes = Counter(c for c, _ in results)
     ok = [ms for c, ms in results if c == "OK"]
     refused = [ms for c, ms in results if c == "RESOURCE_EXHAUSTED"]
-    return {"rate_rps": rate, "seconds": seconds, "issued": issued, "answered": len(results), "codes": dict(codes),
-            "accepted_rps": len(ok) / seconds,
+    return {"rate_rps": rate, "seconds": seconds, "generators": generators, "issued": issued,
+            "answered": len(results), "codes": dict(codes), "accepted_rps": len(ok) / seconds,
             "accepted_p99_ms": float(np.percentile(ok, 99)) if ok else None,
             "refused_p99_ms": float(np.percentile(refused, 99)) if refused else None,
             "health_checks": len(health_ms), "health_max_ms": max(health_ms) if health_ms else None,
@@ -183,7 +209,7 @@ def report(name: str, result: dict) -> None:
              f"{s['throughput_rps']:.0f} req/s, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms; daemon RSS "
              f"{result['rss_start_mb']:.0f} MiB after warm-up -> {result['rss_end_mb']:.0f} MiB at the end",
              f"- overload: {o['issued']} calls offered at {o['rate_rps']:.0f} req/s ({result['overload_factor']:g}x "
-             f"the steady throughput) for {o['seconds']:g} s: {o['codes']}, {o['answered']} answered; accepted "
+             f"the steady throughput) for {o['seconds']:g} s from {o.get('generators', 1)} processes: {o['codes']}, {o['answered']} answered; accepted "
              f"{o['accepted_rps']:.0f} req/s, p99 {o['accepted_p99_ms']} ms; refusals p99 {o['refused_p99_ms']} ms; "
              f"{o['health_checks']} health checks, max {o['health_max_ms']:.1f} ms, p99 {o['health_p99_ms']:.1f} ms",
              "", "| check | passed |", "|---|---|"]
@@ -198,6 +224,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--overload", type=float, default=4.0)
     parser.add_argument("--overload-seconds", type=float, default=10.0)
+    parser.add_argument("--generators", type=int, default=2, help="processes issuing the overload")
+    parser.add_argument("--split-point", type=int, default=None,
+                        help="split point of the requests (default: the served model's deepest exit's)")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--name", default="load")
     args, cloud_overrides = parser.parse_known_args(argv)
@@ -213,13 +242,13 @@ def main(argv: list[str]) -> int:
                 if time.monotonic() > deadline or cloud.poll() is not None:
                     raise RuntimeError("the cloud did not become SERVING")
                 time.sleep(0.3)
-            steady(address, 4, 50)  # warm-up: allocator and gRPC pools at their working size
+            steady(address, 4, 50, args.split_point)  # warm-up: allocator and gRPC pools at their working size
             result = {"command": "python bench/load.py " + " ".join(argv), "overload_factor": args.overload,
                       "rss_start_mb": rss_mb(cloud.pid)}
-            result["steady"] = steady(address, args.clients, args.requests)
+            result["steady"] = steady(address, args.clients, args.requests, args.split_point)
             result["rss_end_mb"] = rss_mb(cloud.pid)
             result["overload"] = overload(address, args.overload * result["steady"]["throughput_rps"],
-                                          args.overload_seconds)
+                                          args.overload_seconds, args.generators, args.split_point)
             result["cloud_serving_after"] = serving(address)
         finally:
             cloud.terminate()

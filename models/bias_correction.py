@@ -26,17 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
+SPREAD_STEPS = 32  # shift steps per standard deviation of the BatchNorm's input: error <= 1/64 of it
+
 
 @dataclass(frozen=True)
 class BiasInput:
     """What the package builder needs to correct weight tensor ``<layer>.weight``: the state-dict entry the
     shift goes to (``target``), with ``sign`` (+1: a BatchNorm's running_mean, -1: the layer's own bias), the
-    mean of each input channel (``mean``, float64 ``(C_in,)``) and the conv's ``groups``."""
+    mean of each input channel (``mean``, float64 ``(C_in,)``), the conv's ``groups`` and, for a BatchNorm, its
+    ``running_var`` (``spread``: the shift is coded in steps of that channel's standard deviation)."""
 
     target: str
     sign: float
     mean: np.ndarray
     groups: int = 1
+    spread: Optional[str] = None
 
 
 def output_shift(error: np.ndarray, mean: np.ndarray, groups: int) -> np.ndarray:
@@ -102,22 +106,42 @@ def bias_inputs(model: nn.Module, input_size: int) -> dict[str, BiasInput]:
         if name not in means:
             continue
         if isinstance(module, nn.Conv2d) and name in batchnorms:
-            out[f"{name}.weight"] = BiasInput(f"{batchnorms[name]}.running_mean", 1.0, means[name], module.groups)
+            bn = batchnorms[name]
+            out[f"{name}.weight"] = BiasInput(f"{bn}.running_mean", 1.0, means[name], module.groups, f"{bn}.running_var")
         elif isinstance(module, nn.Linear) and module.bias is not None:
             out[f"{name}.weight"] = BiasInput(f"{name}.bias", -1.0, means[name])
     return out
 
 
-def shift_code(shift: np.ndarray) -> bytes:
-    """A shift ``(C,)`` as bytes: a float32 scale then int8 codes (1/127 of the largest shift per step)."""
+def spread_step(running_var: np.ndarray) -> np.ndarray:
+    """Per channel, the step (float32 ``(C,)``) a shift is coded in when a BatchNorm follows:
+    ``sqrt(var + 1e-5) / SPREAD_STEPS``, from ``running_var`` with its low 16 bits cleared, which is the same
+    number on the cloud (full values) and on a device that holds only their high halves so far."""
+    var = (np.ascontiguousarray(running_var, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    var = np.where(np.isfinite(var), np.maximum(var, 0.0), 0.0).astype(np.float64)
+    return (np.sqrt(var + 1e-5) / SPREAD_STEPS).astype(np.float32)
+
+
+def shift_code(shift: np.ndarray, step: Optional[np.ndarray] = None) -> bytes:
+    """A shift ``(C,)`` as bytes. With ``step`` (``spread_step``, ``(C,)``): int16 codes in those steps, byte
+    planes apart (low bytes, then high bytes: most shifts are a few steps, so the high bytes compress to
+    almost nothing). Without: a float32 scale then int8 codes (1/127 of the largest shift per step)."""
+    if step is not None:
+        codes = np.clip(np.rint(shift / step), -32767, 32767).astype("<i2")
+        return codes.view(np.uint8).reshape(-1, 2).T.tobytes()
     top = float(np.abs(shift).max()) if shift.size else 0.0
     scale = top / 127 if top > 0 else 1.0
     codes = np.clip(np.rint(shift / scale), -127, 127).astype(np.int8)
     return np.float32(scale).astype("<f4").tobytes() + codes.tobytes()
 
 
-def shift_decode(data: bytes, channels: int) -> Optional[np.ndarray]:
+def shift_decode(data: bytes, channels: int, step: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """Inverse of ``shift_code`` (float32 ``(channels,)``); None when the bytes do not fit ``channels``."""
+    if step is not None:
+        if len(data) != 2 * channels or step.shape != (channels,):
+            return None
+        codes = np.frombuffer(data, np.uint8).reshape(2, channels).T.copy().view("<i2").reshape(channels)
+        return codes.astype(np.float32) * step
     if len(data) != 4 + channels:
         return None
     scale = np.frombuffer(data[:4], "<f4")[0]

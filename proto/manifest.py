@@ -20,7 +20,8 @@ def manifest_message(m: Manifest) -> pb.Manifest:
                                 group=t.group, part=t.part,
                                 scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes(),
                                 offsets=b"" if t.offsets is None else t.offsets.astype("<f4").tobytes(),
-                                shift_target=0 if t.target is None else t.target + 1)
+                                shift_target=0 if t.target is None else t.target + 1,
+                                shift_spread=0 if t.spread is None else t.spread + 1)
                  for t in m.tensors],
         corrected_planes=m.corrected_planes,
         chunks=[pb.ChunkEntry(index=c.index, unit_groups=[g for g, _ in c.units],
@@ -41,7 +42,8 @@ def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
         scales = np.frombuffer(t.scales, "<f4").astype(np.float32)
         offsets = _offsets(t.offsets, bits, f"{where}.offsets ({t.name!r})")
     return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales,
-                      offsets, t.shift_target - 1 if t.planes and t.shift_target else None)
+                      offsets, t.shift_target - 1 if t.planes and t.shift_target else None,
+                      t.shift_spread - 1 if t.planes and t.shift_target and t.shift_spread else None)
 
 
 def _check_targets(tensors: list[TensorInfo], corrected_planes: int, bits: int) -> None:
@@ -55,6 +57,12 @@ def _check_targets(tensors: list[TensorInfo], corrected_planes: int, bits: int) 
                 target.numel != t.shape[0]:
             raise ProgressiveError(f"manifest.tensors[{i}].shift_target: not a float32 tensor of its group with "
                                    f"one value per output channel ({t.name!r})")
+        spread = None if t.spread is None else tensors[t.spread] if 0 <= t.spread < len(tensors) else False
+        if spread is False or spread is not None and (
+                spread.kind != "raw" or spread.dtype != "float32" or spread.group != i or spread.numel != t.shape[0]
+                or t.spread == t.target):
+            raise ProgressiveError(f"manifest.tensors[{i}].shift_spread: not another float32 tensor of its group "
+                                   f"with one value per output channel ({t.name!r})")
 
 
 def _offsets(data: bytes, bits: int, where: str) -> np.ndarray | None:

@@ -244,7 +244,7 @@ def test_each_corrected_plane_carries_its_layers_output_shift_and_the_end_is_exa
              m.tensors[targets[g]].name.endswith("running_mean")}
     assert m.corrected_planes == DEFAULT_CORRECTED_PLANES and len(convs) > 20 and any(m.tensors[t].name.endswith(".bias")
                                                                for t in targets.values())
-    decoder, known, checked = Decoder(m), dict.fromkeys(m.groups(), 0), 0
+    decoder, known, checked, spread_coded, nonzero = Decoder(m), dict.fromkeys(m.groups(), 0), 0, 0, 0
     for index, payload in enumerate(package.payloads):
         decoder.apply(index, payload)
         for g, _ in m.chunks[index].units:
@@ -258,10 +258,16 @@ def test_each_corrected_plane_carries_its_layers_output_shift_and_the_end_is_exa
             whole = sent if known[g] > m.raw_low_plane else half_reference(state[target.name]).numpy()
             b = bias[name]
             expected = b.sign * conv_shift(decoder.tensor(g) - state[name], b.mean, b.groups)
-            # int8 codes: within half a step of 1/127 of the largest shift (plus float32 rounding)
-            np.testing.assert_allclose(shown - whole, expected, atol=0.5 * np.abs(expected).max() / 127 + 1e-5)
+            if m.tensors[g].spread is None:  # int8 codes: 1/127 of the largest shift per step
+                step = np.abs(expected).max() / 127
+            else:  # int16 codes in steps of 1/32 of the BatchNorm's standard deviation
+                step = np.sqrt(state[target.name.replace("running_mean", "running_var")].numpy() + 1e-5) / 32
+                spread_coded += 1
+            # within half a step (plus float32 rounding)
+            np.testing.assert_array_less(np.abs(shown - whole - expected), 0.5 * step * (1 + 1e-2) + 1e-6)
+            nonzero += int(np.any(shown != whole))
             checked += 1
-    assert checked > 100
+    assert checked > 100 and spread_coded > 50 and nonzero > 50
     final = decoder.state_dict()
     assert all(torch.equal(final[n], v) for n, v in state.items() if v.dim() < 2)  # shifts gone at the end
     assert decoder.digest() == m.final_sha256 == package_of(small_model).manifest.final_sha256
@@ -303,6 +309,14 @@ def test_bad_shift_targets_name_the_field(small_model):
         msg = manifest_message(m)
         msg.tensors[g].shift_target = bad
         with pytest.raises(ProgressiveError, match=rf"tensors\[{g}\].shift_target"):
+            manifest_from_message(msg)
+    spread = m.tensors[g].spread
+    assert spread is not None and m.tensors[spread].name.endswith("running_var")
+    # the shift's own target, another layer's running_var, a planes tensor, out of range
+    for bad in (m.tensors[g].target + 1, m.tensors[other].spread + 1, g + 1, len(m.tensors) + 5):
+        msg = manifest_message(m)
+        msg.tensors[g].shift_spread = bad
+        with pytest.raises(ProgressiveError, match=rf"tensors\[{g}\].shift_spread"):
             manifest_from_message(msg)
     msg = manifest_message(m)
     msg.corrected_planes = 15
