@@ -119,13 +119,18 @@ def probe_health(address: str, seconds: float, period_s: float, out: "mp.Queue")
     out.put(latencies)
 
 
-def generate(address: str, rate: float, seconds: float, split_point: Optional[int], out: "mp.Queue") -> None:
-    """Issue Infer calls open-loop (futures, not waiting for answers) at ``rate`` per second for ``seconds`` on
-    a channel of its own; put ``(issued, [(status name, latency ms)])`` on ``out``. Runs in a process of its
-    own: one Python client cannot issue and complete thousands of calls a second by itself."""
+def generate(address: str, rate: float, seconds: float, split_point: Optional[int], ready: "mp.Queue",
+             go: "mp.Event", out: "mp.Queue") -> None:
+    """Once ``go`` is set (after putting one item on ``ready``), issue Infer calls open-loop (futures, not
+    waiting for answers) at ``rate`` per second for ``seconds`` on a channel of its own; put ``(issued,
+    [(status name, latency ms)])`` on ``out``. Runs in a process of its own: one Python client cannot issue and
+    complete thousands of calls a second by itself."""
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.InferenceStub(channel)
     req = template(stub, split_point)
+    ready.put(True)
+    if not go.wait(120):
+        raise RuntimeError("the flood was never started")
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
 
@@ -162,14 +167,18 @@ def overload(address: str, rate: float, seconds: float, generators: int = 2,
     """Calls open-loop at ``rate`` per second in total from ``generators`` processes for ``seconds``; health
     probed every 50 ms meanwhile from another process."""
     ctx = mp.get_context("spawn")
-    health_out, calls_out = ctx.Queue(), ctx.Queue()
+    health_out, calls_out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
     prober = ctx.Process(target=probe_health, args=(address, seconds + 2.0, 0.05, health_out))
-    flood = [ctx.Process(target=generate, args=(address, rate / generators, seconds, split_point, calls_out))
+    flood = [ctx.Process(target=generate, args=(address, rate / generators, seconds, split_point, ready, go,
+                                                calls_out))
              for _ in range(generators)]
-    prober.start()
-    time.sleep(1.0)  # the prober's interpreter is up before the flood starts
     for g in flood:
         g.start()
+    for _ in flood:  # every generator's interpreter is up, so the prober's window covers the whole flood
+        ready.get(timeout=120)
+    prober.start()
+    time.sleep(1.0)  # the prober's interpreter is up before the flood starts
+    go.set()
     parts = [calls_out.get(timeout=seconds + 180) for _ in flood]
     health_ms = health_out.get(timeout=60)
     for proc in (prober, *flood):
