@@ -196,7 +196,7 @@ def input_images(folder: str | None, preprocess, count: int) -> list[tuple[Image
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default="runs/quickstart/best_model.pt")
     parser.add_argument("--split-point", type=int, default=7)
@@ -209,91 +209,86 @@ def main() -> None:
                         help="serve the checkpoint's weights at this input size (px) instead of its own: the "
                              "forward's cost per image grows with it while the serving cost does not")
     parser.add_argument("daemon_overrides", nargs="*", help="key=value passed to python -m cloud")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def served_checkpoint(args: argparse.Namespace, workdir: Path):
+    """The checkpoint and the path the daemon serves it from (re-saved under ``workdir`` at ``--input-size``)."""
     ckpt = load_checkpoint(args.checkpoint)
-    served_checkpoint = args.checkpoint
-    if args.input_size:
-        # Throughput only: the weights were trained at another size, so the answers' accuracy means nothing.
-        pre = ckpt.preprocess
-        ckpt.preprocess = Preprocess(args.input_size, args.input_size, pre.mean, pre.std)
-        workdir = tempfile.TemporaryDirectory(prefix="spinn-bench-")  # removed when main() returns
-        served_checkpoint = str(Path(workdir.name) / "model.pt")
-        save_checkpoint(served_checkpoint, ckpt.model, ckpt.class_names, ckpt.preprocess)
-    model = ckpt.model.eval()
-    images = input_images(args.images, ckpt.preprocess, 32)
-    transform = ckpt.preprocess.eval_transform()
-    with torch.no_grad():
-        activations = head(model, args.split_point)(torch.stack([transform(im) for im, _ in images])).activation
-    req = pb.FeatureRequest(request_id="bench", model=pb.ModelRef(model_id="spinn", model_version="1"),
-                            split_point=args.split_point,
-                            features=encode(activations[:1], CodecSpec.from_name(args.codec)))
+    if not args.input_size:
+        return ckpt, args.checkpoint
+    # Throughput only: the weights were trained at another size, so the answers' accuracy means nothing.
+    pre = ckpt.preprocess
+    ckpt.preprocess = Preprocess(args.input_size, args.input_size, pre.mean, pre.std)
+    path = str(workdir / "model.pt")
+    save_checkpoint(path, ckpt.model, ckpt.class_names, ckpt.preprocess)
+    return ckpt, path
 
-    all_threads = torch.get_num_threads()
-    overrides = dict(o.split("=", 1) for o in args.daemon_overrides)
-    server_threads = intra_op_threads_for(CloudConfig(intra_op_threads=int(overrides.get("intra_op_threads", 0))))
-    results = {"checkpoint": args.checkpoint, "input_size": ckpt.preprocess.input_size,
-               "server_intra_op_threads": server_threads, "split_point": args.split_point, "clients": CLIENTS,
-               "codec": args.codec, "daemon_overrides": args.daemon_overrides, "cpu_cores": os.cpu_count(),
-               "in_process_threads": all_threads,
-               "modes": {}}
-    for mode, max_batch, stream in (("batching", CLIENTS, False), ("no_batching", 1, False),
-                                    ("batching_stream", CLIENTS, True)):
-        if mode not in args.modes.split(","):
-            continue
-        # This machine's speed drifts (shared VM), so the reference is measured right before and right after
-        # the server run and averaged; the batch size is the one the server formed in a short pilot.
-        pilot = run_mode(served_checkpoint, req, max_batch, stream, 2.0, args.daemon_overrides)
-        ref_batch = max(1, int(round(float(np.mean(pilot["batches"])))))
-        before = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)
-                  for n in (all_threads, server_threads)]
-        stats = run_mode(served_checkpoint, req, max_batch, stream, args.seconds, args.daemon_overrides)
-        after = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n)
-                 for n in (all_threads, server_threads)]
-        (ref, ref_cpu_ms), (ref_same_threads, ref_same_cpu_ms) = [
-            ((b[0] + a[0]) / 2, (b[1] + a[1]) / 2) for b, a in zip(before, after)]
-        rps = stats["images"] / stats["wall_s"]
-        mean_batch = float(np.mean(stats["batches"]))
-        row = {
-            "throughput_images_per_s": rps, "p50_ms": float(np.percentile(stats["latencies"], 50)),
-            "p95_ms": float(np.percentile(stats["latencies"], 95)), "mean_batch_size": mean_batch,
-            "in_process_images_per_s_same_batch": ref, "ratio_server_over_in_process": rps / ref,
-            "in_process_images_per_s_server_threads": ref_same_threads,
-            "ratio_server_over_in_process_server_threads": rps / ref_same_threads,
-            "client_cpu_share": stats["client_cpu_s"] / (stats["wall_s"] * (os.cpu_count() or 1)),
-            "server_forward_busy": stats["forward_busy"],
-            "server_forward_ms_per_image": 1000 * stats["forward_busy"] / rps,
-            "in_process_forward_ms_per_image": 1000 / ref,
-            "in_process_cpu_ms_per_image": ref_cpu_ms,
-            "in_process_cpu_ms_per_image_server_threads": ref_same_cpu_ms,
-            "client_cpu_ms_per_image": 1000 * stats["client_cpu_s"] / stats["images"],
-            "server_cpu_ms_per_image": None, "server_worker_cpu_ms_per_image": None,
-            "ceiling_ratio_on_this_machine": None,
-        }
-        if stats["server_cpu_s"] is not None:
-            row["server_cpu_ms_per_image"] = 1000 * stats["server_cpu_s"] / stats["images"]
-            row["server_worker_cpu_ms_per_image"] = 1000 * stats["server_worker_cpu_s"] / stats["images"]
-            # What the cores could serve if every core-ms went to the daemon and the clients with no contention
-            # at all, over the in-process rate: no server on this machine can beat this ratio.
-            cores = os.cpu_count() or 1
-            ceiling = 1000 * cores / (row["server_cpu_ms_per_image"] + row["client_cpu_ms_per_image"])
-            row["ceiling_ratio_on_this_machine"] = ceiling / ref
-        results["modes"][mode] = row
-        print(f"{mode}: {rps:.0f} img/s, p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, mean batch "
-              f"{mean_batch:.1f}; in-process tail at batch {ref_batch}: {ref:.0f} img/s with {all_threads} threads "
-              f"(ratio {rps / ref:.2f}), {ref_same_threads:.0f} img/s with the server's {server_threads} "
-              f"(ratio {rps / ref_same_threads:.2f}); "
-              f"clients used {100 * row['client_cpu_share']:.0f}% of the machine's CPU; the server's forward was "
-              f"busy {100 * row['server_forward_busy']:.0f}% of the time at "
-              f"{row['server_forward_ms_per_image']:.2f} ms/image "
-              f"(in-process {row['in_process_forward_ms_per_image']:.2f})", flush=True)
-        if row["server_cpu_ms_per_image"] is not None:
-            print(f"  CPU per image: daemon {row['server_cpu_ms_per_image']:.2f} ms (forward process "
-                  f"{row['server_worker_cpu_ms_per_image']:.2f}) + clients "
-                  f"{row['client_cpu_ms_per_image']:.2f} ms vs in-process {ref_cpu_ms:.2f} ms ({all_threads} "
-                  f"threads) / {ref_same_cpu_ms:.2f} ms ({server_threads}); at these costs this machine's "
-                  f"{os.cpu_count()} cores cap the ratio at {row['ceiling_ratio_on_this_machine']:.2f}", flush=True)
 
+def measure_mode(model, served: str, req: pb.FeatureRequest, activations: torch.Tensor, max_batch: int,
+                 stream: bool, args: argparse.Namespace, threads: tuple[int, int]) -> tuple[dict, int]:
+    """One serving mode against the in-process forward at the batch the server formed; returns the result row
+    and that batch size. ``threads``: (all of this process's intra-op threads, the server's)."""
+    # This machine's speed drifts (shared VM), so the reference is measured right before and right after
+    # the server run and averaged; the batch size is the one the server formed in a short pilot.
+    pilot = run_mode(served, req, max_batch, stream, 2.0, args.daemon_overrides)
+    ref_batch = max(1, int(round(float(np.mean(pilot["batches"])))))
+    before = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n) for n in threads]
+    stats = run_mode(served, req, max_batch, stream, args.seconds, args.daemon_overrides)
+    after = [in_process(model, args.split_point, activations, ref_batch, args.seconds / 4, n) for n in threads]
+    (ref, ref_cpu_ms), (ref_same_threads, ref_same_cpu_ms) = [
+        ((b[0] + a[0]) / 2, (b[1] + a[1]) / 2) for b, a in zip(before, after)]
+    rps = stats["images"] / stats["wall_s"]
+    row = {
+        "throughput_images_per_s": rps, "p50_ms": float(np.percentile(stats["latencies"], 50)),
+        "p95_ms": float(np.percentile(stats["latencies"], 95)), "mean_batch_size": float(np.mean(stats["batches"])),
+        "in_process_images_per_s_same_batch": ref, "ratio_server_over_in_process": rps / ref,
+        "in_process_images_per_s_server_threads": ref_same_threads,
+        "ratio_server_over_in_process_server_threads": rps / ref_same_threads,
+        "client_cpu_share": stats["client_cpu_s"] / (stats["wall_s"] * (os.cpu_count() or 1)),
+        "server_forward_busy": stats["forward_busy"],
+        "server_forward_ms_per_image": 1000 * stats["forward_busy"] / rps,
+        "in_process_forward_ms_per_image": 1000 / ref,
+        "in_process_cpu_ms_per_image": ref_cpu_ms,
+        "in_process_cpu_ms_per_image_server_threads": ref_same_cpu_ms,
+        "client_cpu_ms_per_image": 1000 * stats["client_cpu_s"] / stats["images"],
+        "server_cpu_ms_per_image": None, "server_worker_cpu_ms_per_image": None,
+        "ceiling_ratio_on_this_machine": None,
+    }
+    if stats["server_cpu_s"] is not None:
+        row["server_cpu_ms_per_image"] = 1000 * stats["server_cpu_s"] / stats["images"]
+        row["server_worker_cpu_ms_per_image"] = 1000 * stats["server_worker_cpu_s"] / stats["images"]
+        # What the cores could serve if every core-ms went to the daemon and the clients with no contention
+        # at all, over the in-process rate: no server on this machine can beat this ratio.
+        cores = os.cpu_count() or 1
+        ceiling = 1000 * cores / (row["server_cpu_ms_per_image"] + row["client_cpu_ms_per_image"])
+        row["ceiling_ratio_on_this_machine"] = ceiling / ref
+    return row, ref_batch
+
+
+def print_row(mode: str, row: dict, ref_batch: int, threads: tuple[int, int]) -> None:
+    all_threads, server_threads = threads
+    rps, ref, ref_same = (row["throughput_images_per_s"], row["in_process_images_per_s_same_batch"],
+                          row["in_process_images_per_s_server_threads"])
+    print(f"{mode}: {rps:.0f} img/s, p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, mean batch "
+          f"{row['mean_batch_size']:.1f}; in-process tail at batch {ref_batch}: {ref:.0f} img/s with {all_threads} "
+          f"threads (ratio {rps / ref:.2f}), {ref_same:.0f} img/s with the server's {server_threads} "
+          f"(ratio {rps / ref_same:.2f}); "
+          f"clients used {100 * row['client_cpu_share']:.0f}% of the machine's CPU; the server's forward was "
+          f"busy {100 * row['server_forward_busy']:.0f}% of the time at "
+          f"{row['server_forward_ms_per_image']:.2f} ms/image "
+          f"(in-process {row['in_process_forward_ms_per_image']:.2f})", flush=True)
+    if row["server_cpu_ms_per_image"] is not None:
+        print(f"  CPU per image: daemon {row['server_cpu_ms_per_image']:.2f} ms (forward process "
+              f"{row['server_worker_cpu_ms_per_image']:.2f}) + clients "
+              f"{row['client_cpu_ms_per_image']:.2f} ms vs in-process {row['in_process_cpu_ms_per_image']:.2f} ms "
+              f"({all_threads} threads) / {row['in_process_cpu_ms_per_image_server_threads']:.2f} ms "
+              f"({server_threads}); at these costs this machine's "
+              f"{os.cpu_count()} cores cap the ratio at {row['ceiling_ratio_on_this_machine']:.2f}", flush=True)
+
+
+def codec_sizes(req: pb.FeatureRequest, activations: torch.Tensor, images: list) -> dict[str, float]:
+    """Mean bytes per image: the input JPEG and a one-image request with each codec in CODECS."""
     sizes = {"input_jpeg": float(np.mean([n for _, n in images]))}
     for name in CODECS:
         spec = CodecSpec.from_name(name)
@@ -303,15 +298,14 @@ def main() -> None:
             r.features.CopyFrom(encode(activations[i:i + 1], spec))
             per_image.append(r.ByteSize())
         sizes[f"request_{name}"] = float(np.mean(per_image))
-    results["bytes_per_image_mean"] = sizes
-    results["images"] = args.images or "quickstart test images, JPEG q90 at the input size"
-    print("bytes per image (mean of", len(images), "images):", ", ".join(f"{k} {v:.0f}" for k, v in sizes.items()))
+    return sizes
 
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.out}.json").write_text(json.dumps(results, indent=2))
+
+def markdown(results: dict, args: argparse.Namespace, threads: tuple[int, int]) -> str:
+    all_threads, server_threads = threads
+    sizes = results["bytes_per_image_mean"]
     lines = [f"# Serving: {CLIENTS} concurrent gRPC clients vs in-process tail forward", "",
-             f"checkpoint {args.checkpoint} at {ckpt.preprocess.input_size} px, split point {args.split_point}, "
+             f"checkpoint {args.checkpoint} at {results['input_size']} px, split point {args.split_point}, "
              f"codec {args.codec}; "
              f"{results['cpu_cores']} CPU cores shared by daemon and clients (separate processes); daemon "
              f"overrides: {' '.join(args.daemon_overrides) or 'none'}", "",
@@ -339,8 +333,42 @@ def main() -> None:
               "threads).",
               "", f"Bytes per image ({results['images']}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items())]
-    (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="spinn-bench-") as workdir:
+        ckpt, served = served_checkpoint(args, Path(workdir))
+        model = ckpt.model.eval()
+        images = input_images(args.images, ckpt.preprocess, 32)
+        transform = ckpt.preprocess.eval_transform()
+        with torch.no_grad():
+            activations = head(model, args.split_point)(torch.stack([transform(im) for im, _ in images])).activation
+        req = pb.FeatureRequest(request_id="bench", model=pb.ModelRef(model_id="spinn", model_version="1"),
+                                split_point=args.split_point,
+                                features=encode(activations[:1], CodecSpec.from_name(args.codec)))
+        overrides = dict(o.split("=", 1) for o in args.daemon_overrides)
+        server_threads = intra_op_threads_for(CloudConfig(intra_op_threads=int(overrides.get("intra_op_threads", 0))))
+        threads = (torch.get_num_threads(), server_threads)
+        results = {"checkpoint": args.checkpoint, "input_size": ckpt.preprocess.input_size,
+                   "server_intra_op_threads": server_threads, "split_point": args.split_point, "clients": CLIENTS,
+                   "codec": args.codec, "daemon_overrides": args.daemon_overrides, "cpu_cores": os.cpu_count(),
+                   "in_process_threads": threads[0], "modes": {}}
+        for mode, max_batch, stream in (("batching", CLIENTS, False), ("no_batching", 1, False),
+                                        ("batching_stream", CLIENTS, True)):
+            if mode in args.modes.split(","):
+                row, ref_batch = measure_mode(model, served, req, activations, max_batch, stream, args, threads)
+                results["modes"][mode] = row
+                print_row(mode, row, ref_batch, threads)
+
+    sizes = results["bytes_per_image_mean"] = codec_sizes(req, activations, images)
+    results["images"] = args.images or "quickstart test images, JPEG q90 at the input size"
+    print("bytes per image (mean of", len(images), "images):", ", ".join(f"{k} {v:.0f}" for k, v in sizes.items()))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{args.out}.md").write_text(markdown(results, args, threads))
 
 if __name__ == "__main__":
     main()
