@@ -1,7 +1,7 @@
 """Load and overload of the cloud daemon over loopback.
 
     python bench/load.py [--clients 32] [--requests 1000] [--overload 4] [--overload-seconds 10]
-                         [--generators 2] [--split-point N] [--checkpoint PATH] [--name load]
+                         [--generators 2] [--daemons 1] [--split-point N] [--checkpoint PATH] [--name load]
                          [key=value ... for python -m cloud]
 
 1. steady: ``--clients`` threads, each sending ``--requests`` Infer calls back to back. Pass: 0 errors; the
@@ -16,7 +16,9 @@ Results in bench/results/<name>.{json,md}. A small random model is served unless
 its forward costs less than a gRPC call, so its "capacity" is that of Python gRPC on the machine, and 4x of it
 is more calls than these two cores can even refuse. A trained model (e.g. ``--checkpoint
 ../shared/models/cars_dev_joint20.pt --split-point 9``) measures overload of the forward, the case admission
-control exists for.
+control exists for. ``--daemons N`` runs N daemons on the one port (gRPC sets SO_REUSEPORT, the kernel spreads
+connections over them), and the report says how many cores the daemons and the generators kept busy: whether
+more server processes would take a flood one cannot, or the cores are simply spent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import grpc
 import numpy as np
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fuzz import serving, small_checkpoint  # noqa: E402
-from bench.probes import free_port  # noqa: E402
+from bench.probes import free_port, tree_cpu_seconds  # noqa: E402
 from proto import spinn_v1_pb2 as pb  # noqa: E402
 from proto import spinn_v1_pb2_grpc as pb_grpc  # noqa: E402
 from proto.codec import CodecSpec, encode  # noqa: E402
@@ -56,6 +59,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+CONNECTIONS = 4  # TCP connections per client process: with several daemons on one port, the kernel spreads these
+
+
+def connections(address: str) -> list[grpc.Channel]:
+    """``CONNECTIONS`` channels to ``address``, each on a TCP connection of its own (channels with the same
+    arguments would share one)."""
+    return [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CONNECTIONS)]
+
+
 def template(stub: pb_grpc.InferenceStub, split_point: int | None = None) -> pb.FeatureRequest:
     """A valid one-image request at ``split_point`` (default: the deepest exit's) of the served model."""
     info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
@@ -67,14 +80,14 @@ def template(stub: pb_grpc.InferenceStub, split_point: int | None = None) -> pb.
 
 def steady(address: str, clients: int, requests: int, split_point: Optional[int] = None) -> dict:
     """``clients`` threads x ``requests`` back-to-back calls; status counts, latency percentiles (ms), rate."""
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.InferenceStub(channel)
-    req = template(stub, split_point)
+    channels = connections(address)
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    req = template(stubs[0], split_point)
     codes: Counter = Counter()
     latencies: list[float] = []
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(stub: pb_grpc.InferenceStub) -> None:
         mine, seen = [], Counter()
         for _ in range(requests):
             started = time.perf_counter()
@@ -89,13 +102,14 @@ def steady(address: str, clients: int, requests: int, split_point: Optional[int]
             codes.update(seen)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(stubs[i % len(stubs)],)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
-    channel.close()
+    for channel in channels:
+        channel.close()
     return {"clients": clients, "requests": clients * requests, "codes": dict(codes), "seconds": seconds,
             "throughput_rps": clients * requests / seconds, "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99))}
@@ -122,15 +136,16 @@ def probe_health(address: str, seconds: float, period_s: float, out: "mp.Queue")
 def generate(address: str, rate: float, seconds: float, split_point: Optional[int], ready: "mp.Queue",
              go: "mp.Event", out: "mp.Queue") -> None:
     """Once ``go`` is set (after putting one item on ``ready``), issue Infer calls open-loop (futures, not
-    waiting for answers) at ``rate`` per second for ``seconds`` on a channel of its own; put ``(issued,
-    [(status name, latency ms)])`` on ``out``. Runs in a process of its own: one Python client cannot issue and
+    waiting for answers) at ``rate`` per second for ``seconds`` on ``connections`` of its own; put ``(issued,
+    [(status name, latency ms)], CPU seconds this process used meanwhile)`` on ``out``. Runs in a process of its own: one Python client cannot issue and
     complete thousands of calls a second by itself."""
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.InferenceStub(channel)
-    req = template(stub, split_point)
+    channels = connections(address)
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    req = template(stubs[0], split_point)
     ready.put(True)
     if not go.wait(120):
         raise RuntimeError("the flood was never started")
+    cpu0 = time.process_time()
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
 
@@ -148,7 +163,7 @@ def generate(address: str, rate: float, seconds: float, split_point: Optional[in
     while (now := time.perf_counter()) - begin < seconds:
         due = int((now - begin) * rate)
         while issued < due:
-            future = stub.Infer.future(req, timeout=30)
+            future = stubs[issued % len(stubs)].Infer.future(req, timeout=30)
             future.add_done_callback(lambda f, t=time.perf_counter(): finished(f, t))
             futures.append(future)
             issued += 1
@@ -158,14 +173,16 @@ def generate(address: str, rate: float, seconds: float, split_point: Optional[in
         time.sleep(0.05)
     with lock:
         done = list(results)
-    out.put((issued, done))
-    channel.close()
+    out.put((issued, done, time.process_time() - cpu0))
+    for channel in channels:
+        channel.close()
 
 
 def overload(address: str, rate: float, seconds: float, generators: int = 2,
-             split_point: Optional[int] = None) -> dict:
+             split_point: Optional[int] = None, daemon_pids: Sequence[int] = ()) -> dict:
     """Calls open-loop at ``rate`` per second in total from ``generators`` processes for ``seconds``; health
-    probed every 50 ms meanwhile from another process."""
+    probed every 50 ms meanwhile from another process. ``daemon_pids``: the daemons whose CPU seconds (with
+    their children's) over the flood are reported next to the generators', to show what the cores did."""
     ctx = mp.get_context("spawn")
     health_out, calls_out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
     prober = ctx.Process(target=probe_health, args=(address, seconds + 2.0, 0.05, health_out))
@@ -178,13 +195,15 @@ def overload(address: str, rate: float, seconds: float, generators: int = 2,
         ready.get(timeout=120)
     prober.start()
     time.sleep(1.0)  # the prober's interpreter is up before the flood starts
+    cpu0, wall0 = daemons_cpu_seconds(daemon_pids), time.perf_counter()
     go.set()
     parts = [calls_out.get(timeout=seconds + 180) for _ in flood]
+    daemon_cpu_s, wall_s = daemons_cpu_seconds(daemon_pids) - cpu0, time.perf_counter() - wall0
     health_ms = health_out.get(timeout=60)
     for proc in (prober, *flood):
         proc.join(30)
-    issued = sum(n for n, _ in parts)
-    results = [r for _, rs in parts for r in rs]
+    issued = sum(n for n, _, _ in parts)
+    results = [r for _, rs, _ in parts for r in rs]
     codes = Counter(c for c, _ in results)
     ok = [ms for c, ms in results if c == "OK"]
     refused = [ms for c, ms in results if c == "RESOURCE_EXHAUSTED"]
@@ -193,7 +212,15 @@ def overload(address: str, rate: float, seconds: float, generators: int = 2,
             "accepted_p99_ms": float(np.percentile(ok, 99)) if ok else None,
             "refused_p99_ms": float(np.percentile(refused, 99)) if refused else None,
             "health_checks": len(health_ms), "health_max_ms": max(health_ms) if health_ms else None,
-            "health_p99_ms": float(np.percentile(health_ms, 99)) if health_ms else None}
+            "health_p99_ms": float(np.percentile(health_ms, 99)) if health_ms else None,
+            # cores busy from the start of the flood until its last answer: what the machine had left
+            "daemon_cores": daemon_cpu_s / wall_s, "generator_cores": sum(c for _, _, c in parts) / wall_s,
+            "cpu_window_s": wall_s}
+
+
+def daemons_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds used so far by the processes ``pids`` and their live children (0 for one that is gone)."""
+    return sum(sum(tree_cpu_seconds(pid) or (0.0, 0.0)) for pid in pids)
 
 
 def verdict(result: dict) -> dict:
@@ -221,10 +248,40 @@ def report(name: str, result: dict) -> None:
              f"the steady throughput) for {o['seconds']:g} s from {o.get('generators', 1)} processes: {o['codes']}, {o['answered']} answered; accepted "
              f"{o['accepted_rps']:.0f} req/s, p99 {o['accepted_p99_ms']} ms; refusals p99 {o['refused_p99_ms']} ms; "
              f"{o['health_checks']} health checks, max {o['health_max_ms']:.1f} ms, p99 {o['health_p99_ms']:.1f} ms",
+             f"- cores busy from the flood's start to its last answer ({o['cpu_window_s']:.1f} s; "
+             f"{os.cpu_count()} on this machine): {result['daemons']} daemon(s) {o['daemon_cores']:.2f}, "
+             f"generators {o['generator_cores']:.2f}",
              "", "| check | passed |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result["verdict"].items()]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def start_daemons(count: int, checkpoint: Path, address: str, overrides: list[str]) -> list[subprocess.Popen]:
+    """``count`` cloud daemons on ``address``, each SERVING before the next starts; several share the port
+    (gRPC sets SO_REUSEPORT on Linux, so the kernel spreads connections over them)."""
+    daemons: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            daemons.append(subprocess.Popen([sys.executable, "-m", "cloud", "--config", "apps/cloud.yml",
+                                             f"checkpoint={checkpoint}", f"address={address}", "log_level=WARNING",
+                                             *overrides], cwd=ROOT))
+            deadline = time.monotonic() + 120
+            while not serving(address):
+                if time.monotonic() > deadline or daemons[-1].poll() is not None:
+                    raise RuntimeError("the cloud did not become SERVING")
+                time.sleep(0.3)
+    except BaseException:
+        stop_daemons(daemons)
+        raise
+    return daemons
+
+
+def stop_daemons(daemons: list[subprocess.Popen]) -> None:
+    for daemon in daemons:
+        daemon.terminate()
+    for daemon in daemons:
+        daemon.wait(30)
 
 
 def main(argv: list[str]) -> int:
@@ -234,6 +291,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overload", type=float, default=4.0)
     parser.add_argument("--overload-seconds", type=float, default=10.0)
     parser.add_argument("--generators", type=int, default=2, help="processes issuing the overload")
+    parser.add_argument("--daemons", type=int, default=1, help="cloud daemons sharing the port (SO_REUSEPORT)")
     parser.add_argument("--split-point", type=int, default=None,
                         help="split point of the requests (default: the served model's deepest exit's)")
     parser.add_argument("--checkpoint", default=None)
@@ -242,30 +300,22 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else small_checkpoint(Path(tmp))
         address = f"127.0.0.1:{free_port()}"
-        cloud = subprocess.Popen([sys.executable, "-m", "cloud", "--config", "apps/cloud.yml",
-                                  f"checkpoint={checkpoint}", f"address={address}", "log_level=WARNING",
-                                  *cloud_overrides], cwd=ROOT)
+        daemons = start_daemons(args.daemons, checkpoint, address, cloud_overrides)
+        pids = [d.pid for d in daemons]
         try:
-            deadline = time.monotonic() + 120
-            while not serving(address):
-                if time.monotonic() > deadline or cloud.poll() is not None:
-                    raise RuntimeError("the cloud did not become SERVING")
-                time.sleep(0.3)
             steady(address, 4, 50, args.split_point)  # warm-up: allocator and gRPC pools at their working size
             result = {"command": "python bench/load.py " + " ".join(argv), "overload_factor": args.overload,
-                      "rss_start_mb": rss_mb(cloud.pid)}
+                      "daemons": args.daemons, "rss_start_mb": sum(rss_mb(pid) for pid in pids)}
             result["steady"] = steady(address, args.clients, args.requests, args.split_point)
-            result["rss_end_mb"] = rss_mb(cloud.pid)
+            result["rss_end_mb"] = sum(rss_mb(pid) for pid in pids)
             result["overload"] = overload(address, args.overload * result["steady"]["throughput_rps"],
-                                          args.overload_seconds, args.generators, args.split_point)
+                                          args.overload_seconds, args.generators, args.split_point, pids)
             result["cloud_serving_after"] = serving(address)
         finally:
-            cloud.terminate()
-            cloud.wait(30)
+            stop_daemons(daemons)
     result["verdict"] = verdict(result)
     report(args.name, result)
     return 0 if all(result["verdict"].values()) and result["cloud_serving_after"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -259,6 +259,24 @@ def test_sigterm_drains_and_exits_zero(checkpoint, small_model, forward_process)
             proc.kill()
 
 
+def test_the_daemon_freezes_its_start_up_heap(checkpoint):
+    # Full collections then scan only what serving made since (serving/heap.py): under a flood they stalled
+    # every thread, health checks included, for up to 140 ms before.
+    proc = subprocess.Popen([sys.executable, "-m", "cloud", f"checkpoint={checkpoint}", "address=127.0.0.1:0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.time() + 60, []
+        while time.time() < deadline and proc.poll() is None:
+            lines.append(proc.stdout.readline())
+            if " froze " in lines[-1]:
+                break
+        assert " froze " in lines[-1], "".join(lines)
+        assert int(lines[-1].split(" froze ")[1].split()[0]) > 10_000  # the interpreter, torch, grpc
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
 def test_codec_table_sets_default_codecs(tmp_path):
     table = tmp_path / "codec.json"
     table.write_text('{"defaults": {"5": "int4-pc+zlib"}}')
