@@ -10,7 +10,9 @@ weights cache (its Python start-up is not counted: the clock starts when the run
 validation images one after another until the whole model is on the device and ``--steady`` more requests
 have been answered (a second loop does the same with the images a device exit answers at full precision, so that
 device-side latency is sampled often while chunks are being swapped in; both loops run until each has
-``--steady`` requests answered after the model is complete). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link.
+``--steady`` requests answered after the model is complete; ``--loops local`` runs the second loop alone, so that
+its latency while swapping and in steady state differ by the swaps only, not by how much the first loop
+offloads). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link.
 
 Reported: time to the first answer, to the first answer equal to the full model's, to a usable head (answers
 at the split point), to the whole model; the checkpoint download time; classify latency p50/p99 while chunks
@@ -73,7 +75,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     started = time.perf_counter()
     runtime = DeviceRuntime.start(cfg)
     rows: list[dict] = []
-    steady = {"all": 0, "local": 0}  # requests answered by the complete model, per loop
+    loops = args.loops.split(",")
+    steady = {name: 0 for name in loops}  # requests answered by the complete model, per loop
 
     def loop(probe: str, indices: list[int]) -> None:
         # both loops run until both have --steady requests after completion, so that the device-answered
@@ -91,8 +94,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
             steady[probe] += rows[-1]["complete"]
             i += 1
 
-    threads = [threading.Thread(target=loop, args=("all", list(range(len(images))))),
-               threading.Thread(target=loop, args=("local", local or [0]))]
+    indices = {"all": list(range(len(images))), "local": local or [0]}
+    threads = [threading.Thread(target=loop, args=(name, indices[name])) for name in loops]
     try:
         for thread in threads:
             thread.start()
@@ -139,6 +142,7 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
     out = {
         "rate_bit_s": args.rate, "threshold": args.threshold, "requests": len(rows), "split_point": split,
         "stream_nice": args.stream_nice, "decode": "thread" if args.decode_in_thread else "process",
+        "loops": args.loops,
         "first_answer_s": first(rows, lambda r: True),
         "first_answer_equal_to_full_s": first(rows, lambda r: r["equal_to_full"]),
         "first_answer_at_split_s": first(rows, lambda r: r["split_point"] == split),
@@ -167,7 +171,8 @@ def markdown(s: dict, name: str, command: str) -> str:
              f"Cloud and device in two network namespaces, veth shaped with tc tbf each way (no added delay). "
              f"Device split point {s['split_point']}, threshold {s['threshold']}, stream_nice {s['stream_nice']}, "
              f"chunks decoded in a {s.get('decode', 'thread')}, "
-             f"{s['requests']} requests from two loops, {s['degraded']} degraded.", "",
+             f"{s['requests']} requests from the loop(s) {s.get('loops', 'all,local')}, {s['degraded']} degraded.",
+             "",
              f"- float32 checkpoint ({s['checkpoint_bytes']:,} B) over GetCheckpoint: "
              f"**{s['checkpoint_download_s']:.1f} s**",
              f"- first answer (split point 0, the cloud runs the whole model): {ratio(s['first_answer_s'])}",
@@ -233,6 +238,10 @@ def main() -> int:
     parser.add_argument("--steady", type=int, default=300, help="requests per loop after the model is complete")
     parser.add_argument("--limit", type=int, default=256, help="validation images cycled through")
     parser.add_argument("--stream-nice", type=int, default=10, help="the device's stream_nice")
+    parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
+                        help="request loops: every image, and/or the images a device exit answers (alone, the "
+                             "second measures what swaps cost the device's own answers, with no offloads "
+                             "competing for the cores)")
     parser.add_argument("--decode-in-thread", action="store_true",
                         help="the device decodes in the stream's thread (stream_decode_process=false)")
     parser.add_argument("--timeout", type=float, default=900.0)
