@@ -68,7 +68,7 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     cfg = from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": args.cloud, "split_point": split,
                                    "z_confidence_threshold": args.threshold, "deadline_ms": 5000,
                                    "weights_cache": args.cache, "log_level": "WARNING",
-                                   "stream_nice": args.stream_nice,
+                                   "stream_nice": args.stream_nice, "stream_swap_ms": args.swap_ms,
                                    "stream_decode_process": not args.decode_in_thread})
     local = local_images(ckpt.model, images, split, args.threshold)
     torch.set_num_threads(1)  # the device: one core, the other one is the cloud's
@@ -142,7 +142,7 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
     out = {
         "rate_bit_s": args.rate, "threshold": args.threshold, "requests": len(rows), "split_point": split,
         "stream_nice": args.stream_nice, "decode": "thread" if args.decode_in_thread else "process",
-        "loops": args.loops,
+        "loops": args.loops, "swap_ms": args.swap_ms,
         "first_answer_s": first(rows, lambda r: True),
         "first_answer_equal_to_full_s": first(rows, lambda r: r["equal_to_full"]),
         "first_answer_at_split_s": first(rows, lambda r: r["split_point"] == split),
@@ -170,6 +170,7 @@ def markdown(s: dict, name: str, command: str) -> str:
     lines = [f"# Progressive delivery over a {s['rate_bit_s'] / 1e6:g} Mbit/s link: {name}", "", f"`{command}`", "",
              f"Cloud and device in two network namespaces, veth shaped with tc tbf each way (no added delay). "
              f"Device split point {s['split_point']}, threshold {s['threshold']}, stream_nice {s['stream_nice']}, "
+             f"stream_swap_ms {s.get('swap_ms', 0):g}, "
              f"chunks decoded in a {s.get('decode', 'thread')}, "
              f"{s['requests']} requests from the loop(s) {s.get('loops', 'all,local')}, {s['degraded']} degraded.",
              "",
@@ -238,6 +239,7 @@ def main() -> int:
     parser.add_argument("--steady", type=int, default=300, help="requests per loop after the model is complete")
     parser.add_argument("--limit", type=int, default=256, help="validation images cycled through")
     parser.add_argument("--stream-nice", type=int, default=10, help="the device's stream_nice")
+    parser.add_argument("--swap-ms", type=float, default=500.0, help="the device's stream_swap_ms")
     parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
                         help="request loops: every image, and/or the images a device exit answers (alone, the "
                              "second measures what swaps cost the device's own answers, with no offloads "

@@ -39,6 +39,7 @@ class DeviceConfig:
     stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
     stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     stream_decode_process: bool = True  # decode chunks in a child process (off: in the stream's thread)
+    stream_swap_ms: float = 500.0  # new weights swapped in at most this often (usable head, complete: at once)
     input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
     jpeg_quality: int = 90
     # scheduler (device/scheduler.py): split point and threshold chosen at run time from the offline profile
@@ -150,7 +151,7 @@ class DeviceConfig:
         self._validate_scheduler()
         check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
                               "max_image_bytes", "max_image_pixels", "max_image_aspect", "max_in_flight"), 1)
-        check_at_least(self, ("intra_op_threads",), 0)
+        check_at_least(self, ("intra_op_threads", "stream_swap_ms"), 0)
         if self.max_attempts > 5:
             raise ConfigError(f"config key 'max_attempts': gRPC allows at most 5, got {self.max_attempts}")
         if not 0.0 < self.ewma_alpha <= 1.0:

@@ -3,8 +3,9 @@
 Decoding a chunk is a few milliseconds of numpy and zstd, much of it holding the GIL: on the streaming thread
 it delays classify's Python steps (scratch replay on 2 cores: classify p50 7 -> 11 ms while chunks decode in
 a thread, 7.9 ms while they decode in another process). Here a child process owns the
-``models.progressive.Decoder``; this one only sends payloads and receives the dequantised tensors that
-changed, which the stream swaps into the serving model as before.
+``models.progressive.Decoder``; this one only sends payloads and, when the stream swaps new weights in,
+asks for the dequantised tensors that changed since the last swap (once per swap, not per chunk: each
+transfer holds this process's GIL while it is unpickled).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class DecoderDied(RuntimeError):
 
 def _serve(conn: Connection, nice: int) -> None:
     """Child main loop: ``("manifest", m)`` -> ``("ok",)`` (a fresh decoder for ``m``); ``("apply", index,
-    payload)`` -> ``("ok", changed, values, next, bytes, progress)`` or ``("refused", text)``; ``("digest",)``
-    -> ``("ok", sha256)``; ``None`` ends it."""
+    payload)`` -> ``("ok", changed, next, bytes, progress)`` or ``("refused", text)``; ``("tensors", names)``
+    -> ``("ok", {name: array})``; ``("digest",)`` -> ``("ok", sha256)``; ``None`` ends it."""
     become_background_child(nice)  # the device stops this process itself, after draining
     torch.set_num_threads(1)
     conn.send(("ready",))
@@ -53,14 +54,16 @@ def _serve(conn: Connection, nice: int) -> None:
         if message[0] == "digest":
             conn.send(("ok", decoder.digest()))
             continue
+        if message[0] == "tensors":
+            conn.send(("ok", {name: t.numpy() for name, t in decoder.tensors(message[1]).items()}))
+            continue
         _, index, payload = message
         try:
             changed = decoder.apply(index, payload)
         except ProgressiveError as err:
             conn.send(("refused", str(err)))
             continue
-        values = {name: t.numpy() for name, t in decoder.tensors(changed).items()}
-        conn.send(("ok", changed, values, decoder.next_chunk, decoder.bytes, decoder.progress()))
+        conn.send(("ok", changed, decoder.next_chunk, decoder.bytes, decoder.progress()))
 
 
 class DecoderProcess:
@@ -78,7 +81,6 @@ class DecoderProcess:
         self.timeout_s = timeout_s
         self.next_chunk = 0
         self.bytes = 0
-        self._values: dict[str, torch.Tensor] = {}  # every tensor that has a value, as the child last sent it
         self._lock = threading.Lock()
         self._started = False
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
@@ -134,13 +136,14 @@ class DecoderProcess:
         reply = self._call(("apply", index, payload), f"chunk {index}")
         if reply[0] == "refused":
             raise ProgressiveError(reply[1])
-        _, changed, values, self.next_chunk, self.bytes, self._progress = reply
-        self._values.update({name: torch.from_numpy(np.asarray(a)) for name, a in values.items()})
+        _, changed, self.next_chunk, self.bytes, self._progress = reply
         return changed
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named tensors that have a value, as of the last ``apply`` (never modified afterwards)."""
-        return {name: self._values[name] for name in names if name in self._values}
+        """The named tensors that have a value, as of the last ``apply`` (copies: never modified afterwards).
+        Raises DecoderDied when the child is gone."""
+        values = self._call(("tensors", list(names)), "tensors")[1]
+        return {name: torch.from_numpy(np.asarray(a)) for name, a in values.items()}
 
     def progress(self) -> Progress:
         return self._progress

@@ -262,7 +262,7 @@ class DeviceRuntime:
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice,
-            decode_process=cfg.stream_decode_process)
+            decode_process=cfg.stream_decode_process, swap_interval_s=cfg.stream_swap_ms / 1000.0)
         freeze_heap()  # before the stream's swaps start making short-lived modules
         runtime.streamed.start()
         runtime._adopt_info_and_schedule(info)

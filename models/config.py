@@ -8,6 +8,7 @@ named, anything that does not fit: unknown keys, wrong types, values outside the
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -191,19 +192,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Checks shared by the configs' ``validate`` methods; each raises ConfigError naming the key.
 
 def check_at_least(cfg: Any, keys: Sequence[str], minimum: float) -> None:
-    """Every ``cfg.<key>`` must be ``>= minimum``."""
+    """Every ``cfg.<key>`` must be finite and ``>= minimum`` (NaN compares false with everything: say so)."""
     for key in keys:
         value = getattr(cfg, key)
-        if value < minimum:
-            raise ConfigError(f"config key '{key}': must be >= {minimum}, got {value}")
+        if not (math.isfinite(value) and value >= minimum):
+            raise ConfigError(f"config key '{key}': must be a finite number >= {minimum}, got {value}")
 
 
 def check_positive(cfg: Any, keys: Sequence[str]) -> None:
-    """Every ``cfg.<key>`` must be ``> 0``."""
+    """Every ``cfg.<key>`` must be finite and ``> 0``."""
     for key in keys:
         value = getattr(cfg, key)
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"config key '{key}': must be a finite number > 0, got {value}")
 
 
 def check_files(cfg: Any, keys: Sequence[str]) -> None:

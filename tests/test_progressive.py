@@ -504,6 +504,59 @@ def test_twenty_cuts_and_restarts_resume_to_identical_weights(checkpoint, cloud,
     assert stream.complete and stream.digest() == manifest.final_sha256
 
 
+class CuttingStore(ChunkStore):
+    """A weights cache that cancels the stream's call (a cut on the device's side) once chunk ``at`` is saved."""
+
+    def __init__(self, root: Path, manifest, at: int) -> None:
+        super().__init__(root, manifest)
+        self.at, self.stream = at, None
+
+    def save(self, index: int, payload: bytes) -> None:
+        super().save(index, payload)
+        if index == self.at:
+            self.stream._call.cancel()
+
+
+def stream_snapshots(checkpoint, cache, swap_interval_s, cut_at=lambda manifest: -1):
+    """Stream the whole package into a WeightStream (its call cancelled once after chunk ``cut_at(manifest)``);
+    the progress of every snapshot it handed out, and the stream."""
+    cloud = start_cloud(checkpoint, delivery_message_bytes=1000)
+    link = CloudLink(device_cfg(cloud.port, cache))
+    try:
+        manifest = fetch_manifest(link, 7, "split", 30)
+        store = CuttingStore(cache, manifest, cut_at(manifest))
+        seen = []
+        stream = store.stream = WeightStream(link, manifest, store, torch.device("cpu"),
+                                             lambda snap: seen.append(snap.progress), swap_interval_s=swap_interval_s)
+        stream.start()
+        assert wait_until(lambda: stream.complete, 60)
+        stream.stop()
+    finally:
+        link.close()
+        cloud.stop()
+    return seen, stream
+
+
+def test_swaps_are_coalesced_but_the_usable_head_and_the_whole_model_come_at_once(checkpoint, tmp_path):
+    every, stream = stream_snapshots(checkpoint, tmp_path / "every", 0.0)
+    assert len(every) == len(stream.manifest.chunks) >= 10
+    seen, stream = stream_snapshots(checkpoint, tmp_path / "coalesced", 3600.0)
+    # the first chunk (none swapped yet), the chunk that makes the head usable, the last one
+    assert len(seen) <= 3 and seen[-1].complete and any(p.usable and not p.complete for p in seen)
+    assert stream.snapshot.progress.complete and stream.digest() == stream.manifest.final_sha256
+    state = stream.snapshot.checkpoint.model.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in stream.decoder.tensors(state).items())
+
+
+def test_a_cut_stream_swaps_in_what_arrived_before_it_resumes(checkpoint, tmp_path):
+    seen, stream = stream_snapshots(checkpoint, tmp_path / "cache", 3600.0, lambda m: m.usable_chunk + 3)
+    m = stream.manifest
+    assert m.usable_chunk + 3 < len(m.chunks) - 1  # a chunk that is not swapped in for another reason
+    # after the first chunk, the usable head, the cut (chunks up to usable + 3), the whole model
+    assert [p.chunks for p in seen] == sorted({1, m.usable_chunk + 1, m.usable_chunk + 4, len(m.chunks)})
+    assert stream.digest() == m.final_sha256
+
+
 def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, tmp_path):
     cfg = device_cfg(cloud.port, tmp_path / "cache")
     runtime = DeviceRuntime.start(cfg)
@@ -526,7 +579,8 @@ def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, 
 def test_classify_from_threads_during_swaps_never_errors(checkpoint, tmp_path):
     # one message per 300 bytes, so that the stream takes long enough for many swaps under load
     cloud = start_cloud(checkpoint, delivery_message_bytes=300)
-    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=0.5))
+    runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=0.5,
+                                             stream_swap_ms=0))  # a swap after every chunk: the most of them
     results, errors, swaps = [], [], set()
     done = threading.Event()
 
