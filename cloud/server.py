@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hmac
+import gc
 import json
 import logging
 import os
@@ -93,7 +94,7 @@ class CloudConfig:
     # progressive weight delivery (models/progressive.py): packages are built on first request and cached
     delivery_bits: int = 16  # sign + 15 magnitude bit planes
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
-    delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing, resuming, swapping)
+    delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing and resuming)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
     delivery_message_bytes: int = 512 * 1024  # payload per StreamWeights message (a chunk may span several)
     delivery_prebuild: list[int] = field(default_factory=list)  # split points whose package (split order) is
@@ -519,14 +520,16 @@ def serve(cfg: CloudConfig) -> int:
             worker.close()
         running.stop()
         raise
+    # Under a 4x flood, full collections over torch's and the model's objects held the GIL for up to 140 ms,
+    # and health checks waited behind them; after the freeze the longest took 10 ms (README, Reliability).
+    # Before SERVING, so the collection first (the loading's own cycles) delays nobody.
+    gc.collect()
+    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_heap())
     running.set_model(served, worker)
     log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
              running.port)
     for split_point in cfg.delivery_prebuild:
         running.packages.get(served, split_point, "split")
-    # Under a 4x flood, full collections over torch's and the model's objects held the GIL for up to 140 ms,
-    # and health checks waited behind them; after the freeze the longest took 10 ms (README, Reliability).
-    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_heap())
     stop.wait()
     log.info("draining and shutting down")
     running.stop()

@@ -1,5 +1,5 @@
 """Progressive weight delivery on the device: fetch the manifest, stream the chunks into a decoder, verify and
-persist each one, and hand the refined model to the runtime after every chunk (``checkpoint: stream``)."""
+persist each one, and hand the refined model to the runtime as chunks arrive (``checkpoint: stream``)."""
 
 from __future__ import annotations
 
@@ -101,10 +101,12 @@ class WeightStream:
     """Streams one package into a decoder on a thread of its own.
 
     ``snapshot`` holds the model after the cached chunks; ``on_snapshot`` gets a new one (on the stream's
-    thread) once ``swap_interval_s`` has passed since the last, with every chunk decoded since, and at once when
-    the head becomes usable and when the model is complete (0: after every chunk); the decoder and the model of
-    the previous snapshot are never modified in place (``updated_model`` shares unchanged tensors). A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the
-    next chunk with a bounded backoff; every call has a deadline.
+    thread) with every chunk decoded since the last: when a message arrives ``swap_interval_s`` or more after
+    the last one was handed out, at once when the head becomes usable or the model complete, and when a call
+    ends (a cut, a refused chunk) or the decode process is rebuilt (0: after every chunk). The decoder and the
+    model of the previous snapshot are never modified in place (``updated_model`` shares unchanged tensors).
+    A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the next
+    chunk with a bounded backoff; every call has a deadline.
 
     With ``decode_process``, a ``DecoderProcess`` is started beside the stream and takes over decoding once its
     interpreter is up (it replays the verified chunks from disk first); until then, and for good if it
@@ -227,37 +229,42 @@ class WeightStream:
                     else f" from now on ({MAX_DECODER_RESTARTS} restarts)")
         self._close_decoders()
         self.decoder = Decoder(self.manifest)
-        self._load_cached()
+        self._load_cached()  # refines every tensor the verified chunks on disk give
+        self._unswapped = set()
+        self._last_swap = time.monotonic()
+        self.on_snapshot(self.snapshot)  # it may hold the usable head or the whole model: serve it now
         if again:
             self.helper = _spawn_decoder(self.nice)
 
     def _stream_until_complete(self) -> None:
         backoff = 0.2
         while not self._stop.is_set() and not self.complete:
+            wait = 0.0
             try:
                 self._stream_once()
                 backoff = 0.2
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     break
-                try:
-                    self._swap()  # what arrived before the cut serves while the stream is down
-                except DecoderDied as died:
-                    self._restart_decoder(died)
                 log.warning("weight stream from %s cut at chunk %d (%s: %s); resuming in %.1f s", self.link.target,
                             self.decoder.next_chunk, err.code().name, err.details(), backoff)
-                self._stop.wait(backoff)
-                backoff = min(5.0, backoff * 2)
+                wait, backoff = backoff, min(5.0, backoff * 2)
             except ProgressiveError as err:
                 self.refused += 1
                 log.warning("chunk refused (%s); fetching it again", err)
-                self._stop.wait(backoff)
+                wait = backoff
             except DecoderDied as err:
                 if self._stop.is_set():
                     break
                 self._restart_decoder(err)
+            self._swap_or_restart()  # what arrived before a cut or a refused chunk serves meanwhile
+            self._stop.wait(wait)
         if self.complete:
-            self.final_digest = self.decoder.digest()
+            try:
+                self.final_digest = self.decoder.digest()
+            except DecoderDied as err:
+                self._restart_decoder(err)
+                self.final_digest = self.decoder.digest()
             ok = self.final_digest == self.manifest.final_sha256
             log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
                      self.manifest.model_version, self.decoder.bytes, "verified" if ok else "MISMATCH")
@@ -279,6 +286,8 @@ class WeightStream:
                                            f"chunk {index} at {len(buffer)}")
                 buffer += message.data
                 if not message.last:
+                    if self._unswapped and time.monotonic() - self._last_swap >= self.swap_interval_s:
+                        self._swap()  # a chunk of many messages on a slow link does not hold back the last
                     continue
                 changed = self.decoder.apply(index, bytes(buffer))  # verifies the hash first
                 self.store.save(index, bytes(buffer))
@@ -301,8 +310,15 @@ class WeightStream:
         return (progress.complete or (progress.usable and not self.snapshot.progress.usable)
                 or time.monotonic() - self._last_swap >= self.swap_interval_s)
 
+    def _swap_or_restart(self) -> None:
+        try:
+            self._swap()
+        except DecoderDied as err:  # the tensors could not be had: rebuilt from disk, the snapshot handed out
+            self._restart_decoder(err)
+
     def _swap(self) -> None:
-        """Hand the model with every chunk decoded so far to ``on_snapshot`` (nothing when none is new)."""
+        """Hand the model with every chunk decoded so far to ``on_snapshot`` (nothing when none is new).
+        Raises DecoderDied when the decode process cannot give the tensors."""
         if not self._unswapped:
             return
         self._refine(self._unswapped)

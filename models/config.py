@@ -55,6 +55,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf; no key means them
+        raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value

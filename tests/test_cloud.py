@@ -1,6 +1,7 @@
 """The cloud daemon on a real loopback port with a real (small) model."""
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -264,14 +265,17 @@ def test_the_daemon_freezes_its_start_up_heap(checkpoint):
     # every thread, health checks included, for up to 140 ms before.
     proc = subprocess.Popen([sys.executable, "-m", "cloud", f"checkpoint={checkpoint}", "address=127.0.0.1:0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()  # read on a thread, so that a silent daemon fails at the deadline
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        deadline, lines = time.time() + 60, []
-        while time.time() < deadline and proc.poll() is None:
-            lines.append(proc.stdout.readline())
-            if " froze " in lines[-1]:
+        deadline, seen = time.time() + 60, [""]
+        while " froze " not in seen[-1] and time.time() < deadline:
+            try:
+                seen.append(lines.get(timeout=max(0.01, deadline - time.time())))
+            except queue.Empty:
                 break
-        assert " froze " in lines[-1], "".join(lines)
-        assert int(lines[-1].split(" froze ")[1].split()[0]) > 10_000  # the interpreter, torch, grpc
+        assert " froze " in seen[-1], "".join(seen)
+        assert int(seen[-1].split(" froze ")[1].split()[0]) > 10_000  # the interpreter, torch, grpc
     finally:
         proc.kill()
         proc.wait(30)

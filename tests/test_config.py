@@ -35,6 +35,9 @@ def test_yaml_and_overrides_become_typed_fields(tmp_path):
     ("exit_loss_weights: [1, 2]\n", "exit_loss_weights"),
     ("thresholds: [0.5, 1.5]\n", r"thresholds\[1\]"),
     ("width_mult: 0\n", "width_mult"),
+    ("lr: .nan\n", "'lr': must be a finite number"),  # NaN passes every comparison check: refused as such
+    ("momentum: .inf\n", "'momentum': must be a finite number"),
+    ("thresholds: [0.5, .nan]\n", r"thresholds\[1\]'"),
 ])
 def test_bad_keys_are_named(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key):

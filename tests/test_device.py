@@ -387,6 +387,7 @@ def test_classify_cli_json(checkpoint, cloud, tmp_path):
     ({"tls_cert": "c.pem"}, "tls_cert"),
     ({"split_pont": 3}, "split_pont"),
     ({"stream_nice": 20}, "stream_nice"),
+    ({"stream_swap_ms": -1}, "stream_swap_ms"),
     ({"stream_order": "random"}, "stream_order"),
     ({"jpeg_quality": 0}, "jpeg_quality"),
 ])

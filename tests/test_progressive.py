@@ -796,3 +796,35 @@ def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_comple
     assert decoded_by[:9] == ["Decoder"] + ["DecoderProcess"] * 7 + ["Decoder"]
     assert decoded_by[-1] == "DecoderProcess" and killed[0].exitcode == -signal.SIGKILL
     assert stream.helper is None and stream.decoder.process is None  # a finished stream leaves no process
+
+
+class KillingStore(ChunkStore):
+    """A weights cache that kills the stream's decode process once the last chunk is saved: decoded there,
+    its tensors not yet fetched for the swap."""
+
+    def save(self, index: int, payload: bytes) -> None:
+        super().save(index, payload)
+        if index == len(self.stream.manifest.chunks) - 1:
+            self.stream.decoder.process.kill()
+            self.stream.decoder.process.join(10)
+
+
+def test_a_decode_process_killed_before_the_last_swap_still_hands_out_the_whole_model(checkpoint, cloud, tmp_path):
+    link = CloudLink(device_cfg(cloud.port, tmp_path))
+    manifest = fetch_manifest(link, 7, "split", 30)
+    store = KillingStore(tmp_path / "cache", manifest)
+    seen = []
+    stream = store.stream = WeightStream(link, manifest, store, torch.device("cpu"),
+                                         lambda snap: seen.append((snap.progress, type(stream.decoder).__name__)),
+                                         decode_process=True, swap_interval_s=3600.0)
+    try:
+        assert wait_until(stream.helper.ready, 60)  # so that the process decodes from the first chunk on
+        stream.start()
+        assert wait_until(lambda: stream.complete and seen and seen[-1][0].complete, 60)
+        stream.stop()
+    finally:
+        link.close()
+    assert stream.decoder_restarts == 1 and seen[-1][1] == "Decoder"  # rebuilt here from the cache
+    assert stream.digest() == manifest.final_sha256
+    state = stream.snapshot.checkpoint.model.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in stream.decoder.tensors(state).items())
