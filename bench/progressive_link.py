@@ -12,7 +12,8 @@ have been answered (a second loop does the same with the images a device exit an
 device-side latency is sampled often while chunks are being swapped in; both loops run until each has
 ``--steady`` requests answered after the model is complete; ``--loops local`` runs the second loop alone, so that
 its latency while swapping and in steady state differ by the swaps only, not by how much the first loop
-offloads). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link.
+offloads). Then it downloads the float32 checkpoint with ``GetCheckpoint`` over the same link while the second
+loop's images are classified again: the control, the cost of receiving at the link's rate with nothing swapped.
 
 Reported: time to the first answer, to the first answer equal to the full model's, to a usable head (answers
 at the split point), to the whole model; the checkpoint download time; classify latency p50/p99 while chunks
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -53,7 +55,6 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
 
     from bench.progressive import load
     from device.config import DeviceConfig
-    from device.link import CloudLink
     from device.runtime import DeviceRuntime
     from models.app_config import AppConfig
     from models.config import from_dict, parse_app_argv
@@ -78,11 +79,14 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     loops = args.loops.split(",")
     steady = {name: 0 for name in loops}  # requests answered by the complete model, per loop
 
-    def loop(probe: str, indices: list[int]) -> None:
+    def until_steady() -> bool:
         # both loops run until both have --steady requests after completion, so that the device-answered
         # requests see the same competition for the cores while swapping and in steady state
+        return min(steady.values()) < args.steady
+
+    def loop(probe: str, indices: list[int], more: Callable[[], bool] = until_steady) -> None:
         i = 0
-        while min(steady.values()) < args.steady and time.perf_counter() - started < args.timeout:
+        while more() and time.perf_counter() - started < args.timeout:
             k = indices[i % len(indices)]
             active = runtime.active
             t = time.perf_counter() - started
@@ -91,7 +95,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
                          "degraded": result.degraded, "split_point": result.split_point,
                          "weights_fraction": result.weights_fraction, "complete": bool(active and active.complete),
                          "equal_to_full": result.class_id == expected[k]})
-            steady[probe] += rows[-1]["complete"]
+            if probe in steady:
+                steady[probe] += rows[-1]["complete"]
             i += 1
 
     indices = {"all": list(range(len(images))), "local": local or [0]}
@@ -105,15 +110,34 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
         streamed = {"total_bytes": stream.manifest.total_bytes, "float32_bytes": stream.manifest.float32_bytes,
                     "chunks": len(stream.manifest.chunks), "digest_ok": stream.digest() ==
                     stream.manifest.final_sha256} if stream else {}
+        # The control: the device's own answers while the same link carries a plain download and nothing is
+        # decoded or swapped, so that what receiving 1 Mbit/s costs on these cores is told apart from the swaps.
+        downloading = threading.Event()
+        downloading.set()
+        probe = threading.Thread(target=loop, args=("download", indices["local"], downloading.is_set))
+        probe.start()
+        try:
+            size, download_s = download(cfg, args.timeout)
+        finally:
+            downloading.clear()
+            probe.join()
     finally:
         runtime.close()
-    link = CloudLink(cfg)
-    t0 = time.perf_counter()
-    size = len(link.fetch_checkpoint(timeout_s=args.timeout))
-    download_s = time.perf_counter() - t0
-    link.close()
     return {"rows": rows, "streamed": streamed, "checkpoint_bytes": size, "checkpoint_download_s": download_s,
             "split_point": split}
+
+
+def download(cfg, timeout_s: float) -> tuple[int, float]:
+    """The float32 checkpoint over GetCheckpoint: (bytes, seconds)."""
+    from device.link import CloudLink
+
+    link = CloudLink(cfg)
+    try:
+        t0 = time.perf_counter()
+        size = len(link.fetch_checkpoint(timeout_s=timeout_s))
+        return size, time.perf_counter() - t0
+    finally:
+        link.close()
 
 
 def local_images(model, images: list, split: int, threshold: float) -> list[int]:
@@ -137,6 +161,8 @@ def first(rows: list[dict], predicate) -> float | None:
 def summarize(run: dict, args: argparse.Namespace) -> dict:
     split = run["split_point"]
     rows = sorted(run["rows"], key=lambda r: r["t"])
+    control = [r["latency_ms"] for r in rows if r["probe"] == "download" and r["answered_by"] != "cloud"]
+    rows = [r for r in rows if r["probe"] != "download"]
     swapping = [r for r in rows if not r["complete"]]
     steady = [r for r in rows if r["complete"]]
     out = {
@@ -160,6 +186,10 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
             "steady_p99_ms": percentile(after, 99)}
         if during and after:
             out[f"latency_{name}"]["p99_ratio"] = percentile(during, 99) / percentile(after, 99)
+    after = out["latency_device_answered"]["steady_p99_ms"]
+    out["latency_device_during_download"] = {
+        "n": len(control), "p50_ms": percentile(control, 50), "p99_ms": percentile(control, 99),
+        "p99_ratio": percentile(control, 99) / after if control and after else None}
     return out
 
 
@@ -189,6 +219,11 @@ def markdown(s: dict, name: str, command: str) -> str:
         lines.append(f"| {label} | {v['swapping_n']} | {fmt(v['swapping_p50_ms'])} | {fmt(v['swapping_p99_ms'])} | "
                      f"{v['steady_n']} | {fmt(v['steady_p50_ms'])} | {fmt(v['steady_p99_ms'])} | "
                      f"{v.get('p99_ratio', float('nan')):.2f} |")
+    c = s.get("latency_device_during_download")
+    if c and c["n"]:
+        lines += ["", f"Control: the device's own answers while the same link carries the float32 download above "
+                      f"(nothing decoded or swapped), after the model is complete: {c['n']} requests, p50 "
+                      f"{c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, **{c['p99_ratio']:.2f}x** the steady p99."]
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +276,7 @@ def main() -> int:
     parser.add_argument("--stream-nice", type=int, default=10, help="the device's stream_nice")
     parser.add_argument("--swap-ms", type=float, default=500.0, help="the device's stream_swap_ms")
     parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
+                        metavar="all,local|all|local",
                         help="request loops: every image, and/or the images a device exit answers (alone, the "
                              "second measures what swaps cost the device's own answers, with no offloads "
                              "competing for the cores)")

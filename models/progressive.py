@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
+import math
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -103,7 +104,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # progress() asks for it per tensor after every chunk: no numpy call
 
 
 @dataclass(frozen=True)
