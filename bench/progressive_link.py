@@ -168,7 +168,8 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
     out = {
         "rate_bit_s": args.rate, "threshold": args.threshold, "requests": len(rows), "split_point": split,
         "stream_nice": args.stream_nice, "decode": "thread" if args.decode_in_thread else "process",
-        "loops": args.loops, "swap_ms": args.swap_ms,
+        "loops": args.loops, "swap_ms": args.swap_ms, "chunk_bytes": args.chunk_bytes,
+        "cloud_nice": args.cloud_nice,
         "first_answer_s": first(rows, lambda r: True),
         "first_answer_equal_to_full_s": first(rows, lambda r: r["equal_to_full"]),
         "first_answer_at_split_s": first(rows, lambda r: r["split_point"] == split),
@@ -248,9 +249,10 @@ def run(args: argparse.Namespace, app_args: list[str]) -> dict:
     with netns.two_hosts(args.rate) as hosts:
         address = f"{hosts.cloud_ip}:{PORT}"
         cloud = subprocess.Popen(
-            [*hosts.exec(hosts.cloud_ns), sys.executable, "-m", "cloud", f"checkpoint={app.checkpoint_path()}",
+            [*hosts.exec(hosts.cloud_ns), "nice", "-n", str(args.cloud_nice), sys.executable, "-m", "cloud", f"checkpoint={app.checkpoint_path()}",
              f"address={address}", "log_level=WARNING", "intra_op_threads=1",
-             f"delivery_prebuild=[{split if split is not None else ''}]"], cwd=ROOT)
+             f"delivery_prebuild=[{split if split is not None else ''}]",
+             f"delivery_chunk_bytes={args.chunk_bytes}"], cwd=ROOT)
         try:
             wait_serving(hosts, address, cloud, 120)
             cache = Path(args.cache)
@@ -274,6 +276,10 @@ def main() -> int:
     parser.add_argument("--steady", type=int, default=300, help="requests per loop after the model is complete")
     parser.add_argument("--limit", type=int, default=256, help="validation images cycled through")
     parser.add_argument("--stream-nice", type=int, default=10, help="the device's stream_nice")
+    parser.add_argument("--cloud-nice", type=int, default=0,
+                        help="the cloud process's nice value (here it shares the device's cores; on two machines "
+                             "it would not)")
+    parser.add_argument("--chunk-bytes", type=int, default=16384, help="the cloud's delivery_chunk_bytes")
     parser.add_argument("--swap-ms", type=float, default=500.0, help="the device's stream_swap_ms")
     parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
                         metavar="all,local|all|local",
