@@ -249,8 +249,8 @@ def run(args: argparse.Namespace, app_args: list[str]) -> dict:
     with netns.two_hosts(args.rate) as hosts:
         address = f"{hosts.cloud_ip}:{PORT}"
         cloud = subprocess.Popen(
-            [*hosts.exec(hosts.cloud_ns), "nice", "-n", str(args.cloud_nice), sys.executable, "-m", "cloud", f"checkpoint={app.checkpoint_path()}",
-             f"address={address}", "log_level=WARNING", "intra_op_threads=1",
+            [*hosts.exec(hosts.cloud_ns), "nice", "-n", str(args.cloud_nice), sys.executable, "-m", "cloud",
+             f"checkpoint={app.checkpoint_path()}", f"address={address}", "log_level=WARNING", "intra_op_threads=1",
              f"delivery_prebuild=[{split if split is not None else ''}]",
              f"delivery_chunk_bytes={args.chunk_bytes}"], cwd=ROOT)
         try:
