@@ -157,6 +157,8 @@ class WeightStream:
 
     @property
     def complete(self) -> bool:
+        """Every chunk received (in the decode process, the last ones may still be being verified and decoded;
+        the stream's thread swaps the complete model in right after, or resumes from a chunk refused there)."""
         return self.decoder.next_chunk == len(self.manifest.chunks)
 
     def digest(self) -> str:
@@ -208,12 +210,13 @@ class WeightStream:
             return
         self.helper = None
         try:
-            helper.begin(self.manifest)
+            helper.begin(self.manifest, self.store)
             for index in range(self.decoder.next_chunk):
                 payload = self.store.load(index)
                 if payload is None:
                     raise DecoderDied(f"chunk {index} is not in the weights cache")
-                helper.apply(index, payload)
+                helper.submit(index, payload, keep=False)
+            helper.sync()  # at this decoder's chunk (what changed is in the snapshot or in _unswapped)
         except (DecoderDied, ProgressiveError) as err:
             log.warning("decoding stays in the stream's thread: %s", err)
             helper.close()
@@ -286,28 +289,35 @@ class WeightStream:
                                            f"chunk {index} at {len(buffer)}")
                 buffer += message.data
                 if not message.last:
-                    if self._unswapped and time.monotonic() - self._last_swap >= self.swap_interval_s:
+                    if time.monotonic() - self._last_swap >= self.swap_interval_s:
                         self._swap()  # a chunk of many messages on a slow link does not hold back the last
                     continue
-                changed = self.decoder.apply(index, bytes(buffer))  # verifies the hash first
-                self.store.save(index, bytes(buffer))
+                payload = bytes(buffer)
                 buffer.clear()
-                p = self.decoder.progress()
-                log.info("weights %s v%s: chunk %d/%d (%s), %d bytes, %.1f %% of the weights, head %.1f bits",
-                         m.model_id, m.model_version, index + 1, len(m.chunks), m.chunks[index].stage, p.bytes,
-                         100 * p.weights_fraction, p.head_bits)
-                self._unswapped.update(changed)
-                if self._swap_due(p):
+                self._take(index, payload)
+                if self._swap_due():
                     self._swap()
                 self._hand_over()
         finally:
             calls.cancel()
 
+    def _take(self, index: int, payload: bytes) -> None:
+        """Verify chunk ``index`` (its hash first), decode it and keep it on disk: in the decode process, queued
+        there (what changed is collected at the next swap, a refusal too), or here. Raises ProgressiveError for
+        a refused chunk (not kept), DecoderDied."""
+        if isinstance(self.decoder, DecoderProcess):
+            self.decoder.submit(index, payload)
+        else:
+            self._unswapped.update(self.decoder.apply(index, payload))
+            self.store.save(index, payload)
+        log.debug("weights %s v%s: chunk %d/%d (%s) received", self.manifest.model_id, self.manifest.model_version,
+                  index + 1, len(self.manifest.chunks), self.manifest.chunks[index].stage)
 
-    def _swap_due(self, progress: Progress) -> bool:
+    def _swap_due(self) -> bool:
         # Each swap costs the serving threads GIL time (tensors from the decoder, path copying, a new head):
         # one per chunk put the device's own answers' p99 at 1.4x steady over 1 Mbit/s (README).
-        return (progress.complete or (progress.usable and not self.snapshot.progress.usable)
+        m, received = self.manifest, self.decoder.next_chunk
+        return (received == len(m.chunks) or (received > m.usable_chunk and not self.snapshot.progress.usable)
                 or time.monotonic() - self._last_swap >= self.swap_interval_s)
 
     def _swap_or_restart(self) -> None:
@@ -318,12 +328,19 @@ class WeightStream:
 
     def _swap(self) -> None:
         """Hand the model with every chunk decoded so far to ``on_snapshot`` (nothing when none is new).
-        Raises DecoderDied when the decode process cannot give the tensors."""
+        Raises DecoderDied when the decode process cannot give the tensors, ProgressiveError when it refused a
+        chunk (the chunks before it are swapped in by the next call)."""
+        if isinstance(self.decoder, DecoderProcess):
+            self._unswapped.update(self.decoder.sync())  # ProgressiveError: the chunks before it come next time
         if not self._unswapped:
             return
         self._refine(self._unswapped)
         self._unswapped = set()
         self._last_swap = time.monotonic()
+        p, m = self.snapshot.progress, self.manifest
+        log.info("weights %s v%s: %d/%d chunks swapped in, %d bytes, %.1f %% of the weights, head %.1f bits",
+                 m.model_id, m.model_version, p.chunks, p.total_chunks, p.bytes, 100 * p.weights_fraction,
+                 p.head_bits)
         self.on_snapshot(self.snapshot)
 
 

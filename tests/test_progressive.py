@@ -17,7 +17,8 @@ import torch
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
-from device.decode_process import DecoderDied, DecoderProcess
+from device.decode_process import PIPELINE_BYTES, DecoderDied, DecoderProcess
+from device import delivery
 from device.delivery import ChunkStore, WeightStream, fetch_manifest
 from serving.priority import lower_thread_priority
 from device.link import CloudLink
@@ -738,12 +739,14 @@ def test_the_decode_process_gives_the_decoders_tensors_and_refuses_a_bad_chunk(s
             assert os.getpriority(os.PRIO_PROCESS, remote.process.pid) == min(19, mine + 2)
         bad = bytearray(package.payloads[0])
         bad[-1] ^= 1
+        remote.submit(0, bytes(bad))
         with pytest.raises(ProgressiveError, match="SHA-256"):
-            remote.apply(0, bytes(bad))
+            remote.sync()
         assert remote.next_chunk == 0
         for index, payload in enumerate(package.payloads):
-            changed = remote.apply(index, payload)
-            assert changed == local.apply(index, payload)
+            remote.submit(index, payload)
+            changed = remote.sync()
+            assert changed == sorted(local.apply(index, payload))
             expected = local.tensors(changed)
             assert all(torch.equal(value, expected[name]) for name, value in remote.tensors(changed).items())
             assert remote.progress() == local.progress() and remote.next_chunk == index + 1
@@ -754,17 +757,53 @@ def test_the_decode_process_gives_the_decoders_tensors_and_refuses_a_bad_chunk(s
     assert remote.process is None
 
 
+def test_chunks_queued_to_the_decode_process_are_collected_at_a_sync_and_a_refusal_stops_there(small_model,
+                                                                                               tmp_path):
+    package = package_of(small_model)
+    n, bad_at = len(package.payloads), len(package.payloads) // 2
+    assert sum(map(len, package.payloads)) > 2 * PIPELINE_BYTES  # the queue is collected on the way too
+    store = ChunkStore(tmp_path, package.manifest)
+    local, remote = Decoder(package.manifest), DecoderProcess()
+    payloads = list(package.payloads)
+    payloads[bad_at] = payloads[bad_at][:-1] + bytes([payloads[bad_at][-1] ^ 1])
+    try:
+        remote.begin(package.manifest, store)
+        with pytest.raises(ProgressiveError, match=f"chunk {bad_at}: SHA-256"):
+            for index, payload in enumerate(payloads):  # the refusal comes from a sync inside submit or the last
+                remote.submit(index, payload)
+            remote.sync()
+        assert remote.next_chunk == bad_at
+        # the process stored what it verified, and nothing from the refused chunk on
+        assert [store.load(i) for i in range(n)] == package.payloads[:bad_at] + [None] * (n - bad_at)
+        expected = set()
+        for index in range(bad_at):
+            expected.update(local.apply(index, package.payloads[index]))
+        assert remote.sync() == sorted(expected)  # what the chunks before the refused one changed
+        for index in range(bad_at, n):
+            remote.submit(index, package.payloads[index])
+        assert remote.next_chunk == n and remote.digest() == package.manifest.final_sha256
+        assert remote.sync() and remote.progress().complete and remote.bytes == package.manifest.total_bytes
+        assert [store.load(i) for i in range(n)] == package.payloads
+        store.drop(0)
+        remote.begin(package.manifest, store)  # a replay from the cache is not written again
+        remote.submit(0, package.payloads[0], keep=False)
+        assert remote.sync() and store.load(0) is None
+    finally:
+        remote.close()
+
+
 def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
     package = package_of(small_model)
     remote = DecoderProcess(package.manifest, timeout_s=1.0)
     process = remote.process
     os.kill(process.pid, signal.SIGSTOP)
     try:
+        remote.submit(0, package.payloads[0])  # queued: a send does not wait for the child
         with pytest.raises(DecoderDied, match="within 1 s"):
-            remote.apply(0, package.payloads[0])
+            remote.sync()
         assert not process.is_alive() and remote.process is None
         with pytest.raises(DecoderDied):  # closed: every later call says so too, at once
-            remote.apply(0, package.payloads[0])
+            remote.submit(0, package.payloads[0])
     finally:
         if process.is_alive():
             process.kill()
@@ -798,23 +837,25 @@ def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_comple
     assert stream.helper is None and stream.decoder.process is None  # a finished stream leaves no process
 
 
-class KillingStore(ChunkStore):
-    """A weights cache that kills the stream's decode process once the last chunk is saved: decoded there,
-    its tensors not yet fetched for the swap."""
+class KillingDecoder(DecoderProcess):
+    """A decode process killed once the last chunk is sent to it: received, its tensors not yet fetched for
+    the swap."""
 
-    def save(self, index: int, payload: bytes) -> None:
-        super().save(index, payload)
-        if index == len(self.stream.manifest.chunks) - 1:
-            self.stream.decoder.process.kill()
-            self.stream.decoder.process.join(10)
+    def submit(self, index: int, payload: bytes, keep: bool = True) -> None:
+        super().submit(index, payload, keep)
+        if index == len(self.manifest.chunks) - 1:
+            self.process.kill()
+            self.process.join(10)
 
 
-def test_a_decode_process_killed_before_the_last_swap_still_hands_out_the_whole_model(checkpoint, cloud, tmp_path):
+def test_a_decode_process_killed_before_the_last_swap_still_hands_out_the_whole_model(checkpoint, cloud, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(delivery, "DecoderProcess", KillingDecoder)  # what the stream spawns
     link = CloudLink(device_cfg(cloud.port, tmp_path))
     manifest = fetch_manifest(link, 7, "split", 30)
-    store = KillingStore(tmp_path / "cache", manifest)
+    store = ChunkStore(tmp_path / "cache", manifest)
     seen = []
-    stream = store.stream = WeightStream(link, manifest, store, torch.device("cpu"),
+    stream = WeightStream(link, manifest, store, torch.device("cpu"),
                                          lambda snap: seen.append((snap.progress, type(stream.decoder).__name__)),
                                          decode_process=True, swap_interval_s=3600.0)
     try:
