@@ -280,7 +280,7 @@ def main() -> int:
                         help="the cloud process's nice value (here it shares the device's cores; on two machines "
                              "it would not)")
     parser.add_argument("--chunk-bytes", type=int, default=16384, help="the cloud's delivery_chunk_bytes")
-    parser.add_argument("--swap-ms", type=float, default=500.0, help="the device's stream_swap_ms")
+    parser.add_argument("--swap-ms", type=float, default=1000.0, help="the device's stream_swap_ms")
     parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
                         metavar="all,local|all|local",
                         help="request loops: every image, and/or the images a device exit answers (alone, the "

@@ -9,10 +9,12 @@ one chunk's worth of one part of what ``device/delivery.py`` does per chunk:
 - ``none``: nothing (the baseline);
 - ``grpc``: read the next ``StreamWeights`` message from a cloud process on loopback (``python -m cloud``; the
   reader's pace holds the stream back, so every message costs the device's Python what a paced link would);
-- ``decode``: a round trip to the decode process (``DecoderProcess.apply``: send the chunk, wait, read the
-  answer with the changed names and the progress);
-- ``save``: store the chunk in a ``ChunkStore`` (write, rename);
-- ``all``: the three in turn, as the stream does.
+- ``decode``: a round trip to the decode process (``DecoderProcess.submit`` then ``sync``: send the chunk,
+  wait, read the changed names and the progress), as the stream did per chunk before;
+- ``save``: store the chunk in a ``ChunkStore`` (write, rename), as the stream's thread did before;
+- ``before``: the three in turn, the stream's thread's work per chunk before;
+- ``submit``: hand the chunk to the decode process without waiting (it verifies, decodes and stores it; a
+  sync every 128 KB keeps its queue short), and ``now``: ``grpc`` and ``submit``, the work per chunk now.
 
 Variants are interleaved over ``--repeats`` rounds (the machine's own noise moves a p99 by ~0.1 ms between
 runs). Reported: answer latency p50/p99 per variant and round, and each variant's mean p99 minus the baseline's.
@@ -52,7 +54,7 @@ from proto import spinn_v1_pb2_grpc as pb_grpc  # noqa: E402
 from serving.priority import lower_thread_priority  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-VARIANTS = ("none", "grpc", "decode", "save", "all")
+VARIANTS = ("none", "grpc", "decode", "save", "before", "submit", "now")
 
 
 class Parts:
@@ -65,8 +67,9 @@ class Parts:
         grpc.channel_ready_future(self.channel).result(timeout=120)
         self.stub = pb_grpc.ModelDeliveryStub(self.channel)
         self.messages = None
-        self.decoder = DecoderProcess(self.package.manifest, nice=10)  # up before any measurement
         self.store = ChunkStore(Path(tempfile.mkdtemp(prefix="spinn-interference-")), self.package.manifest)
+        self.decoder = DecoderProcess(nice=10)
+        self.decoder.begin(self.package.manifest, self.store)  # up before any measurement
 
     def grpc(self, index: int) -> None:
         if self.messages is None:
@@ -77,11 +80,15 @@ class Parts:
         if next(self.messages, None) is None:  # the stream ended: start it again on the next chunk
             self.messages = None
 
-    def decode(self, index: int) -> None:
+    def submit(self, index: int) -> None:
         n = len(self.package.payloads)
         if index % n == 0 and self.decoder.next_chunk:
-            self.decoder.begin(self.package.manifest)  # the package again, from its first chunk
-        self.decoder.apply(index % n, self.package.payloads[index % n])
+            self.decoder.begin(self.package.manifest, self.store)  # the package again, from its first chunk
+        self.decoder.submit(index % n, self.package.payloads[index % n])
+
+    def decode(self, index: int) -> None:
+        self.submit(index)
+        self.decoder.sync()
 
     def save(self, index: int) -> None:
         n = len(self.package.payloads)
@@ -90,7 +97,8 @@ class Parts:
     def step(self, variant: str) -> Callable[[int], None] | None:
         """One chunk's work of ``variant`` (None for ``none``)."""
         parts = {"grpc": [self.grpc], "decode": [self.decode], "save": [self.save],
-                 "all": [self.grpc, self.decode, self.save]}.get(variant)
+                 "before": [self.grpc, self.decode, self.save], "submit": [self.submit],
+                 "now": [self.grpc, self.submit]}.get(variant)
         if parts is None:
             return None
 

@@ -39,7 +39,7 @@ class DeviceConfig:
     stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
     stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     stream_decode_process: bool = True  # decode chunks in a child process (off: in the stream's thread)
-    stream_swap_ms: float = 500.0  # new weights swapped in at most this often (usable head, complete: at once)
+    stream_swap_ms: float = 1000.0  # new weights swapped in at most this often (usable head, complete: at once)
     input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
     jpeg_quality: int = 90
     # scheduler (device/scheduler.py): split point and threshold chosen at run time from the offline profile
