@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud.inference import ServedModel
 from cloud.worker import ForwardWorker
-from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from serving.admission import Admission, Overloaded
 from tests.conftest import SIZE

@@ -2,7 +2,6 @@
 OK or a documented status, and both daemons still answer afterwards. The full-size run is the benchmark."""
 
 import pytest
-import grpc
 
 from bench.fuzz import fuzz_cloud, fuzz_device, hostile_image, IMAGE_KINDS, MUTATIONS, serving
 from cloud.inference import ServedModel
