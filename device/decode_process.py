@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 #: Longest waits for the child to start (it imports torch) and to answer a call (a sync decodes what is queued).
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
-#: Bytes of chunks sent and not yet synced: below a socket pair's buffer (~200 KB on Linux), so that a send never
-#: blocks (a hung child is then found by the next sync's deadline, not by a send that never returns).
+#: Bytes of chunks sent and not yet synced: below a socket pair's buffer (~200 KB on Linux), so that queueing a
+#: chunk never waits for the child (a hung child is then found by the next sync's deadline). A larger chunk is
+#: sent alone, on a thread, under the call deadline.
 PIPELINE_BYTES = 128 * 1024
 
 
@@ -161,15 +162,41 @@ class DecoderProcess:
         queue short finds a refused chunk."""
         if self._in_flight and self._in_flight_bytes + len(payload) > PIPELINE_BYTES:
             self._collect()
+        message = ("apply", index, payload, keep)
         with self._lock:
-            try:
-                self._conn.send(("apply", index, payload, keep))
-            except (BrokenPipeError, OSError, ValueError):
-                self.close()
-                raise DecoderDied(f"decode process died before chunk {index}") from None
+            if len(payload) > PIPELINE_BYTES:
+                self._send_within_deadline(message, f"chunk {index}")
+            else:
+                try:
+                    self._conn.send(message)
+                except (BrokenPipeError, OSError, ValueError):
+                    self.close()
+                    raise DecoderDied(f"decode process died before chunk {index}") from None
         self._in_flight += 1
         self._in_flight_bytes += len(payload)
         self.next_chunk = index + 1
+
+    def _send_within_deadline(self, message: tuple, what: str) -> None:
+        """Send a message larger than the socket's buffer, which waits for the child to read it: on a thread, so
+        that a hung child is killed at the deadline instead of holding the stream forever. Caller holds _lock."""
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                self._conn.send(message)
+            except (BrokenPipeError, OSError, ValueError) as err:  # the child is gone (or killed below)
+                failed.append(err)
+
+        sender = threading.Thread(target=send, name="spinn-decode-send", daemon=True)
+        sender.start()
+        sender.join(self.timeout_s)
+        if sender.is_alive():
+            self._kill()
+            sender.join(5.0)  # the kill closed the child's end: the send fails at once
+            raise DecoderDied(f"decode process: {what} not read within {self.timeout_s:.0f} s")
+        if failed:
+            self.close()
+            raise DecoderDied(f"decode process died before {what}")
 
     def sync(self) -> list[str]:
         """Wait until every submitted chunk is decoded; the names of the tensors changed since the last
@@ -213,6 +240,13 @@ class DecoderProcess:
         except (BrokenPipeError, OSError, ValueError):
             pass
         process.join(wait_s)
+        self._kill()
+
+    def _kill(self) -> None:
+        """Kill the child at once (no message: a send may block on a child that does not read) and close."""
+        process: Optional[mp.process.BaseProcess] = self.process
+        if process is None:
+            return
         if process.is_alive():
             process.kill()
             process.join(5)

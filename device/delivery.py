@@ -157,17 +157,17 @@ class WeightStream:
 
     @property
     def complete(self) -> bool:
-        """Every chunk received (in the decode process, the last ones may still be being verified and decoded;
-        the stream's thread swaps the complete model in right after, or resumes from a chunk refused there)."""
-        return self.decoder.next_chunk == len(self.manifest.chunks)
+        """Every chunk verified, decoded and swapped into ``snapshot``."""
+        return self.snapshot.progress.complete
 
     def digest(self) -> str:
-        """SHA-256 of the decoded weights so far (``manifest.final_sha256`` once complete and intact)."""
+        """SHA-256 of the decoded weights so far (``manifest.final_sha256`` once complete and intact). Raises
+        DecoderDied when asked of a stream stopped before completion whose decode process is closed."""
         return self.final_digest if self.final_digest is not None else self.decoder.digest()
 
     def _load_cached(self) -> None:
         changed: set[str] = set()
-        while not self.complete:
+        while self.decoder.next_chunk < len(self.manifest.chunks):
             index = self.decoder.next_chunk
             payload = self.store.load(index)
             if payload is None:
@@ -249,13 +249,12 @@ class WeightStream:
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     break
-                log.warning("weight stream from %s cut at chunk %d (%s: %s); resuming in %.1f s", self.link.target,
-                            self.decoder.next_chunk, err.code().name, err.details(), backoff)
+                log.warning("weight stream from %s cut after %d chunks sent to decode (%s: %s); resuming in %.1f s",
+                            self.link.target, self.decoder.next_chunk, err.code().name, err.details(), backoff)
                 wait, backoff = backoff, min(5.0, backoff * 2)
             except ProgressiveError as err:
-                self.refused += 1
-                log.warning("chunk refused (%s); fetching it again", err)
-                wait = backoff
+                self._count_refused(err)
+                wait, backoff = backoff, min(5.0, backoff * 2)  # a cloud that keeps sending bad chunks
             except DecoderDied as err:
                 if self._stop.is_set():
                     break
@@ -263,14 +262,23 @@ class WeightStream:
             self._swap_or_restart()  # what arrived before a cut or a refused chunk serves meanwhile
             self._stop.wait(wait)
         if self.complete:
-            try:
-                self.final_digest = self.decoder.digest()
-            except DecoderDied as err:
-                self._restart_decoder(err)
-                self.final_digest = self.decoder.digest()
-            ok = self.final_digest == self.manifest.final_sha256
-            log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
-                     self.manifest.model_version, self.decoder.bytes, "verified" if ok else "MISMATCH")
+            self._check_final()
+
+    def _count_refused(self, err: ProgressiveError) -> None:
+        self.refused += 1
+        log.warning("chunk refused (%s); fetching it again", err)
+
+    def _check_final(self) -> None:
+        try:
+            self.final_digest = self.decoder.digest()
+        except DecoderDied as err:
+            if self._stop.is_set():  # shutting down: not worth rebuilding a decoder for a log line
+                return
+            self._restart_decoder(err)
+            self.final_digest = self.decoder.digest()
+        ok = self.final_digest == self.manifest.final_sha256
+        log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
+                 self.manifest.model_version, self.manifest.total_bytes, "verified" if ok else "MISMATCH")
 
     def _stream_once(self) -> None:
         m = self.manifest
@@ -283,7 +291,7 @@ class WeightStream:
                 if self._stop.is_set():
                     return
                 index = self.decoder.next_chunk
-                if message.index != index or message.offset != len(buffer) or \
+                if index >= len(m.chunks) or message.index != index or message.offset != len(buffer) or \
                         len(buffer) + len(message.data) > m.chunks[index].size:
                     raise ProgressiveError(f"chunk {message.index} at offset {message.offset} does not continue "
                                            f"chunk {index} at {len(buffer)}")
@@ -314,15 +322,19 @@ class WeightStream:
                   index + 1, len(self.manifest.chunks), self.manifest.chunks[index].stage)
 
     def _swap_due(self) -> bool:
-        # Each swap costs the serving threads GIL time (tensors from the decoder, path copying, a new head):
-        # one per chunk put the device's own answers' p99 at 1.4x steady over 1 Mbit/s (README).
+        # Each swap costs the serving threads GIL time (tensors from the decoder, path copying, a new head), so
+        # swaps are coalesced to one per swap_interval_s (README, "stream_swap_ms").
         m, received = self.manifest, self.decoder.next_chunk
         return (received == len(m.chunks) or (received > m.usable_chunk and not self.snapshot.progress.usable)
                 or time.monotonic() - self._last_swap >= self.swap_interval_s)
 
     def _swap_or_restart(self) -> None:
         try:
-            self._swap()
+            try:
+                self._swap()
+            except ProgressiveError as err:  # refused in the decode process, found after the call ended
+                self._count_refused(err)
+                self._swap()  # what the chunks before it changed
         except DecoderDied as err:  # the tensors could not be had: rebuilt from disk, the snapshot handed out
             self._restart_decoder(err)
 

@@ -809,6 +809,20 @@ def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
             process.kill()
 
 
+def test_a_chunk_larger_than_the_pipe_is_not_sent_forever_to_a_hung_decode_process(small_model):
+    package = package_of(small_model)
+    remote = DecoderProcess(package.manifest, timeout_s=1.0)
+    process = remote.process
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DecoderDied, match="chunk 0 not read within 1 s"):
+            remote.submit(0, bytes(8 * PIPELINE_BYTES))  # more than the socket pair holds: the send must wait
+        assert not process.is_alive() and remote.process is None
+    finally:
+        if process.is_alive():
+            process.kill()
+
+
 def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_completes(checkpoint, cloud, tmp_path):
     link = CloudLink(device_cfg(cloud.port, tmp_path))
     manifest = fetch_manifest(link, 7, "split", 30)
@@ -838,12 +852,16 @@ def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_comple
 
 
 class KillingDecoder(DecoderProcess):
-    """A decode process killed once the last chunk is sent to it: received, its tensors not yet fetched for
-    the swap."""
+    """A decode process killed once it has stored the last chunk, before the stream syncs for its swap."""
+
+    def begin(self, manifest, store=None):
+        self.store = store
+        return super().begin(manifest, store)
 
     def submit(self, index: int, payload: bytes, keep: bool = True) -> None:
         super().submit(index, payload, keep)
-        if index == len(self.manifest.chunks) - 1:
+        if keep and index == len(self.manifest.chunks) - 1:
+            assert wait_until(lambda: self.store.load(index) is not None, 30)
             self.process.kill()
             self.process.join(10)
 
@@ -869,3 +887,48 @@ def test_a_decode_process_killed_before_the_last_swap_still_hands_out_the_whole_
     assert stream.digest() == manifest.final_sha256
     state = stream.snapshot.checkpoint.model.state_dict()
     assert all(torch.equal(state[name], value) for name, value in stream.decoder.tensors(state).items())
+
+
+class CorruptingDecoder(DecoderProcess):
+    """A decode process sent a flipped byte in the first copy of chunk ``usable_chunk + 3``, after which ``cut``
+    is called: the refusal is still waiting in the process when the stream's call ends."""
+
+    corrupted = False
+
+    def cut(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, index: int, payload: bytes, keep: bool = True) -> None:
+        if keep and index == self.manifest.usable_chunk + 3 and not self.corrupted:
+            self.corrupted = True
+            super().submit(index, payload[:-1] + bytes([payload[-1] ^ 1]), keep)
+            self.cut()
+        else:
+            super().submit(index, payload, keep)
+
+
+def test_a_chunk_refused_in_the_decode_process_after_a_cut_is_fetched_again(checkpoint, cloud, tmp_path,
+                                                                             monkeypatch):
+    link = CloudLink(device_cfg(cloud.port, tmp_path))
+    manifest = fetch_manifest(link, 7, "split", 30)
+    at = manifest.usable_chunk + 3  # not a chunk swapped in at once: the refusal waits for the next sync
+    assert at < len(manifest.chunks) - 1
+
+    class Corrupting(CorruptingDecoder):
+        def cut(self) -> None:
+            stream._call.cancel()
+
+    monkeypatch.setattr(delivery, "DecoderProcess", Corrupting)  # what the stream spawns
+    seen = []
+    stream = WeightStream(link, manifest, ChunkStore(tmp_path / "cache", manifest), torch.device("cpu"),
+                          lambda snap: seen.append(snap.progress.chunks), decode_process=True,
+                          swap_interval_s=3600.0)
+    try:
+        assert wait_until(stream.helper.ready, 60)
+        stream.start()
+        assert wait_until(lambda: stream.complete, 60)
+        stream.stop()
+    finally:
+        link.close()
+    assert stream.decoder.corrupted and stream.refused == 1 and stream.digest() == manifest.final_sha256
+    assert at in seen  # swapped in after the cut: every chunk before the refused one
