@@ -13,6 +13,9 @@ own answers 0.11 ms at p99 and storing the chunk 0.05 ms, a send 0.05 ms (``benc
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import select
+import socket
 import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Iterable, Optional
@@ -29,9 +32,7 @@ if TYPE_CHECKING:
 #: Longest waits for the child to start (it imports torch) and to answer a call (a sync decodes what is queued).
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
-#: Bytes of chunks sent and not yet synced: below a socket pair's buffer (~200 KB on Linux), so that queueing a
-#: chunk never waits for the child (a hung child is then found by the next sync's deadline). A larger chunk is
-#: sent alone, on a thread, under the call deadline.
+#: Bytes of chunks sent and not yet synced, to keep the queue (and what a refusal throws away) short.
 PIPELINE_BYTES = 128 * 1024
 
 
@@ -91,8 +92,14 @@ class DecoderProcess:
 
     The child starts at construction without waiting for it (``WeightStream`` decodes in its own thread until
     ``ready()``); ``begin(manifest)`` waits for it (START_TIMEOUT_S) and gives it the package. Calls are
-    serialised (one stream thread makes them) and each answer has a deadline of ``timeout_s``; a child that
-    dies or misses it is killed and the call raises DecoderDied. ``nice``: the child's nice value increment.
+    serialised (one stream thread makes them); each send and each answer has a deadline of ``timeout_s``; a
+    child that dies or misses it is killed and the call raises DecoderDied. ``nice``: the child's nice value
+    increment.
+
+    A send waits (under the deadline) until the socket pair is writable, which on Linux means at most a quarter
+    of its buffer is used, so a message of up to half the buffer then goes through without blocking; a larger
+    one is sent on a thread of its own, so that a child that stops reading cannot hold the stream past the
+    deadline.
     """
 
     def __init__(self, manifest: Optional[Manifest] = None, nice: int = 0,
@@ -111,6 +118,8 @@ class DecoderProcess:
                                                                      name="spinn-decode", daemon=True)
         self.process.start()
         child.close()
+        with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+            self.send_buffer_bytes = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         if manifest is not None:
             self.begin(manifest)
 
@@ -137,23 +146,41 @@ class DecoderProcess:
         if self.process is None:
             raise DecoderDied(f"decode process closed before {what}")
         if not self._conn.poll(timeout_s):
-            self.close(wait_s=0)
+            self._kill()  # not close(): a child that does not answer may not read a goodbye either
             raise DecoderDied(f"decode process: no answer to {what} within {timeout_s:.0f} s")
         try:
             return self._conn.recv()
         except (EOFError, OSError):
             code = self.process.exitcode
-            self.close()
+            self._kill()
             raise DecoderDied(f"decode process died during {what} (exit code {code})") from None
 
     def _call(self, message: tuple, what: str) -> tuple:
         with self._lock:
-            try:
-                self._conn.send(message)
-            except (BrokenPipeError, OSError, ValueError):
-                self.close()
-                raise DecoderDied(f"decode process died before {what}") from None
+            self._send(message, what)
             return self._receive(what)
+
+    def _send(self, message: tuple, what: str, size: int = 0) -> None:
+        """Send ``message`` (``size``: its payload's bytes) under the deadline; caller holds _lock.
+        Raises DecoderDied."""
+        if self.process is None:
+            raise DecoderDied(f"decode process closed before {what}")
+        if size > self.send_buffer_bytes // 2:
+            self._send_on_thread(message, what)
+            return
+        if not self._writable(self.timeout_s):
+            self._kill()
+            raise DecoderDied(f"decode process: {what} not read within {self.timeout_s:.0f} s")
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            self._kill()
+            raise DecoderDied(f"decode process died before {what}") from None
+
+    def _writable(self, timeout_s: float) -> bool:
+        poller = select.poll()
+        poller.register(self._conn.fileno(), select.POLLOUT)
+        return bool(poller.poll(timeout_s * 1000))  # also true when the child is gone: the send then says so
 
     def submit(self, index: int, payload: bytes, keep: bool = True) -> None:
         """Queue chunk ``index`` to be verified, decoded and (``keep``) saved in the store, and return without
@@ -162,40 +189,31 @@ class DecoderProcess:
         queue short finds a refused chunk."""
         if self._in_flight and self._in_flight_bytes + len(payload) > PIPELINE_BYTES:
             self._collect()
-        message = ("apply", index, payload, keep)
         with self._lock:
-            if len(payload) > PIPELINE_BYTES:
-                self._send_within_deadline(message, f"chunk {index}")
-            else:
-                try:
-                    self._conn.send(message)
-                except (BrokenPipeError, OSError, ValueError):
-                    self.close()
-                    raise DecoderDied(f"decode process died before chunk {index}") from None
+            self._send(("apply", index, payload, keep), f"chunk {index}", len(payload))
         self._in_flight += 1
         self._in_flight_bytes += len(payload)
         self.next_chunk = index + 1
 
-    def _send_within_deadline(self, message: tuple, what: str) -> None:
-        """Send a message larger than the socket's buffer, which waits for the child to read it: on a thread, so
-        that a hung child is killed at the deadline instead of holding the stream forever. Caller holds _lock."""
-        failed: list[BaseException] = []
+    def _send_on_thread(self, message: tuple, what: str) -> None:
+        """Send a message that may not fit the socket's buffer, so the send waits for the child to read it: on
+        a thread, so that a child that stops reading is killed at the deadline. Caller holds _lock."""
+        failed: list[Exception] = []
 
         def send() -> None:
             try:
                 self._conn.send(message)
-            except (BrokenPipeError, OSError, ValueError) as err:  # the child is gone (or killed below)
+            except Exception as err:  # the child is gone, or killed below
                 failed.append(err)
 
         sender = threading.Thread(target=send, name="spinn-decode-send", daemon=True)
         sender.start()
         sender.join(self.timeout_s)
         if sender.is_alive():
-            self._kill()
-            sender.join(5.0)  # the kill closed the child's end: the send fails at once
+            self._kill(sender)
             raise DecoderDied(f"decode process: {what} not read within {self.timeout_s:.0f} s")
         if failed:
-            self.close()
+            self._kill()
             raise DecoderDied(f"decode process died before {what}")
 
     def sync(self) -> list[str]:
@@ -235,20 +253,26 @@ class DecoderProcess:
         process: Optional[mp.process.BaseProcess] = getattr(self, "process", None)
         if process is None:
             return
-        try:
-            self._conn.send(None)
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-        process.join(wait_s)
+        if self._writable(0):  # else the child has not read what it has: no goodbye to wait on
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+            process.join(wait_s)
         self._kill()
 
-    def _kill(self) -> None:
-        """Kill the child at once (no message: a send may block on a child that does not read) and close."""
+    def _kill(self, sender: Optional[threading.Thread] = None) -> None:
+        """Kill the child at once and close the connection once ``sender`` (a thread writing to it) has ended:
+        the kill closes the child's end, which fails the write."""
         process: Optional[mp.process.BaseProcess] = self.process
         if process is None:
             return
+        self.process = None
         if process.is_alive():
             process.kill()
             process.join(5)
+        if sender is not None:
+            sender.join(5.0)
+            if sender.is_alive():  # never seen; closing now could hand its descriptor to another file
+                return
         self._conn.close()
-        self.process = None

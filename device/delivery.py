@@ -130,7 +130,7 @@ class WeightStream:
         self.decoder: AnyDecoder = Decoder(manifest)
         self.decoder_restarts = 0
         self.helper = _spawn_decoder(nice) if decode_process else None  # takes over when up (_hand_over)
-        self.final_digest: Optional[str] = None  # set once complete (the decoder is closed then)
+        self.final_digest: Optional[str] = None  # the decoder's, once complete (the decoder is closed then)
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
         self._call = None  # the StreamWeights call in progress (cancelled by stop)
@@ -162,7 +162,7 @@ class WeightStream:
 
     def digest(self) -> str:
         """SHA-256 of the decoded weights so far (``manifest.final_sha256`` once complete and intact). Raises
-        DecoderDied when asked of a stream stopped before completion whose decode process is closed."""
+        DecoderDied when the decode process is closed before the stream's final check (a stopped stream)."""
         return self.final_digest if self.final_digest is not None else self.decoder.digest()
 
     def _load_cached(self) -> None:
@@ -266,7 +266,7 @@ class WeightStream:
 
     def _count_refused(self, err: ProgressiveError) -> None:
         self.refused += 1
-        log.warning("chunk refused (%s); fetching it again", err)
+        log.warning("chunk refused (%s)%s", err, "" if self._stop.is_set() else "; fetching it again")
 
     def _check_final(self) -> None:
         try:
@@ -344,7 +344,7 @@ class WeightStream:
         chunk (the chunks before it are swapped in by the next call)."""
         if isinstance(self.decoder, DecoderProcess):
             self._unswapped.update(self.decoder.sync())  # ProgressiveError: the chunks before it come next time
-        if not self._unswapped:
+        if not self._unswapped and self.decoder.progress().chunks == self.snapshot.progress.chunks:
             return
         self._refine(self._unswapped)
         self._unswapped = set()

@@ -94,7 +94,8 @@ def manifest_from_message(msg: pb.Manifest) -> Manifest:
         units = tuple(zip(c.unit_groups, c.unit_planes))
         if c.index != i or len(c.unit_groups) != len(c.unit_planes) or any(
                 not 0 <= g < len(tensors) or tensors[g].kind != "planes" or not 0 <= p < msg.bits - 1
-                for g, p in units) or any(not 0 <= r < len(tensors) for r in c.raw) or len(c.sha256) != 64:
+                for g, p in units) or any(not 0 <= r < len(tensors) for r in c.raw) or len(c.sha256) != 64 \
+                or c.size <= 0 or not (units or c.raw):
             raise ProgressiveError(f"manifest.chunks[{i}]: malformed")
         chunks.append(ChunkInfo(c.index, units, tuple(c.raw), c.size, c.sha256, c.stage))
     return Manifest(msg.model.model_id, msg.model.model_version, metadata, msg.bits, msg.order, msg.split_point,

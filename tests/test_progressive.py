@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -199,6 +200,14 @@ def test_manifest_survives_the_wire_and_bad_manifests_name_the_field(small_model
     msg = manifest_message(m)
     msg.chunks[3].unit_planes[0] = 99
     with pytest.raises(ProgressiveError, match=r"chunks\[3\]"):
+        manifest_from_message(msg)
+    msg = manifest_message(m)  # a chunk that changes nothing (a device would wait for it to change something)
+    del msg.chunks[-1].unit_groups[:], msg.chunks[-1].unit_planes[:], msg.chunks[-1].raw[:]
+    with pytest.raises(ProgressiveError, match=rf"chunks\[{len(m.chunks) - 1}\]"):
+        manifest_from_message(msg)
+    msg = manifest_message(m)
+    msg.chunks[0].size = 0
+    with pytest.raises(ProgressiveError, match=r"chunks\[0\]"):
         manifest_from_message(msg)
 
 
@@ -809,18 +818,41 @@ def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
             process.kill()
 
 
-def test_a_chunk_larger_than_the_pipe_is_not_sent_forever_to_a_hung_decode_process(small_model):
-    package = package_of(small_model)
-    remote = DecoderProcess(package.manifest, timeout_s=1.0)
+def submit_to_a_stopped_decode_process(small_model, payloads) -> tuple[list, Optional[BaseException]]:
+    """Submit ``payloads`` (as chunks 0, 1, ...) to a decode process stopped with SIGSTOP, on a thread given 30 s
+    (a send that blocks for good fails the test instead of hanging it); the processes and what it raised."""
+    remote = DecoderProcess(package_of(small_model).manifest, timeout_s=1.0)
     process = remote.process
     os.kill(process.pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(DecoderDied, match="chunk 0 not read within 1 s"):
-            remote.submit(0, bytes(8 * PIPELINE_BYTES))  # more than the socket pair holds: the send must wait
-        assert not process.is_alive() and remote.process is None
-    finally:
-        if process.is_alive():
-            process.kill()
+    raised = []
+
+    def submit_all() -> None:
+        try:
+            for index, payload in enumerate(payloads(remote)):
+                remote.submit(index, payload)
+        except BaseException as err:
+            raised.append(err)
+
+    submitter = threading.Thread(target=submit_all, daemon=True)
+    submitter.start()
+    submitter.join(30)
+    alive = process.is_alive()
+    process.kill()  # also ends a send still blocked
+    submitter.join(10)
+    assert not submitter.is_alive() and not alive and remote.process is None
+    return raised[0] if raised else None
+
+
+def test_a_chunk_larger_than_the_pipe_is_not_sent_forever_to_a_hung_decode_process(small_model):
+    raised = submit_to_a_stopped_decode_process(small_model, lambda remote: [bytes(4 * remote.send_buffer_bytes)])
+    assert isinstance(raised, DecoderDied) and "chunk 0 not read within 1 s" in str(raised)
+
+
+def test_many_small_chunks_are_not_sent_forever_to_a_hung_decode_process(small_model):
+    # 100-byte chunks fill the socket pair's buffer (by the kernel's per-message overhead) long before
+    # PIPELINE_BYTES of them would be synced
+    raised = submit_to_a_stopped_decode_process(small_model, lambda remote: [bytes(100)] * 2000)
+    assert isinstance(raised, DecoderDied) and "not read within 1 s" in str(raised)
 
 
 def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_completes(checkpoint, cloud, tmp_path):
