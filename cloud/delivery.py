@@ -19,8 +19,9 @@ from proto import spinn_v1_pb2 as pb
 
 log = logging.getLogger("cloud")
 
-#: Payload bytes per StreamWeights message; with the envelope, well under the 1 MiB message bound.
-MESSAGE_BYTES = 512 * 1024
+#: Payload bytes per StreamWeights message; with the envelope, well under the 1 MiB message bound. Small chunks
+#: share a message: each message wakes a thread on the device, which costs its answers' tail latency (README).
+MESSAGE_BYTES = 64 * 1024
 
 
 class PackageCache:
@@ -83,7 +84,9 @@ def check_package_request(served: ServedModel, model: pb.ModelRef, split_point: 
 
 def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESSAGE_BYTES
                     ) -> Iterator[pb.WeightChunk]:
-    """The package's chunks from ``from_chunk`` on, each cut into messages of at most ``message_bytes``.
+    """The package's chunks from ``from_chunk`` on, as one run of bytes cut into messages of at most
+    ``message_bytes``: a message may end inside a chunk or carry several. A message also ends with the chunk
+    that makes the head usable, so that the device does not wait for more bytes to move to its split.
 
     Raises RequestError INVALID_ARGUMENT for ``from_chunk`` outside 0..chunks.
     """
@@ -94,9 +97,18 @@ def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESS
 
 
 def _messages(package: Package, from_chunk: int, message_bytes: int) -> Iterator[pb.WeightChunk]:
-    for index in range(from_chunk, len(package.payloads)):
-        payload = package.payloads[index]
-        offsets = range(0, max(1, len(payload)), message_bytes)
-        for offset in offsets:
-            yield pb.WeightChunk(index=index, offset=offset, data=payload[offset:offset + message_bytes],
-                                 last=offset == offsets[-1])
+    payloads, usable = package.payloads, package.manifest.usable_chunk
+    index, offset = from_chunk, 0
+    while index < len(payloads):
+        message = pb.WeightChunk(index=index, offset=offset)
+        data = bytearray()
+        while index < len(payloads) and len(data) < message_bytes:
+            piece = payloads[index][offset:offset + message_bytes - len(data)]
+            data += piece
+            offset += len(piece)
+            if offset == len(payloads[index]):
+                index, offset = index + 1, 0
+                if index == usable + 1:
+                    break
+        message.data, message.last = bytes(data), offset == 0
+        yield message

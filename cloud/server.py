@@ -96,7 +96,8 @@ class CloudConfig:
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
     delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing and resuming)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
-    delivery_message_bytes: int = 512 * 1024  # payload per StreamWeights message (a chunk may span several)
+    delivery_message_bytes: int = 64 * 1024  # payload per StreamWeights message (small chunks share one, a large
+    # chunk spans several)
     delivery_prebuild: list[int] = field(default_factory=list)  # split points whose package (split order) is
     # built right after loading, so that the first device does not wait for it
     log_level: str = "INFO"

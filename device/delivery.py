@@ -285,29 +285,39 @@ class WeightStream:
         request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
                                    split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk)
         calls = self._call = self.link.stream_weights(request, self.call_timeout_s)
-        buffer = bytearray()
+        buffer = bytearray()  # the start of chunk decoder.next_chunk
         try:
             for message in calls:
                 if self._stop.is_set():
                     return
-                index = self.decoder.next_chunk
-                if index >= len(m.chunks) or message.index != index or message.offset != len(buffer) or \
-                        len(buffer) + len(message.data) > m.chunks[index].size:
+                if message.index != self.decoder.next_chunk or message.offset != len(buffer):
                     raise ProgressiveError(f"chunk {message.index} at offset {message.offset} does not continue "
-                                           f"chunk {index} at {len(buffer)}")
-                buffer += message.data
-                if not message.last:
-                    if time.monotonic() - self._last_swap >= self.swap_interval_s:
-                        self._swap()  # a chunk of many messages on a slow link does not hold back the last
-                    continue
-                payload = bytes(buffer)
-                buffer.clear()
-                self._take(index, payload)
-                if self._swap_due():
+                                           f"chunk {self.decoder.next_chunk} at {len(buffer)}")
+                self._take_message(message.data, buffer)
+                if buffer and self._swap_due():  # also within a chunk of many messages on a slow link
                     self._swap()
                 self._hand_over()
         finally:
             calls.cancel()
+
+    def _take_message(self, data: bytes, buffer: bytearray) -> None:
+        """Cut one message's ``data`` at the manifest's chunk sizes: ``_take`` each chunk it completes (and swap
+        when due), keep the start of the next in ``buffer``. Raises ProgressiveError for data past the last
+        chunk."""
+        chunks, rest = self.manifest.chunks, memoryview(data)
+        while rest:
+            index = self.decoder.next_chunk
+            if index >= len(chunks):
+                raise ProgressiveError(f"{len(rest)} bytes past the last chunk")
+            room = chunks[index].size - len(buffer)
+            buffer += rest[:room]
+            rest = rest[room:]
+            if len(buffer) == chunks[index].size:
+                payload = bytes(buffer)
+                buffer.clear()
+                self._take(index, payload)
+                if self._swap_due(message_end=not rest):
+                    self._swap()
 
     def _take(self, index: int, payload: bytes) -> None:
         """Verify chunk ``index`` (its hash first), decode it and keep it on disk: in the decode process, queued
@@ -321,12 +331,16 @@ class WeightStream:
         log.debug("weights %s v%s: chunk %d/%d (%s) received", self.manifest.model_id, self.manifest.model_version,
                   index + 1, len(self.manifest.chunks), self.manifest.chunks[index].stage)
 
-    def _swap_due(self) -> bool:
+    def _swap_due(self, message_end: bool = True) -> bool:
+        """At once for the usable head and the complete model (and every chunk with ``swap_interval_s`` 0);
+        otherwise at the end of a message once ``swap_interval_s`` has passed since the last swap."""
         # Each swap costs the serving threads GIL time (tensors from the decoder, path copying, a new head), so
         # swaps are coalesced to one per swap_interval_s (README, "stream_swap_ms").
         m, received = self.manifest, self.decoder.next_chunk
-        return (received == len(m.chunks) or (received > m.usable_chunk and not self.snapshot.progress.usable)
-                or time.monotonic() - self._last_swap >= self.swap_interval_s)
+        if received == len(m.chunks) or (received > m.usable_chunk and not self.snapshot.progress.usable):
+            return True
+        return (message_end or self.swap_interval_s == 0) and \
+            time.monotonic() - self._last_swap >= self.swap_interval_s
 
     def _swap_or_restart(self) -> None:
         try:

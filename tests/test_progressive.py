@@ -2,11 +2,13 @@
 and the device streaming its model, against a real cloud on loopback with real small models."""
 
 import gc
+import itertools
 import os
 import random
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cloud.delivery import weight_messages
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
@@ -417,6 +420,58 @@ def test_delivery_requests_are_validated(cloud):
     messages = list(stub.StreamWeights(pb.WeightRequest(model=ref, split_point=7, from_chunk=3), timeout=30))
     assert messages[0].index == 3 and max(len(x.data) for x in messages) <= 1000
     assert sum(len(x.data) for x in messages) == sum(c.size for c in manifest.chunks[3:])
+
+
+@pytest.mark.parametrize("message_bytes", [700, 5000])
+def test_weight_messages_cut_one_run_of_the_chunks_bytes(small_model, message_bytes):
+    package = package_of(small_model)
+    payloads, usable = package.payloads, package.manifest.usable_chunk
+    starts = [0] + list(itertools.accumulate(len(p) for p in payloads))  # where each chunk starts in the run
+    for from_chunk in (0, 1, usable + 1):
+        messages = list(weight_messages(package, from_chunk, message_bytes))
+        assert b"".join(m.data for m in messages) == b"".join(payloads[from_chunk:])
+        at = starts[from_chunk]
+        for m in messages:  # each message says where its first byte is
+            assert starts[m.index] + m.offset == at and 0 < len(m.data) <= message_bytes
+            at += len(m.data)
+            assert m.last == (at in starts)
+        if from_chunk <= usable:  # the chunk that makes the head usable is not held back for more bytes
+            assert starts[usable + 1] in itertools.accumulate([starts[from_chunk]] + [len(m.data) for m in messages])
+    if message_bytes > 2 * max(map(len, payloads)):
+        assert len(messages) < len(payloads) - from_chunk  # small chunks share a message
+
+
+class OverrunningDelivery(pb_grpc.ModelDeliveryServicer):
+    """A hostile cloud whose first stream carries 10 bytes past the package's last chunk."""
+
+    def __init__(self, package) -> None:
+        self.package, self.calls = package, 0
+
+    def StreamWeights(self, request, context):
+        self.calls += 1
+        messages = list(weight_messages(self.package, request.from_chunk, 5000))
+        if self.calls == 1:
+            messages[-1].data += bytes(10)
+        yield from messages
+
+
+def test_a_stream_that_runs_past_the_last_chunk_is_refused_and_the_chunks_before_are_kept(small_model, tmp_path):
+    package = package_of(small_model)
+    server = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_ModelDeliveryServicer_to_server(OverrunningDelivery(package), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    link = CloudLink(device_cfg(port, tmp_path))
+    m = package.manifest
+    stream = WeightStream(link, m, ChunkStore(tmp_path / "cache", m), torch.device("cpu"), lambda snap: None)
+    try:
+        stream.start()
+        assert wait_until(lambda: stream.complete, 60)
+        stream.stop()
+    finally:
+        link.close()
+        server.stop(0)
+    assert stream.refused == 1 and stream.digest() == m.final_sha256
 
 
 def test_a_device_with_nothing_answers_via_split_point_0_then_moves_to_its_split(checkpoint, cloud, tmp_path):
