@@ -441,6 +441,13 @@ def test_weight_messages_cut_one_run_of_the_chunks_bytes(small_model, message_by
         assert len(messages) < len(payloads) - from_chunk  # small chunks share a message
 
 
+def stream_to_completion(stream: WeightStream, timeout_s: float = 60) -> None:
+    """Start ``stream``, wait until its whole model is swapped in, stop it."""
+    stream.start()
+    assert wait_until(lambda: stream.complete, timeout_s)
+    stream.stop()
+
+
 class OverrunningDelivery(pb_grpc.ModelDeliveryServicer):
     """A hostile cloud whose first stream carries 10 bytes past the package's last chunk."""
 
@@ -465,9 +472,7 @@ def test_a_stream_that_runs_past_the_last_chunk_is_refused_and_the_chunks_before
     m = package.manifest
     stream = WeightStream(link, m, ChunkStore(tmp_path / "cache", m), torch.device("cpu"), lambda snap: None)
     try:
-        stream.start()
-        assert wait_until(lambda: stream.complete, 60)
-        stream.stop()
+        stream_to_completion(stream)
     finally:
         link.close()
         server.stop(0)
@@ -593,9 +598,7 @@ def stream_snapshots(checkpoint, cache, swap_interval_s, cut_at=lambda manifest:
         seen = []
         stream = store.stream = WeightStream(link, manifest, store, torch.device("cpu"),
                                              lambda snap: seen.append(snap.progress), swap_interval_s=swap_interval_s)
-        stream.start()
-        assert wait_until(lambda: stream.complete, 60)
-        stream.stop()
+        stream_to_completion(stream)
     finally:
         link.close()
         cloud.stop()
@@ -926,9 +929,7 @@ def test_a_killed_decode_process_is_rebuilt_from_the_cache_and_the_stream_comple
     stream = WeightStream(link, manifest, ChunkStore(tmp_path / "cache", manifest), torch.device("cpu"),
                           on_snapshot, decode_process=True)
     try:
-        stream.start()
-        assert wait_until(lambda: stream.complete, 60)
-        stream.stop()
+        stream_to_completion(stream)
     finally:
         link.close()
     assert stream.digest() == manifest.final_sha256 and stream.decoder_restarts == 1
@@ -1012,9 +1013,7 @@ def test_a_chunk_refused_in_the_decode_process_after_a_cut_is_fetched_again(chec
                           swap_interval_s=3600.0)
     try:
         assert wait_until(stream.helper.ready, 60)
-        stream.start()
-        assert wait_until(lambda: stream.complete, 60)
-        stream.stop()
+        stream_to_completion(stream)
     finally:
         link.close()
     assert stream.decoder.corrupted and stream.refused == 1 and stream.digest() == manifest.final_sha256
