@@ -876,9 +876,9 @@ def test_a_hung_decode_process_is_killed_at_its_deadline(small_model):
             process.kill()
 
 
-def submit_to_a_stopped_decode_process(small_model, payloads) -> tuple[list, Optional[BaseException]]:
-    """Submit ``payloads`` (as chunks 0, 1, ...) to a decode process stopped with SIGSTOP, on a thread given 30 s
-    (a send that blocks for good fails the test instead of hanging it); the processes and what it raised."""
+def submit_to_a_stopped_decode_process(small_model, payloads) -> Optional[BaseException]:
+    """Submit ``payloads(remote)`` (as chunks 0, 1, ...) to a decode process stopped with SIGSTOP, on a thread
+    given 30 s (a send that blocks for good fails the test instead of hanging it); what the submits raised."""
     remote = DecoderProcess(package_of(small_model).manifest, timeout_s=1.0)
     process = remote.process
     os.kill(process.pid, signal.SIGSTOP)
