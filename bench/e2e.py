@@ -138,7 +138,7 @@ def start_cloud(hosts: netns.TwoHosts, checkpoint: str, log_path: Path) -> subpr
     with open(log_path, "ab") as out:
         cloud = subprocess.Popen(
             [*CLOUD_CPU, *hosts.exec(hosts.cloud_ns), sys.executable, "-m", "cloud", f"checkpoint={checkpoint}",
-             f"address={address}", "log_level=WARNING", "intra_op_threads=1"],
+             f"address={address}", "insecure=true", "log_level=WARNING", "intra_op_threads=1"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_serving(hosts, address, cloud, CLOUD_START_TIMEOUT_S)

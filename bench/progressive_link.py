@@ -66,7 +66,8 @@ def drive(args: argparse.Namespace, app_args: list[str]) -> dict:
     with torch.no_grad():  # reference answers of the full-precision model, computed here, not sent
         expected = [int(ckpt.model(x.unsqueeze(0))[-1].argmax()) for x in images]
     split = app.split_point if app.split_point is not None else max(ckpt.model.exit_points)
-    cfg = from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": args.cloud, "split_point": split,
+    # insecure: the namespaces are this benchmark's own, on this machine (bench/netns.py)
+    cfg = from_dict(DeviceConfig, {"checkpoint": "stream", "cloud": args.cloud, "insecure": True, "split_point": split,
                                    "z_confidence_threshold": args.threshold, "deadline_ms": 5000,
                                    "weights_cache": args.cache, "log_level": "WARNING",
                                    "stream_nice": args.stream_nice, "stream_swap_ms": args.swap_ms,
@@ -250,7 +251,8 @@ def run(args: argparse.Namespace, app_args: list[str]) -> dict:
         address = f"{hosts.cloud_ip}:{PORT}"
         cloud = subprocess.Popen(
             [*hosts.exec(hosts.cloud_ns), "nice", "-n", str(args.cloud_nice), sys.executable, "-m", "cloud",
-             f"checkpoint={app.checkpoint_path()}", f"address={address}", "log_level=WARNING", "intra_op_threads=1",
+             f"checkpoint={app.checkpoint_path()}", f"address={address}", "insecure=true", "log_level=WARNING",
+             "intra_op_threads=1",
              f"delivery_prebuild=[{split if split is not None else ''}]",
              f"delivery_chunk_bytes={args.chunk_bytes}"], cwd=ROOT)
         try:

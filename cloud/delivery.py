@@ -24,41 +24,106 @@ log = logging.getLogger("cloud")
 MESSAGE_BYTES = 64 * 1024
 
 
+class BuildsBusy(Exception):
+    """A package must be built but ``max_package_builds`` builds are running already (RESOURCE_EXHAUSTED)."""
+
+
+class BuildFailed(Exception):
+    """Building a package raised (logged with its traceback); the next request tries again (INTERNAL)."""
+
+
 class PackageCache:
-    """Built packages by (model id, version, split point, order), least recently used evicted beyond
-    ``max_packages``. A package is built once: concurrent first requests wait for the same build."""
+    """Built packages by (model id, version, split point, order): at most ``max_packages`` of them and
+    ``max_bytes`` of payload (least recently used evicted; the newest is kept even when it alone is larger). A
+    package is built once: concurrent first requests wait for the same build. At most ``max_builds`` builds run
+    at once (a build is zstd at level 19 over the whole model, seconds of a core); a request that needs another
+    raises BuildsBusy instead of queueing behind them."""
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
-                 usable_planes: int = DEFAULT_USABLE_PLANES) -> None:
-        self.max_packages = max_packages
+                 usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1) -> None:
+        self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
         self._lock = threading.Lock()
+        self._builds = 0  # builds running now
         self._entries: collections.OrderedDict[tuple, tuple[threading.Lock, list[Package]]] = \
             collections.OrderedDict()
 
+    @property
+    def builds_running(self) -> int:
+        with self._lock:
+            return self._builds
+
+    @property
+    def cached_bytes(self) -> int:
+        """Payload bytes of the packages held now."""
+        with self._lock:
+            return sum(_size(slot) for _, slot in self._entries.values())
+
     def get(self, served: ServedModel, split_point: int, order: str) -> Package:
-        """The package of ``served`` for ``split_point`` and ``order`` (validated by the caller)."""
+        """The package of ``served`` for ``split_point`` and ``order`` (validated by the caller). Raises
+        BuildsBusy when it must be built and ``max_builds`` builds are running, BuildFailed when its build
+        failed."""
         key = (served.model_id, served.model_version, split_point, order)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            builder = entry is None
+            if builder:
+                if self._builds >= self.max_builds:
+                    raise BuildsBusy(f"{self._builds} package build(s) running already (limit max_package_builds); "
+                                     "retry later")
                 entry = self._entries[key] = (threading.Lock(), [])
-                while len(self._entries) > self.max_packages:
-                    self._entries.popitem(last=False)
+                entry[0].acquire()  # a new lock: never blocks; later requests for this package wait on it
+                self._builds += 1  # reserved under the lock, so two new packages cannot both pass the check
             self._entries.move_to_end(key)
         build_lock, slot = entry
-        with build_lock:
-            if not slot:
-                started = time.monotonic()
-                slot.append(build_package(
-                    served.model.state_dict(), served.metadata, served.model_id, served.model_version,
-                    split_point, served.model.exit_points, order, self.bits, self.usable_planes,
-                    self.chunk_bytes, bias_inputs(served.model, served.input_size)))
-                m = slot[0].manifest
-                log.info("built progressive package for split point %d, order %s: %d chunks, %d bytes (%.1f %% "
-                         "of float32) in %.1f s", split_point, order, len(m.chunks), m.total_bytes,
-                         100 * m.total_bytes / m.float32_bytes, time.monotonic() - started)
+        if builder:
+            try:
+                self._build(served, split_point, order, key, slot)
+            finally:
+                build_lock.release()
+        else:
+            with build_lock:  # the build is done (or failed) once it is free
+                pass
+        if not slot:
+            raise BuildFailed(f"building the package for split point {split_point}, order {order} failed (the "
+                              "cloud logged why)")
         return slot[0]
+
+    def _build(self, served: ServedModel, split_point: int, order: str, key: tuple, slot: list[Package]) -> None:
+        """Build into ``slot``; releases the build place ``get`` reserved."""
+        started = time.monotonic()
+        try:
+            slot.append(build_package(
+                served.model.state_dict(), served.metadata, served.model_id, served.model_version,
+                split_point, served.model.exit_points, order, self.bits, self.usable_planes,
+                self.chunk_bytes, bias_inputs(served.model, served.input_size)))
+        except Exception:
+            log.exception("building the package for split point %d, order %s failed", split_point, order)
+            with self._lock:
+                self._entries.pop(key, None)  # the next request builds again
+            return
+        finally:
+            with self._lock:
+                self._builds -= 1
+        m = slot[0].manifest
+        log.info("built progressive package for split point %d, order %s: %d chunks, %d bytes (%.1f %% "
+                 "of float32) in %.1f s", split_point, order, len(m.chunks), m.total_bytes,
+                 100 * m.total_bytes / m.float32_bytes, time.monotonic() - started)
+        self._evict(keep=key)
+
+    def _evict(self, keep: tuple) -> None:
+        """Drop the least recently used packages beyond the count and byte bounds, never ``keep``."""
+        with self._lock:
+            total = sum(_size(slot) for _, slot in self._entries.values())
+            for key in list(self._entries):
+                if len(self._entries) <= self.max_packages and total <= self.max_bytes:
+                    break
+                if key != keep:
+                    total -= _size(self._entries.pop(key)[1])
+
+
+def _size(slot: list[Package]) -> int:
+    return sum(len(p) for p in slot[0].payloads) if slot else 0
 
 
 def check_package_request(served: ServedModel, model: pb.ModelRef, split_point: int, order: str) -> str:

@@ -28,6 +28,11 @@ class CloudMetrics:
               registry=self.registry).set_function(queue_depth)
         Gauge("spinn_cloud_in_flight", "Infer requests admitted and not yet answered",
               registry=self.registry).set_function(in_flight)
+        self.idle_streams = Counter("spinn_cloud_idle_streams_closed", "InferStreams closed after "
+                                    "infer_stream_idle_seconds without a request", registry=self.registry)
+
+    def idle_stream_closed(self) -> None:
+        self.idle_streams.inc()
 
     def record(self, method: str, status: str, seconds: float, queue_ms: float | None, batch: int) -> None:
         """One finished request (``queue_ms`` None when it never reached the batcher)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
 import gc
 import json
@@ -16,14 +17,14 @@ from concurrent import futures
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.delivery import PackageCache, check_package_request, weight_messages
+from cloud.delivery import BuildFailed, BuildsBusy, PackageCache, check_package_request, weight_messages
 from cloud.batcher import DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
 from cloud.metrics import CloudMetrics
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
@@ -34,9 +35,10 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
-from serving.admission import Admission, Overloaded, pending_call_options
+from serving.admission import Admission, IdleCalls, Overloaded, pending_call_options
 from serving.heap import freeze_heap
 from serving.metrics import Exporter, start_exporter
+from serving.security import TOKEN_ENV, check_server_exposure, read_token, token_file_is_private
 from proto.manifest import manifest_message
 
 log = logging.getLogger("cloud")
@@ -67,6 +69,11 @@ def load_codec_table(path: str | None) -> dict[int, CodecSpec]:
 class CloudConfig:
     """Keys of ``apps/cloud.yml`` (README: cloud config reference)."""
 
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "auth_token": f"a token given as a value shows in ps; put it in a file (auth_token_file) or in {TOKEN_ENV}",
+        "max_streams": "ModelDelivery calls are bounded by max_delivery_calls, InferStreams by max_infer_streams",
+    }
+
     checkpoint: str = "runs/quickstart/best_model.pt"
     address: str = "127.0.0.1:50051"
     model_id: str = "spinn"
@@ -75,18 +82,21 @@ class CloudConfig:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     max_in_flight: int = 64  # Infer requests admitted at once; beyond: RESOURCE_EXHAUSTED at once
-    max_streams: int = 8  # StreamWeights/GetCheckpoint streams at once; beyond: RESOURCE_EXHAUSTED
+    max_infer_streams: int = 16  # InferStreams open at once (each holds an RPC thread); beyond: RESOURCE_EXHAUSTED
+    infer_stream_idle_seconds: float = 60.0  # an InferStream with no request for this long is closed
+    max_delivery_calls: int = 8  # GetManifest/StreamWeights/GetCheckpoint calls at once; beyond: RESOURCE_EXHAUSTED
     forward_timeout_s: float = 60.0  # a batch forward running longer is failed (UNAVAILABLE) by the watchdog
     forward_nice: int = 10  # the forward (batcher thread or worker process) runs this much nicer, 0..19 (Linux)
-    metrics_address: Optional[str] = None  # host:port: Prometheus /metrics there (None: not exported)
+    metrics_address: Optional[str] = None  # host:port (":9100" binds loopback): Prometheus /metrics (None: off)
     intra_op_threads: int = 0  # 0: all cores but one (at least 1), see intra_op_threads_for()
-    rpc_threads: int = 80  # >= max_in_flight + max_streams + 4 (spare threads for health checks)
+    rpc_threads: int = 96  # >= max_in_flight + max_infer_streams + max_delivery_calls + 4 (spare threads)
     max_pending_calls: Optional[int] = None  # calls gRPC core queues before dropping (CANCELLED); None: core's
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None  # set: clients must present a certificate signed by it (mutual TLS)
-    auth_token: Optional[str] = None  # set: every call needs "authorization: Bearer <token>"
+    auth_token_file: Optional[str] = None  # file holding the bearer token every call needs (else $SPINN_AUTH_TOKEN)
+    insecure: bool = False  # allow an address off loopback without TLS or without caller authentication
     codec_table: Optional[str] = None  # bench/codec.py JSON: default codec per split point; None: int8+zstd
     grace_seconds: float = 10.0
     torch_device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
@@ -96,26 +106,45 @@ class CloudConfig:
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
     delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing and resuming)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
+    delivery_cache_bytes: int = 256 * 1024 * 1024  # and at most this many bytes of them (the newest is kept)
+    max_package_builds: int = 1  # packages built at once (a build is zstd -19 over the model: seconds of a core)
     delivery_message_bytes: int = 64 * 1024  # payload per StreamWeights message (small chunks share one, a large
     # chunk spans several)
     delivery_prebuild: list[int] = field(default_factory=list)  # split points whose package (split order) is
     # built right after loading, so that the first device does not wait for it
     log_level: str = "INFO"
 
+    def token(self) -> Optional[str]:
+        """The bearer token callers must send: ``auth_token_file``'s contents, else ``$SPINN_AUTH_TOKEN``, else
+        None (no token). Raises ConfigError naming the key or variable."""
+        return read_token(self.auth_token_file)
+
+    def min_rpc_threads(self) -> int:
+        """Threads every admitted call may hold at once, plus the spare ones health checks and refusals use."""
+        return self.max_in_flight + self.max_infer_streams + self.max_delivery_calls + SPARE_RPC_THREADS
+
     def validate(self) -> None:
         check_at_least(self, ("max_batch_size", "max_queue_size", "rpc_threads", "max_message_bytes",
-                              "max_in_flight", "max_streams"), 1)
-        check_positive(self, ("forward_timeout_s", "grace_seconds"))
+                              "max_in_flight", "max_infer_streams", "max_delivery_calls", "max_package_builds",
+                              "delivery_cache_bytes"), 1)
+        check_positive(self, ("forward_timeout_s", "grace_seconds", "infer_stream_idle_seconds"))
         if not 0 <= self.forward_nice <= 19:
             raise ConfigError(f"config key 'forward_nice': must be in 0..19, got {self.forward_nice}")
-        if self.rpc_threads < self.max_in_flight + self.max_streams + SPARE_RPC_THREADS:
+        if self.rpc_threads < self.min_rpc_threads():
             raise ConfigError(
-                f"config key 'rpc_threads': must be >= max_in_flight + max_streams + {SPARE_RPC_THREADS} = "
-                f"{self.max_in_flight + self.max_streams + SPARE_RPC_THREADS} (threads left for health checks and "
-                f"refusals), got {self.rpc_threads}")
+                f"config key 'rpc_threads': must be >= max_in_flight + max_infer_streams + max_delivery_calls + "
+                f"{SPARE_RPC_THREADS} = {self.min_rpc_threads()} (threads left for health checks and refusals), "
+                f"got {self.rpc_threads}")
         check_at_least(self, ("max_queue_delay_ms", "intra_op_threads"), 0)
         if self.max_pending_calls is not None and self.max_pending_calls < 1:
             raise ConfigError(f"config key 'max_pending_calls': must be >= 1, got {self.max_pending_calls}")
+        self._validate_delivery()
+        self._validate_security()
+        check_files(self, ("codec_table",))
+        check_log_level(self)
+        resolve_device(self.torch_device, "torch_device")
+
+    def _validate_delivery(self) -> None:
         check_at_least(self, ("delivery_chunk_bytes", "delivery_cache_packages", "delivery_usable_planes",
                               "delivery_message_bytes"), 1)
         for i, split_point in enumerate(self.delivery_prebuild):
@@ -129,13 +158,17 @@ class CloudConfig:
         if self.delivery_usable_planes > self.delivery_bits - 1:
             raise ConfigError(f"config key 'delivery_usable_planes': at most delivery_bits - 1 = "
                               f"{self.delivery_bits - 1}, got {self.delivery_usable_planes}")
+
+    def _validate_security(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("config key 'tls_client_ca': mutual TLS needs tls_cert and tls_key too")
-        check_files(self, ("tls_cert", "tls_key", "tls_client_ca", "codec_table"))
-        check_log_level(self)
-        resolve_device(self.torch_device, "torch_device")
+        check_files(self, ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"))
+        token = self.token() is not None
+        check_server_exposure(self.address, "address", tls=self.tls_cert is not None,
+                              authenticated=token or self.tls_client_ca is not None, token=token,
+                              insecure=self.insecure)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -144,8 +177,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
         self, served: Optional[ServedModel], batcher: DynamicBatcher, max_batch: int,
         default_codecs: dict[int, CodecSpec], admission: Optional[Admission] = None,
-        result_timeout_s: float = 60.0,
+        result_timeout_s: float = 60.0, streams: Optional[Admission] = None, idle: Optional[IdleCalls] = None,
     ) -> None:
+        """``admission`` bounds requests being answered (unary or in a stream), ``streams`` the InferStreams open
+        at once; ``idle`` closes streams that send nothing for too long (None: never closed)."""
         self.served = served  # None while the daemon is still loading its checkpoint
         self.forward: Optional[Callable[[int, torch.Tensor], list[torch.Tensor]]] = None  # None: in-process
         self.counts: collections.Counter[str] = collections.Counter()  # final status name -> requests
@@ -154,6 +189,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.max_batch = max_batch
         self.default_codecs = default_codecs
         self.admission = admission or Admission(1 << 30, "max_in_flight")
+        self.streams = streams or Admission(1 << 30, "max_infer_streams", "InferStreams")
+        self.idle = idle
         self.metrics = CloudMetrics(batcher.queued, lambda: self.admission.in_flight)
         self.result_timeout_s = result_timeout_s  # the longest a call waits for the batcher, with no deadline
 
@@ -227,14 +264,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             context.abort(err.code, err.detail)
 
     def InferStream(self, request_iterator: Iterator[pb.FeatureRequest], context: grpc.ServicerContext):
-        # Sequential per stream; pipelining clients open several streams (or use Infer concurrently). A request
-        # that fails is answered with its status and the stream goes on: one bad message costs one answer.
-        for request in request_iterator:
+        # A stream holds an RPC thread for its whole life, so it is admitted like a request (max_infer_streams)
+        # and closed when idle: otherwise idle streams could take every thread, health checks' included.
+        try:
+            with self.streams.admit():
+                yield from self._stream_answers(request_iterator, context)
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+
+    def _stream_answers(self, requests: Iterator[pb.FeatureRequest], context: grpc.ServicerContext
+                        ) -> Iterator[pb.Prediction]:
+        """One answer per request, in order. Sequential per stream; pipelining clients open several streams (or
+        use Infer concurrently). A request that fails is answered with its status and the stream goes on: one
+        bad message costs one answer. Ends quietly when the call is cancelled (by the client, or as idle)."""
+        watch = self.idle.watch(context.cancel) if self.idle is not None else contextlib.nullcontext()
+        with watch as call:
             try:
-                yield self._infer(request, context.time_remaining(), "InferStream")
-            except RequestError as err:
-                yield pb.Prediction(request_id=request.request_id,
-                                    status=pb.RequestStatus(code=err.code.value[0], message=err.detail))
+                for request in requests:
+                    if call is not None:
+                        call.busy()
+                    try:
+                        yield self._infer(request, context.time_remaining(), "InferStream")
+                    except RequestError as err:
+                        yield pb.Prediction(request_id=request.request_id,
+                                            status=pb.RequestStatus(code=err.code.value[0], message=err.detail))
+                    if call is not None:
+                        call.idle()
+            except grpc.RpcError:  # the call was cancelled while waiting for its next request
+                return
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         try:
@@ -264,44 +321,56 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
     servicer serves."""
 
     def __init__(self, inference: InferenceServicer, packages: PackageCache, message_bytes: int,
-                 streams: Optional[Admission] = None) -> None:
+                 calls: Optional[Admission] = None) -> None:
+        """``calls`` bounds the delivery calls served at once (each holds an RPC thread, a manifest maybe for a
+        package build of seconds)."""
         self.inference = inference
         self.packages = packages
         self.message_bytes = message_bytes
-        self.streams = streams or Admission(1 << 30, "max_streams", "streams")
+        self.calls = calls or Admission(1 << 30, "max_delivery_calls", "delivery calls")
 
-    def _stream(self, messages: Iterator, context: grpc.ServicerContext) -> Iterator:
-        """Yield ``messages`` while holding a place among ``max_streams`` (a stream holds an RPC thread)."""
+    def _stream(self, messages: Callable[[], Iterator], context: grpc.ServicerContext) -> Iterator:
+        """Yield what ``messages()`` makes while holding a place among ``max_delivery_calls``; a refused
+        request (RequestError) or no place aborts the call with its status."""
         try:
-            with self.streams.admit():
-                yield from messages
+            with self.calls.admit():
+                yield from messages()
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except RequestError as err:
+            context.abort(err.code, err.detail)
 
     def _package(self, model: pb.ModelRef, split_point: int, order: str) -> Package:
         served = self.inference._model()
         order = check_package_request(served, model, split_point, order)
-        return self.packages.get(served, split_point, order)
+        try:
+            return self.packages.get(served, split_point, order)
+        except BuildsBusy as err:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+        except BuildFailed as err:
+            raise RequestError(grpc.StatusCode.INTERNAL, str(err)) from None
 
     def GetManifest(self, request: pb.ManifestRequest, context: grpc.ServicerContext) -> pb.Manifest:
         try:
-            package = self._package(request.model, request.split_point, request.order)
+            with self.calls.admit():
+                package = self._package(request.model, request.split_point, request.order)
+        except Overloaded as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except RequestError as err:
             context.abort(err.code, err.detail)
         return manifest_message(package.manifest)
 
     def StreamWeights(self, request: pb.WeightRequest, context: grpc.ServicerContext):
-        try:
+        def messages() -> Iterator[pb.WeightChunk]:
             if not request.model.model_id:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model.model_id: required")
             package = self._package(request.model, request.split_point, request.order)
-            messages = weight_messages(package, request.from_chunk, self.message_bytes)
-        except RequestError as err:
-            context.abort(err.code, err.detail)
+            return weight_messages(package, request.from_chunk, self.message_bytes)
+
         yield from self._stream(messages, context)
 
     def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
-        try:
+        def chunks() -> Iterator[pb.CheckpointChunk]:
             served = self.inference._model()
             wanted = request.model
             if wanted.model_id and (wanted.model_id, wanted.model_version) != (served.model_id,
@@ -309,38 +378,44 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"model {wanted.model_id!r} version {wanted.model_version!r} is not served; this "
                                    f"cloud serves {served.model_id!r} version {served.model_version!r}")
-            chunks = checkpoint_chunks(served, CHUNK_BYTES)
-        except RequestError as err:
-            context.abort(err.code, err.detail)
-        yield from self._stream(iter(chunks), context)
+            return iter(checkpoint_chunks(served, CHUNK_BYTES))
+
+        yield from self._stream(chunks, context)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health checks stay open."""
+    """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED), reflection included; only
+    health checks stay open (orchestrators probe without credentials)."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(lambda it, context: deny(None, context))
-        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
-
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization", "")
         # Constant-time: a byte-by-byte == would tell a caller how much of a guessed token was right.
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
-            return continuation(handler_call_details)
-        if handler_call_details.method.endswith("/InferStream"):
-            return self._deny_stream
-        if handler_call_details.method.endswith(("/GetCheckpoint", "/StreamWeights")):
-            return self._deny_unary_stream
-        return self._deny
+            return handler
+        return _denial(handler)
+
+
+def _denial(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` (unary or streaming on either side) that answers
+    UNAUTHENTICATED: gRPC needs the kinds to match to read the request."""
+
+    def deny(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 @dataclass
@@ -356,6 +431,8 @@ class CloudServer:
     worker: Optional[ForwardWorker] = None
     hung: bool = False  # an in-process forward is hung (health NOT_SERVING until it returns)
     exporter: Optional[Exporter] = None  # /metrics, when metrics_address is set
+    idle: Optional[IdleCalls] = None  # closes idle InferStreams
+    delivery: Optional["ModelDeliveryServicer"] = None
     _stop_watch: threading.Event = field(default_factory=threading.Event)
 
     def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
@@ -407,6 +484,8 @@ class CloudServer:
         self.batcher.close(drain=True, timeout_s=self.grace_seconds)
         if self.worker is not None:
             self.worker.close()
+        if self.idle is not None:
+            self.idle.close()
         if self.exporter is not None:
             self.exporter.stop()
 
@@ -439,19 +518,27 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                ("grpc.http2.max_ping_strikes", 0),
                *pending_call_options(cfg.max_pending_calls)]
-    interceptors = [TokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+    token = cfg.token()
+    if cfg.auth_token_file and not token_file_is_private(cfg.auth_token_file):
+        log.warning("token file %s may be read by other users (chmod 600 it)", cfg.auth_token_file)
+    interceptors = [TokenInterceptor(token)] if token else []
     # Calls beyond the pool wait in gRPC's queue; this bounds it (refused RESOURCE_EXHAUSTED beyond). Admission
-    # (max_in_flight, max_streams) refuses earlier, so the pool always has threads left for health checks.
+    # (max_in_flight, max_infer_streams, max_delivery_calls) refuses earlier, so the pool always has threads left
+    # for health checks.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=QUEUED_PER_THREAD * cfg.rpc_threads)
+    idle = IdleCalls(cfg.infer_stream_idle_seconds)
     servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table),
-                                 Admission(cfg.max_in_flight, "max_in_flight"))
+                                 Admission(cfg.max_in_flight, "max_in_flight"),
+                                 streams=Admission(cfg.max_infer_streams, "max_infer_streams", "InferStreams"),
+                                 idle=idle)
+    idle.on_close = servicer.metrics.idle_stream_closed
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
-                            cfg.delivery_usable_planes)
-    pb_grpc.add_ModelDeliveryServicer_to_server(ModelDeliveryServicer(
-        servicer, packages, cfg.delivery_message_bytes, Admission(cfg.max_streams, "max_streams", "streams")),
-        server)
+                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds)
+    delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
+                                     Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
+    pb_grpc.add_ModelDeliveryServicer_to_server(delivery, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -470,12 +557,13 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
         port = 0
     if port == 0:
         batcher.close(drain=False)
+        idle.close()
         raise ConfigError(f"config key 'address': cannot listen on {cfg.address!r}")
     for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     running = CloudServer(server, port, batcher, health_servicer, servicer, cfg.grace_seconds, packages,
-                          cfg.forward_timeout_s)
+                          cfg.forward_timeout_s, idle=idle, delivery=delivery)
     running.start_watchdog()
     if cfg.metrics_address is not None:
         try:
@@ -530,7 +618,10 @@ def serve(cfg: CloudConfig) -> int:
     log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
              running.port)
     for split_point in cfg.delivery_prebuild:
-        running.packages.get(served, split_point, "split")
+        try:
+            running.packages.get(served, split_point, "split")
+        except (BuildsBusy, BuildFailed) as err:  # a device asked first: its build serves it
+            log.warning("prebuilding the package for split point %d: %s", split_point, err)
     stop.wait()
     log.info("draining and shutting down")
     running.stop()

@@ -6,13 +6,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
 from device.scheduler import OBJECTIVES, Objective
 from models.progressive import ORDERS
 from proto.codec import CodecSpec
+from serving.security import TOKEN_ENV, check_client_exposure, is_loopback, read_token
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
 
@@ -20,6 +21,10 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
 @dataclass
 class DeviceConfig:
     """Device config (README: device config reference). Times are milliseconds unless the name says seconds."""
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "auth_token": f"a token given as a value shows in ps; put it in a file (auth_token_file) or in {TOKEN_ENV}",
+    }
 
     # a local file; "cloud": download the whole checkpoint file from the cloud; "stream": progressive delivery
     checkpoint: str = "runs/quickstart/best_model.pt"
@@ -44,10 +49,11 @@ class DeviceConfig:
     jpeg_quality: int = 90
     # scheduler (device/scheduler.py): split point and threshold chosen at run time from the offline profile
     scheduler: bool = False  # True: split_point and z_confidence_threshold are only where it starts
-    profile: Optional[str] = None  # written by python test.py ... split_point=all (needed with scheduler)
-    objective: str = "max_accuracy"  # max_accuracy | min_bytes | min_cloud_load | max_throughput
+    profile: Optional[str] = None  # python test.py ... split_point=all; None: profile.json beside the checkpoint
+    objective: str = "min_latency"  # min_latency | max_accuracy | min_bytes | min_cloud_load | max_throughput
     latency_bound_ms: Optional[float] = None  # p95 bound: needed by max_accuracy, optional for the others
-    accuracy_floor: Optional[float] = None  # accuracy bound of min_bytes / min_cloud_load / max_throughput
+    accuracy_floor: Optional[float] = None  # accuracy bound of the objectives but max_accuracy
+    accuracy_tolerance: float = 0.01  # min_latency without a floor: within this of the model's own accuracy
     scheduler_interval_seconds: float = 0.5  # how often the measurements are looked at (and the cloud pinged)
     scheduler_margin: float = 0.15  # relative change that makes it re-decide, and gain that makes it switch
     probe_interval_seconds: float = 2.0  # with no offload for this long, the scheduler's thread probes the link
@@ -61,7 +67,9 @@ class DeviceConfig:
     tls_cert: Optional[str] = None  # client certificate for mutual TLS
     tls_key: Optional[str] = None
     tls_server_name: Optional[str] = None  # name on the cloud's certificate when it differs from the address
-    auth_token: Optional[str] = None  # sent as "authorization: Bearer <token>"
+    auth_token_file: Optional[str] = None  # file holding the token sent as "authorization: Bearer <token>" (else
+    # $SPINN_AUTH_TOKEN when set)
+    insecure: bool = False  # allow plaintext to a cloud off loopback, and the local API (listen) off loopback
     # circuit breaker
     breaker_failures: int = 3  # consecutive network failures that open it
     breaker_probe_seconds: float = 1.0  # health probe period while open
@@ -87,11 +95,41 @@ class DeviceConfig:
         items = self.cloud if isinstance(self.cloud, list) else self.cloud.split(",")
         return [a.strip() for a in items if a.strip()]
 
+    def token(self) -> Optional[str]:
+        """The bearer token sent to the cloud: ``auth_token_file``'s contents, else ``$SPINN_AUTH_TOKEN``, else
+        None. Raises ConfigError naming the key or variable."""
+        return read_token(self.auth_token_file)
+
     def codec_spec(self) -> Optional[CodecSpec]:
         return None if self.codec is None else CodecSpec.from_name(self.codec)
 
-    def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.latency_bound_ms, self.accuracy_floor)
+    def objective_spec(self, model_accuracy: float) -> Objective:
+        """The objective; ``min_latency`` without an ``accuracy_floor`` gets ``model_accuracy`` (the profile's
+        final-classifier accuracy) less ``accuracy_tolerance``."""
+        floor = self.accuracy_floor
+        if floor is None and self.objective == "min_latency":
+            floor = max(0.0, model_accuracy - self.accuracy_tolerance)
+        return Objective(self.objective, self.latency_bound_ms, floor)
+
+    def profile_path(self) -> Optional[str]:
+        """The offline profile: ``profile`` when set, else ``profile.json`` beside a local checkpoint when there
+        is one (``python test.py ... split_point=all`` writes it into the checkpoint's ``log_dir``), else None."""
+        if self.profile is not None:
+            return self.profile
+        if self.checkpoint in ("cloud", "stream"):
+            return None
+        beside = Path(self.checkpoint).parent / "profile.json"
+        return str(beside) if beside.is_file() else None
+
+    def missing_profile(self) -> ConfigError:
+        """The error for a command that needs the profile and has none: it names the command that writes it."""
+        where = "cloud" if self.checkpoint in ("cloud", "stream") else str(Path(self.checkpoint).parent)
+        command = ("python test.py app:apps/quickstart_test.yml split_point=all"
+                   if Path(self.checkpoint) == Path(DeviceConfig.checkpoint) else
+                   f"python test.py app:<your model's test app>.yml checkpoint={self.checkpoint} log_dir={where} "
+                   "split_point=all")
+        return ConfigError(f"config key 'profile': no offline profile (none given, none beside the checkpoint); "
+                           f"write it with:  {command}")
 
     def check_objective(self) -> None:
         """ConfigError naming the key unless objective, latency_bound_ms and accuracy_floor make an objective
@@ -99,12 +137,14 @@ class DeviceConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"config key 'objective': must be one of {OBJECTIVES}, got {self.objective!r}")
         bound = self.latency_bound_ms
+        if not (math.isfinite(self.accuracy_tolerance) and 0.0 <= self.accuracy_tolerance <= 1.0):
+            raise ConfigError(f"config key 'accuracy_tolerance': must be in [0, 1], got {self.accuracy_tolerance}")
         if bound is None and self.objective == "max_accuracy":
             raise ConfigError("config key 'latency_bound_ms': objective max_accuracy needs a p95 bound (ms)")
         if bound is not None and not (math.isfinite(bound) and bound > 0):
             raise ConfigError(f"config key 'latency_bound_ms': must be a number > 0 (ms), got {bound}")
         floor = self.accuracy_floor
-        if floor is None and self.objective != "max_accuracy":
+        if floor is None and self.objective not in ("max_accuracy", "min_latency"):
             raise ConfigError(f"config key 'accuracy_floor': objective {self.objective} needs one")
         if floor is not None and not 0.0 <= floor <= 1.0:
             raise ConfigError(f"config key 'accuracy_floor': must be in [0, 1], got {floor}")
@@ -118,9 +158,10 @@ class DeviceConfig:
                 raise ConfigError(f"config key '{key}': must be a finite number, got {getattr(self, key)}")
         if not 0.0 <= self.scheduler_margin < 1.0:
             raise ConfigError(f"config key 'scheduler_margin': must be in [0, 1), got {self.scheduler_margin}")
-        if self.scheduler and self.profile is None:
-            raise ConfigError("config key 'profile': the scheduler needs the offline profile (write it with "
-                              "python test.py app:... split_point=all)")
+        if self.profile is not None and not Path(self.profile).is_file():
+            raise ConfigError(f"config key 'profile': file {self.profile!r} does not exist")
+        if self.scheduler and self.profile_path() is None:
+            raise self.missing_profile()
         if self.profile is not None and not Path(self.profile).is_file():
             raise ConfigError(f"config key 'profile': file {self.profile!r} does not exist")
         if self.scheduler:
@@ -173,7 +214,13 @@ class DeviceConfig:
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("config key 'tls_ca': a client certificate needs TLS (set tls_ca)")
-        check_files(self, ("tls_ca", "tls_cert", "tls_key"))
+        check_files(self, ("tls_ca", "tls_cert", "tls_key", "auth_token_file"))
+        check_client_exposure(addresses, tls=self.tls_ca is not None, token=self.token() is not None,
+                              insecure=self.insecure)
+        if not is_loopback(self.listen) and not self.insecure:
+            raise ConfigError(f"config key 'insecure': listen {self.listen!r} is reachable from other hosts and the "
+                              "local API has no authentication; keep it on loopback, or set insecure: true on a "
+                              "network you trust")
         if self.checkpoint not in ("cloud", "stream") and not Path(self.checkpoint).is_file():
             raise ConfigError(f"config key 'checkpoint': file {self.checkpoint!r} does not exist (train one with "
                               "train.py, or set checkpoint=stream to stream the cloud's)")

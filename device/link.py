@@ -101,7 +101,8 @@ class CloudLink:
         # weight byte already in the cloud's socket buffer (measured over 1 Mbit/s: first answer 3.0 s).
         self._delivery_channel = self._open(cfg, target, [("grpc.use_local_subchannel_pool", 1)])
         self.target = target
-        self.metadata = (("authorization", f"Bearer {cfg.auth_token}"),) if cfg.auth_token else ()
+        token = cfg.token()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.model = pb.ModelRef(model_id=cfg.model_id, model_version=cfg.model_version)
         self._inference = pb_grpc.InferenceStub(self.channel)
         self._delivery = pb_grpc.ModelDeliveryStub(self._delivery_channel)

@@ -102,6 +102,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, validating every key and value.
 
+    A class may list keys it no longer has in ``REMOVED_KEYS`` (key -> what to use instead), so that an old
+    config is told why it fails, not only that the key is unknown.
+
     Raises:
         ConfigError: naming the unknown or ill-typed key and ``source`` (e.g. the YAML path).
     """
@@ -109,6 +112,10 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError(f"{source}: top level must be a mapping of key: value, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    for key in data:
+        if key in removed:
+            raise ConfigError(f"{source}: config key {key!r} was removed: {removed[key]}")
     unknown = sorted((k for k in data if k not in fields), key=str)  # keys may be of mixed types (1: x, a: y)
     if unknown:
         raise ConfigError(

@@ -1,13 +1,16 @@
 """Admission control, shared by both daemons: at most ``limit`` calls of a kind are admitted
 at once, and the next one is answered RESOURCE_EXHAUSTED at once with the limit in the message, instead of
-waiting in gRPC's thread pool (where it would also delay health checks).
+waiting in gRPC's thread pool (where it would also delay health checks); streaming calls that stay idle are
+closed (``IdleCalls``), so that an admitted stream cannot keep its thread by sending nothing.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 class Overloaded(Exception):
@@ -58,3 +61,71 @@ def pending_call_options(soft_limit: Optional[int]) -> list[tuple[str, int]]:
         return []
     return [("grpc.server.max_pending_requests", soft_limit),
             ("grpc.server.max_pending_requests_hard_limit", 2 * soft_limit)]
+
+
+class IdleCalls:
+    """Closes streaming calls that stay idle too long, so that an admitted stream cannot hold its RPC thread (and
+    its place under the admission limit) forever by sending nothing.
+
+    A call is ``watch``-ed for the life of its handler; it is idle while it waits for the client's next message
+    (``busy`` while its handler works on one). One thread checks every ``period_s`` and cancels (via ``cancel``,
+    e.g. ``grpc.ServicerContext.cancel``) every call idle for more than ``idle_s``: the handler's wait for the
+    next message then raises, and the client sees CANCELLED. gRPC's sync server offers no way to end such a wait
+    with a status of our choosing.
+    """
+
+    def __init__(self, idle_s: float, on_close: Optional[Callable[[], None]] = None) -> None:
+        self.idle_s = idle_s
+        self.on_close = on_close  # called once per call closed for idleness (metrics, logs)
+        self._calls: dict[int, tuple[Callable[[], None], float]] = {}  # id -> (cancel, idle since; inf: busy)
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spinn-idle-calls", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def watch(self, cancel: Callable[[], None]) -> Iterator["IdleCall"]:
+        """Watch one call for the ``with`` block; yields the handle the handler marks busy/idle with."""
+        with self._lock:
+            call_id, self._next_id = self._next_id, self._next_id + 1
+            self._calls[call_id] = (cancel, time.monotonic())
+        try:
+            yield IdleCall(self, call_id)
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
+    def _mark(self, call_id: int, busy: bool) -> None:
+        with self._lock:
+            if call_id in self._calls:
+                self._calls[call_id] = (self._calls[call_id][0], math.inf if busy else time.monotonic())
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.idle_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                expired = [(i, cancel) for i, (cancel, since) in self._calls.items() if now - since > self.idle_s]
+                for i, _ in expired:
+                    del self._calls[i]
+            for _, cancel in expired:
+                cancel()
+                if self.on_close is not None:
+                    self.on_close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+class IdleCall:
+    """One watched call: ``busy()`` while its handler works on a message, ``idle()`` once it waits again."""
+
+    def __init__(self, owner: IdleCalls, call_id: int) -> None:
+        self._owner, self._id = owner, call_id
+
+    def busy(self) -> None:
+        self._owner._mark(self._id, True)
+
+    def idle(self) -> None:
+        self._owner._mark(self._id, False)

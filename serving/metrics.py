@@ -33,17 +33,20 @@ class Exporter:
 
 
 def start_exporter(address: str, registry: CollectorRegistry, key: str = "metrics_address") -> Exporter:
-    """Serve ``registry`` at ``http://address/metrics`` (``host:port``; port 0 picks a free one).
+    """Serve ``registry`` at ``http://address/metrics`` (``host:port``; port 0 picks a free one). With no host
+    (``:9100``) it binds loopback only: the series name models, versions and traffic, so exposing them to
+    other hosts takes an explicit address (``0.0.0.0:9100``).
 
     Raises ConfigError naming ``key`` when the address is malformed or cannot be bound.
     """
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"config key '{key}': expected host:port, got {address!r}")
+    host = host.strip("[]") or "127.0.0.1"
     try:
-        server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+        server, _ = start_http_server(int(port), addr=host, registry=registry)
     except OSError as err:
         raise ConfigError(f"config key '{key}': cannot listen on {address!r} ({err})") from None
     bound = server.server_port
-    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
     return Exporter(server, bound)

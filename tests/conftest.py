@@ -50,8 +50,10 @@ def checkpoint(small_model, tmp_path) -> Path:
     return path
 
 
-def make_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed CA certificate for "localhost" and its key, as PEM files."""
+def make_cert(tmp_path: Path, ip: str | None = None) -> tuple[Path, Path]:
+    """A self-signed CA certificate for "localhost" (and ``ip`` when given) and its key, as PEM files."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -63,7 +65,9 @@ def make_cert(tmp_path: Path) -> tuple[Path, Path]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost")] + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])),
+                critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"

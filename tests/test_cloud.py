@@ -319,7 +319,8 @@ def test_bad_cloud_config_names_the_key(tmp_path):
 
 def test_tls_and_bearer_token(checkpoint, small_model, tmp_path):
     cert, key = make_cert(tmp_path)
-    running = start(checkpoint, tls_cert=str(cert), tls_key=str(key), auth_token="s3cret")
+    (tmp_path / "token").write_text("s3cret")
+    running = start(checkpoint, tls_cert=str(cert), tls_key=str(key), auth_token_file=str(tmp_path / "token"))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         channel = grpc.secure_channel(f"localhost:{running.port}", creds)

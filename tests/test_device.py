@@ -235,17 +235,24 @@ def test_refusal_and_no_device_exit_still_answers(checkpoint, cloud):
     assert not runtime.breaker.is_open  # a refusal is not an outage
 
 
-def test_token_and_tls_to_the_cloud(checkpoint, tmp_path):
+def test_token_and_tls_to_the_cloud(checkpoint, tmp_path, monkeypatch):
     cert, key = make_cert(tmp_path)
-    secure = start_cloud(checkpoint, tls_cert=str(cert), tls_key=str(key), auth_token="s3cret",
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "wrong").write_text("nope")
+    monkeypatch.delenv("SPINN_AUTH_TOKEN", raising=False)
+    secure = start_cloud(checkpoint, tls_cert=str(cert), tls_key=str(key), auth_token_file=str(tmp_path / "token"),
                          address="localhost:0")
     try:
-        good = device(checkpoint, 0, cloud=f"localhost:{secure.port}", tls_ca=str(cert), auth_token="s3cret",
-                      z_confidence_threshold=1.0)
+        good = device(checkpoint, 0, cloud=f"localhost:{secure.port}", tls_ca=str(cert),
+                      auth_token_file=str(tmp_path / "token"), z_confidence_threshold=1.0)
         assert good.classify_tensor(torch.randn(3, SIZE, SIZE)).answered_by == "cloud"
         good.close()
-        wrong = device(checkpoint, 0, cloud=f"localhost:{secure.port}", tls_ca=str(cert), auth_token="nope",
-                       z_confidence_threshold=1.0)
+        monkeypatch.setenv("SPINN_AUTH_TOKEN", "s3cret")  # the same token from the environment
+        from_env = device(checkpoint, 0, cloud=f"localhost:{secure.port}", tls_ca=str(cert), z_confidence_threshold=1.0)
+        assert from_env.classify_tensor(torch.randn(3, SIZE, SIZE)).answered_by == "cloud"
+        from_env.close()
+        wrong = device(checkpoint, 0, cloud=f"localhost:{secure.port}", tls_ca=str(cert),
+                       auth_token_file=str(tmp_path / "wrong"), z_confidence_threshold=1.0)
         result = wrong.classify_tensor(torch.randn(3, SIZE, SIZE))
         wrong.close()
         assert result.degraded and result.reason.startswith("UNAUTHENTICATED")
