@@ -1,8 +1,10 @@
 """``python -m device plan``: the scheduler's decision and predicted table for a given link, without running
 anything (for users sizing a deployment).
 
-    python -m device plan --config apps/device.yml profile=runs/quickstart/profile.json --bandwidth 2mbit \
-        --rtt 40ms [--device-slowdown 4] [--json]
+    python -m device plan --config apps/device.yml --bandwidth 2mbit --rtt 40ms [--device-slowdown 4] [--json]
+
+The profile is ``profile`` or, by default, ``profile.json`` beside the checkpoint; the objective by default the
+fastest pair within ``accuracy_tolerance`` (1 point) of the model's own accuracy.
 """
 
 from __future__ import annotations
@@ -50,12 +52,24 @@ def best_per_split(candidates: list[Candidate], objective) -> list[Candidate]:
     return [best[s] for s in sorted(best)]
 
 
-def format_plan(decision, rows: list[Candidate], cond: Conditions) -> str:
+def describe(objective) -> str:
+    """The objective in words, e.g. ``min_latency (smallest p95) s.t. accuracy >= 0.8710``."""
+    what = {"min_latency": "smallest p95", "max_accuracy": "highest accuracy", "min_bytes": "fewest bytes",
+            "min_cloud_load": "least cloud compute", "max_throughput": "most images/s"}[objective.kind]
+    bounds = ([f"p95 <= {objective.latency_ms:g} ms"] if objective.latency_ms is not None else []) + (
+        [f"accuracy >= {objective.accuracy:.4f}"] if objective.accuracy is not None else [])
+    return f"{objective.kind} ({what})" + (f" s.t. {' and '.join(bounds)}" if bounds else "")
+
+
+def format_plan(decision, rows: list[Candidate], cond: Conditions, objective=None) -> str:
     head = (f"{'split':>5} {'tau':>5} {'codec':>12} {'accuracy':>8} {'upload':>6} {'B/img':>8} {'p50 ms':>8} "
             f"{'p95 ms':>8} {'img/s':>7}")
     lines = [f"link {8 * cond.bandwidth_bytes_per_s / 1e6:g} Mbit/s, RTT {cond.rtt_ms:g} ms: split point "
              f"{decision.split_point}, threshold {decision.threshold:g} "
-             f"({'feasible' if decision.feasible else 'NOT feasible'}: {decision.reason})", head, "-" * len(head)]
+             f"({'feasible' if decision.feasible else 'NOT feasible'}: {decision.reason})"]
+    if objective is not None:
+        lines.append(f"objective: {describe(objective)}")
+    lines += [head, "-" * len(head)]
     for c in rows:
         mark = " <-" if (c.split_point, c.threshold) == (decision.split_point, decision.threshold) else ""
         lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.uploading_rate:6.3f} "
@@ -69,11 +83,12 @@ def format_plan(decision, rows: list[Candidate], cond: Conditions) -> str:
 def run_plan(cfg: DeviceConfig, bandwidth: str, rtt: str, slowdown: float, as_json: bool) -> int:
     """Print the decision for a steady link of ``bandwidth`` and ``rtt``; 0, or ConfigError naming the bad
     option or key."""
-    if cfg.profile is None:
-        raise ConfigError("config key 'profile': plan needs the offline profile (python test.py ... split_point=all)")
+    path = cfg.profile_path()
+    if path is None:
+        raise cfg.missing_profile()
     cfg.check_objective()
     try:
-        profile = load_profile(cfg.profile)
+        profile = load_profile(path)
     except ProfileError as err:
         raise ConfigError(f"config key 'profile': {err}") from None
     try:
@@ -84,7 +99,7 @@ def run_plan(cfg: DeviceConfig, bandwidth: str, rtt: str, slowdown: float, as_js
         raise ConfigError(f"--device-slowdown must be > 0, got {slowdown}")
     cond.device_block_ms = {k: v * slowdown for k, v in enumerate(profile.block_ms)}
     cond.device_exit_ms = {k: v * slowdown for k, v in profile.exit_ms.items()}
-    objective = cfg.objective_spec()
+    objective = cfg.objective_spec(profile.final_accuracy)
     candidates = predict(profile, cond)
     decision = choose_from(candidates, objective)
     rows = best_per_split(candidates, objective)
@@ -92,5 +107,5 @@ def run_plan(cfg: DeviceConfig, bandwidth: str, rtt: str, slowdown: float, as_js
         print(json.dumps({"conditions": cond.summary(), "objective": asdict(objective), "decision": asdict(decision),
                           "per_split": [c.predicted() for c in rows]}, indent=1))
     else:
-        print(format_plan(decision, rows, cond))
+        print(format_plan(decision, rows, cond, objective))
     return 0

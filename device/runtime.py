@@ -231,8 +231,11 @@ class DeviceRuntime:
         the key when the profile does not fit the model, or ``info``'s while no weights have arrived)."""
         if not self.cfg.scheduler:
             return
+        path = self.cfg.profile_path()
+        if path is None:
+            raise self.cfg.missing_profile()
         try:
-            profile = load_profile(self.cfg.profile)
+            profile = load_profile(path)
         except ProfileError as err:
             raise ConfigError(f"config key 'profile': {err}") from None
         active = self.active
@@ -242,10 +245,11 @@ class DeviceRuntime:
         elif info is not None:  # streaming, no weights yet: the cloud's ModelInfo describes the model
             shape = (max((s.split_point for s in info.split_points), default=0), list(info.exit_points))
         if shape is not None and (profile.num_blocks, profile.exit_points) != shape:
-            raise ConfigError(f"config key 'profile': {self.cfg.profile!r} profiles {profile.num_blocks} blocks with "
+            raise ConfigError(f"config key 'profile': {path!r} profiles {profile.num_blocks} blocks with "
                               f"exits {profile.exit_points}; the model has {shape[0]} with exits {shape[1]}")
         cfg = self.cfg
-        self.adaptive = Adaptive(self, profile, cfg.objective_spec(), cfg.scheduler_interval_seconds,
+        self.adaptive = Adaptive(self, profile, cfg.objective_spec(profile.final_accuracy),
+                                 cfg.scheduler_interval_seconds,
                                  cfg.scheduler_margin, cfg.probe_interval_seconds, cfg.initial_bandwidth_mbit * 1e6,
                                  cfg.initial_rtt_ms)
         self.adaptive.start()

@@ -52,6 +52,7 @@ def link(mbit: float, rtt_ms: float = 20.0) -> Conditions:
 
 
 @pytest.mark.parametrize("objective", [Objective("max_accuracy", latency_ms=120.0),
+                                       Objective("min_latency", accuracy=0.75),
                                        Objective("min_bytes", accuracy=0.75),
                                        Objective("min_cloud_load", accuracy=0.75),
                                        Objective("max_throughput", accuracy=0.75)])
@@ -71,6 +72,7 @@ def test_decisions_respect_constraints_and_are_the_best_candidate(objective):
         if objective.accuracy is not None:
             assert d.predicted["accuracy"] >= objective.accuracy
         key = {"max_accuracy": lambda c: -c.accuracy, "min_bytes": lambda c: c.bytes_per_image,
+               "min_latency": lambda c: c.latency_p95_ms,
                "min_cloud_load": lambda c: c.cloud_mflops_per_image,
                "max_throughput": lambda c: -c.throughput_per_s}[objective.kind]
         best = min(key(c) for c in feasible)
@@ -305,11 +307,13 @@ def test_a_throttled_device_plans_its_tail():
     assert all(y.latency_p50_ms == x.latency_p50_ms for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("overrides,key", [({"scheduler": True, "profile": None}, "profile"),
+@pytest.mark.parametrize("overrides,key", [({"scheduler": True, "profile": None, "checkpoint": "stream"}, "profile"),
                                            ({"profile": "/nonexistent.json"}, "profile"),
                                            ({"objective": "fastest"}, "objective"),
                                            ({"objective": "min_bytes"}, "accuracy_floor"),
-                                           ({"latency_bound_ms": None}, "latency_bound_ms"),
+                                           ({"objective": "max_accuracy", "latency_bound_ms": None},
+                                            "latency_bound_ms"),
+                                           ({"accuracy_tolerance": -0.1}, "accuracy_tolerance"),
                                            ({"latency_bound_ms": -1.0}, "latency_bound_ms"),
                                            ({"latency_bound_ms": float("nan")}, "latency_bound_ms"),
                                            ({"accuracy_floor": 1.5, "objective": "min_bytes"}, "accuracy_floor"),
@@ -389,16 +393,45 @@ def test_plan_prints_the_decision_and_table(capsys, checkpoint, real_profile):
     with pytest.raises(ConfigError, match="--bandwidth"):
         run_plan(from_dict(DeviceConfig, keys), "fast", "40ms", 1.0, as_json=False)
     with pytest.raises(ConfigError, match="latency_bound_ms"):
-        run_plan(from_dict(DeviceConfig, {**keys, "latency_bound_ms": None}), "2mbit", "4ms", 1.0, as_json=False)
+        run_plan(from_dict(DeviceConfig, {**keys, "objective": "max_accuracy", "latency_bound_ms": None}), "2mbit",
+                 "4ms", 1.0, as_json=False)
 
 
-def test_plan_cli_exit_status_and_messages(checkpoint, real_profile):
-    common = ["--config", "apps/device.yml", f"checkpoint={checkpoint}", "latency_bound_ms=300"]
+def test_plan_cli_exit_status_and_messages(checkpoint, real_profile, tmp_path):
+    common = ["--config", "apps/device.yml", f"checkpoint={checkpoint}", "objective=max_accuracy",
+              "latency_bound_ms=300"]
     ok = subprocess.run([sys.executable, "-m", "device", "plan", *common, f"profile={real_profile[1]}",
                          "--bandwidth", "2mbit", "--rtt", "40ms", "--json"], cwd=ROOT, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["decision"]["feasible"] in (True, False)
-    missing = subprocess.run([sys.executable, "-m", "device", "plan", *common, "--bandwidth", "2mbit", "--rtt",
-                              "4ms"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "model.pt").write_bytes(checkpoint.read_bytes())  # a checkpoint with no profile beside it
+    missing = subprocess.run([sys.executable, "-m", "device", "plan", "--config", "apps/device.yml",
+                              f"checkpoint={elsewhere / 'model.pt'}", "--bandwidth", "2mbit", "--rtt", "4ms"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "profile" in missing.stderr
+    assert f"python test.py app:<your model's test app>.yml checkpoint={elsewhere / 'model.pt'}" in missing.stderr
+
+
+def test_plan_needs_only_the_link_after_the_profile_is_written(checkpoint, real_profile):
+    """The quickstart path: test.py ... split_point=all writes profile.json beside the checkpoint; plan then
+    needs no profile key and no bound (fastest pair within 1 point of the model's accuracy)."""
+    assert real_profile[1].parent == checkpoint.parent  # where test.py puts it: the checkpoint's log_dir
+    ok = subprocess.run([sys.executable, "-m", "device", "plan", "--config", "apps/device.yml",
+                         f"checkpoint={checkpoint}", "--bandwidth", "2mbit", "--rtt", "40ms", "--json"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout)
+    floor = real_profile[0].final_accuracy - 0.01
+    assert plan["objective"] == {"kind": "min_latency", "latency_ms": None, "accuracy": pytest.approx(floor)}
+    feasible = [c for c in predict(real_profile[0], Conditions.from_link(2e6, 40.0)) if c.accuracy >= floor - 1e-9]
+    assert plan["decision"]["feasible"]
+    assert plan["decision"]["predicted"]["latency_p95_ms"] == pytest.approx(min(c.latency_p95_ms for c in feasible),
+                                                                           abs=1e-3)
+
+
+def test_the_missing_profile_message_names_the_quickstart_command(tmp_path):
+    cfg = DeviceConfig()  # the default checkpoint: the quickstart's
+    assert "python test.py app:apps/quickstart_test.yml split_point=all" in str(cfg.missing_profile())
