@@ -1,1 +1,3 @@
-"""SPINN proto package (filled in by later issues)."""
+"""The wire contract between device and cloud: ``spinn_v1.proto`` and its generated modules (regenerate with
+``python -m proto.generate``), the feature codec both sides use (``codec.py``) and the manifest's wire form
+(``manifest.py``)."""

@@ -57,7 +57,7 @@ def test_load_and_overload_harness_at_a_small_size(checkpoint):
     from bench.load import overload, steady
 
     cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING", max_in_flight=4,
-                      max_streams=1, rpc_threads=9, max_queue_delay_ms=20.0)
+                      max_infer_streams=1, max_delivery_calls=1, rpc_threads=10, max_queue_delay_ms=20.0)
     cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
     address = f"127.0.0.1:{cloud.port}"
     try:
@@ -67,8 +67,9 @@ def test_load_and_overload_harness_at_a_small_size(checkpoint):
     finally:
         cloud.stop()
     assert calm["codes"] == {"OK": 40}
-    assert flood["answered"] == flood["issued"] and set(flood["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
-    assert flood["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and flood["health_checks"] > 5
+    # Every call answered or refused by the server: a CANCELLED one (dropped before the server saw it) fails this.
+    assert flood["answered"] + flood["refused"] == flood["issued"], flood["codes"]
+    assert flood["refused"] > 0 and flood["health_checks"] > 5
 
 
 def test_the_pending_call_bound_reaches_grpc_core(checkpoint):
@@ -77,7 +78,7 @@ def test_the_pending_call_bound_reaches_grpc_core(checkpoint):
     from bench.load import overload, steady
 
     cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING", max_in_flight=4,
-                      max_streams=1, rpc_threads=9, max_queue_delay_ms=20.0, max_pending_calls=1)
+                      max_infer_streams=1, max_delivery_calls=1, rpc_threads=10, max_queue_delay_ms=20.0, max_pending_calls=1)
     cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
     address = f"127.0.0.1:{cloud.port}"
     try:
@@ -85,7 +86,7 @@ def test_the_pending_call_bound_reaches_grpc_core(checkpoint):
         flood = overload(address, 8 * calm["throughput_rps"], 1.5)
     finally:
         cloud.stop()
-    assert flood["answered"] == flood["issued"] and flood["codes"].get("CANCELLED", 0) > 0, flood["codes"]
+    assert flood["ended"] == flood["issued"] and flood["cancelled"] > 0, flood["codes"]
 
 
 def test_max_pending_calls_must_be_positive(checkpoint):
