@@ -73,6 +73,8 @@ def _bomb(n: int) -> bytes:
 MUTATIONS: dict[str, Callable[[pb.FeatureRequest, random.Random], None]] = {
     "split_point": lambda r, g: setattr(r, "split_point", g.choice([-1, 20, 99, 2**31 - 1, -2**31])),
     "model": lambda r, g: setattr(r.model, g.choice(["model_id", "model_version"]), g.choice(["", "x", "é" * 50])),
+    "digest": lambda r, g: setattr(r.model, "digest", g.choice(["", "ab" * 31, "zz" * 32, "AB" * 32, "é" * 64,
+                                                               g.randbytes(32).hex(), r.model.digest + "0"])),
     "shape": lambda r, g: (r.features.ClearField("shape"),
                            r.features.shape.extend(g.choice([[], [0], [1, 2**40, 1, 1], [-1, 3, 4, 4],
                                                              [g.randint(0, 99) for _ in range(g.randint(1, 6))]]))),

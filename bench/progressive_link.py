@@ -135,7 +135,7 @@ def download(cfg, timeout_s: float) -> tuple[int, float]:
     link = CloudLink(cfg)
     try:
         t0 = time.perf_counter()
-        size = len(link.fetch_checkpoint(timeout_s=timeout_s))
+        size = len(link.fetch_checkpoint(timeout_s=timeout_s)[0])
         return size, time.perf_counter() - t0
     finally:
         link.close()

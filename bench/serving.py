@@ -222,6 +222,7 @@ def served_checkpoint(args: argparse.Namespace, workdir: Path):
     ckpt.preprocess = Preprocess(args.input_size, args.input_size, pre.mean, pre.std)
     path = str(workdir / "model.pt")
     save_checkpoint(path, ckpt.model, ckpt.class_names, ckpt.preprocess)
+    ckpt.digest = load_checkpoint(path).digest  # another input size is another model identity
     return ckpt, path
 
 
@@ -345,7 +346,7 @@ def main() -> None:
         transform = ckpt.preprocess.eval_transform()
         with torch.no_grad():
             activations = head(model, args.split_point)(torch.stack([transform(im) for im, _ in images])).activation
-        req = pb.FeatureRequest(request_id="bench", model=pb.ModelRef(model_id="spinn", model_version="1"),
+        req = pb.FeatureRequest(request_id="bench", model=pb.ModelRef(model_id="spinn", digest=ckpt.digest),
                                 split_point=args.split_point,
                                 features=encode(activations[:1], CodecSpec.from_name(args.codec)))
         overrides = dict(o.split("=", 1) for o in args.daemon_overrides)

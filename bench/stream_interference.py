@@ -74,7 +74,8 @@ class Parts:
     def grpc(self, index: int) -> None:
         if self.messages is None:
             ref = pb.ModelRef(model_id=self.package.manifest.model_id,
-                              model_version=self.package.manifest.model_version)
+                              model_version=self.package.manifest.model_version,
+                              digest=self.package.manifest.model_digest)
             self.messages = self.stub.StreamWeights(pb.WeightRequest(model=ref, split_point=self.split,
                                                                      order="split"), timeout=600)
         if next(self.messages, None) is None:  # the stream ended: start it again on the next chunk

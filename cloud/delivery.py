@@ -33,7 +33,7 @@ class BuildFailed(Exception):
 
 
 class PackageCache:
-    """Built packages by (model id, version, split point, order): at most ``max_packages`` of them and
+    """Built packages by (version digest, split point, order): at most ``max_packages`` of them and
     ``max_bytes`` of payload (least recently used evicted; the newest is kept even when it alone is larger). A
     package is built once: concurrent first requests wait for the same build. At most ``max_builds`` builds run
     at once (a build is zstd at level 19 over the whole model, seconds of a core); a request that needs another
@@ -63,7 +63,7 @@ class PackageCache:
         """The package of ``served`` for ``split_point`` and ``order`` (validated by the caller). Raises
         BuildsBusy when it must be built and ``max_builds`` builds are running, BuildFailed when its build
         failed."""
-        key = (served.model_id, served.model_version, split_point, order)
+        key = (served.digest, split_point, order)
         with self._lock:
             entry = self._entries.get(key)
             builder = entry is None
@@ -111,6 +111,12 @@ class PackageCache:
                  100 * m.total_bytes / m.float32_bytes, time.monotonic() - started)
         self._evict(keep=key)
 
+    def drop(self, digest: str) -> None:
+        """Forget every package of version ``digest`` (it was unloaded); streams in progress keep theirs."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == digest]:
+                del self._entries[key]
+
     def _evict(self, keep: tuple) -> None:
         """Drop the least recently used packages beyond the count and byte bounds, never ``keep``."""
         with self._lock:
@@ -126,18 +132,12 @@ def _size(slot: list[Package]) -> int:
     return sum(len(p) for p in slot[0].payloads) if slot else 0
 
 
-def check_package_request(served: ServedModel, model: pb.ModelRef, split_point: int, order: str) -> str:
-    """Validate what names a package; returns the order (empty means ``split``). An empty model id or version
-    means whatever the cloud serves.
+def check_package_request(served: ServedModel, split_point: int, order: str) -> str:
+    """Validate what names a package of ``served`` (the version the request named); returns the order (empty
+    means ``split``).
 
-    Raises RequestError: FAILED_PRECONDITION for a model/version the cloud does not serve, INVALID_ARGUMENT
-    for a split point outside 0..N or an unknown order.
+    Raises RequestError INVALID_ARGUMENT for a split point outside 0..N or an unknown order.
     """
-    if (model.model_id and model.model_id != served.model_id) or (
-            model.model_version and model.model_version != served.model_version):
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"model {model.model_id!r} version {model.model_version!r} is not served; this cloud "
-                           f"serves {served.model_id!r} version {served.model_version!r}")
     if not 0 <= split_point <= served.model.num_blocks:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"split_point {split_point} is outside 0..{served.model.num_blocks}")

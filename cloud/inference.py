@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import grpc
 import torch
 
 from models.checkpoint import Checkpoint, checkpoint_metadata, load_checkpoint_bytes
+from models.identity import model_digest, short_digest
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.hardware import follow
@@ -22,15 +24,17 @@ DEFAULT_TOP_K = 5
 class RequestError(Exception):
     """A request the cloud refuses; ``code`` is the gRPC status to answer with, ``detail`` names the field."""
 
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+    def __init__(self, code: grpc.StatusCode, detail: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.trailing = trailing  # trailing metadata sent with the status (e.g. the versions served)
 
 
 @dataclass
 class ServedModel:
-    """One model the cloud serves: its tails per split point and the expected activation shapes."""
+    """One model version the cloud serves: its tails per split point and the expected activation shapes.
+    ``digest`` is its content identity (models/identity.py), ``model_version`` the label bound to it."""
 
     model_id: str
     model_version: str
@@ -41,6 +45,18 @@ class ServedModel:
     activation_shapes: dict[int, tuple[int, ...]]
     checkpoint_bytes: bytes = b""  # the file the model came from, for ModelDelivery (empty: not offered)
     metadata: dict = field(default_factory=dict)  # models.checkpoint.checkpoint_metadata, for manifests
+    digest: str = ""
+    source: str = ""  # where it was loaded from (a file path), for logs
+
+    @property
+    def ref(self) -> pb.ModelRef:
+        return pb.ModelRef(model_id=self.model_id, model_version=self.model_version, digest=self.digest)
+
+    @property
+    def architecture(self) -> tuple:
+        """What two versions must share to be versions of one model: every tensor's name and shape, and the input
+        size (a checkpoint of another architecture in the model folder is refused)."""
+        return (self.input_size, tuple((k, tuple(v.shape)) for k, v in self.model.state_dict().items()))
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -52,36 +68,34 @@ class ServedModel:
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, model_id: str, model_version: str, checkpoint_bytes: bytes = b"",
-        device: torch.device = torch.device("cpu"),
+        cls, ckpt: Checkpoint, model_id: str, model_version: Optional[str] = None, checkpoint_bytes: bytes = b"",
+        device: torch.device = torch.device("cpu"), source: str = "",
     ) -> "ServedModel":
+        """Serve ``ckpt`` under ``model_version`` (None or empty: the short form of its digest)."""
         model = ckpt.model.eval()
+        metadata = checkpoint_metadata(model, ckpt.class_names, ckpt.preprocess)
+        digest = ckpt.digest or model_digest(metadata, model.state_dict())
         shapes = {p.split_point: p.activation_shape for p in profile(model, ckpt.preprocess.input_size)}
         model.to(device)  # after profiling, which runs on the CPU
         tails = {s: tail(model, s) for s in shapes}
-        return cls(model_id, model_version, model, ckpt.class_names, ckpt.preprocess.input_size, tails, shapes,
-                   checkpoint_bytes, checkpoint_metadata(model, ckpt.class_names, ckpt.preprocess))
+        return cls(model_id, model_version or short_digest(digest), model, ckpt.class_names,
+                   ckpt.preprocess.input_size, tails, shapes, checkpoint_bytes, metadata, digest, source)
 
     @classmethod
-    def from_file(cls, path: str, model_id: str, model_version: str,
+    def from_file(cls, path: str, model_id: str, model_version: Optional[str] = None,
                   device: torch.device = torch.device("cpu")) -> "ServedModel":
         """Load ``path`` once; the bytes that built the model are the bytes devices may download."""
         data = open(path, "rb").read()
-        return cls.from_checkpoint(load_checkpoint_bytes(data, path), model_id, model_version, data, device)
+        return cls.from_checkpoint(load_checkpoint_bytes(data, path), model_id, model_version, data, device, path)
 
 
 def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int) -> torch.Tensor:
-    """Check a request against the served model and decode its activation ``(B, C, H, W)``.
+    """Check a request against ``served`` (the version its digest named: cloud.versions resolves it) and decode
+    its activation ``(B, C, H, W)``.
 
-    Raises RequestError: FAILED_PRECONDITION for a model/version/split the cloud does not serve (naming what it
-    serves), INVALID_ARGUMENT for anything malformed (naming the field).
+    Raises RequestError: FAILED_PRECONDITION for a split the cloud does not serve, INVALID_ARGUMENT for anything
+    malformed (naming the field).
     """
-    if req.model.model_id != served.model_id or req.model.model_version != served.model_version:
-        raise RequestError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"model {req.model.model_id!r} version {req.model.model_version!r} is not served; this cloud serves "
-            f"{served.model_id!r} version {served.model_version!r}",
-        )
     if req.split_point not in served.tails:
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -155,7 +169,7 @@ def checkpoint_chunks(served: ServedModel, chunk_bytes: int) -> list[pb.Checkpoi
     data = served.checkpoint_bytes
     if not data:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "this cloud offers no checkpoint for download")
-    ref = pb.ModelRef(model_id=served.model_id, model_version=served.model_version)
+    ref = served.ref
     digest = served.checkpoint_sha256
     return [pb.CheckpointChunk(model=ref, total_bytes=len(data), data=data[i:i + chunk_bytes], sha256=digest)
             for i in range(0, len(data), chunk_bytes)]

@@ -17,7 +17,7 @@ from concurrent import futures
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional, Union
 
 import grpc
 import torch
@@ -25,9 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.delivery import BuildFailed, BuildsBusy, PackageCache, check_package_request, weight_messages
-from cloud.batcher import DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
+from cloud.batcher import BatchResult, DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
 from cloud.metrics import CloudMetrics
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
+from cloud.model_dir import ModelFolder
+from cloud.versions import ModelRegistry, VersionRefused, version_rank
 from cloud.worker import START_TIMEOUT_S, ForwardWorker, WorkerError
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
@@ -74,10 +76,13 @@ class CloudConfig:
         "max_streams": "ModelDelivery calls are bounded by max_delivery_calls, InferStreams by max_infer_streams",
     }
 
-    checkpoint: str = "runs/quickstart/best_model.pt"
+    # a checkpoint file; a list of them (versions, the last is the latest); or a folder of <version>.pt files, polled
+    checkpoint: Union[str, list[str]] = "runs/quickstart/best_model.pt"
     address: str = "127.0.0.1:50051"
     model_id: str = "spinn"
-    model_version: str = "1"
+    model_version: Optional[str] = None  # a single checkpoint's label; None: its digest's short form
+    keep_versions: int = 2  # version policy: the latest N versions are served (Triton's "latest")
+    model_dir_poll_seconds: float = 5.0  # how often a model folder is looked at for new or removed versions
     max_batch_size: int = 16
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
@@ -119,6 +124,29 @@ class CloudConfig:
         None (no token). Raises ConfigError naming the key or variable."""
         return read_token(self.auth_token_file)
 
+    def checkpoint_files(self) -> list[Path]:
+        """The checkpoint files of a file or list config (empty for a folder)."""
+        if isinstance(self.checkpoint, list):
+            return [Path(p) for p in self.checkpoint]
+        return [] if Path(self.checkpoint).is_dir() else [Path(self.checkpoint)]
+
+    def model_dir(self) -> Optional[Path]:
+        """The model folder when ``checkpoint`` names one."""
+        if isinstance(self.checkpoint, str) and Path(self.checkpoint).is_dir():
+            return Path(self.checkpoint)
+        return None
+
+    def _validate_models(self) -> None:
+        if isinstance(self.checkpoint, list) and not self.checkpoint:
+            raise ConfigError("config key 'checkpoint': an empty list")
+        if self.model_version is not None and (isinstance(self.checkpoint, list) or self.model_dir() is not None):
+            raise ConfigError("config key 'model_version': labels the one checkpoint of a file config; a list or a "
+                              "folder labels each version by its file name")
+        if self.model_version is not None and not self.model_version.strip():
+            raise ConfigError("config key 'model_version': an empty label (null: the digest's short form)")
+        check_at_least(self, ("keep_versions",), 1)
+        check_positive(self, ("model_dir_poll_seconds",))
+
     def min_rpc_threads(self) -> int:
         """Threads every admitted call may hold at once, plus the spare ones health checks and refusals use."""
         return self.max_in_flight + self.max_infer_streams + self.max_delivery_calls + SPARE_RPC_THREADS
@@ -140,6 +168,7 @@ class CloudConfig:
             raise ConfigError(f"config key 'max_pending_calls': must be >= 1, got {self.max_pending_calls}")
         self._validate_delivery()
         self._validate_security()
+        self._validate_models()
         check_files(self, ("codec_table",))
         check_log_level(self)
         resolve_device(self.torch_device, "torch_device")
@@ -175,14 +204,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """gRPC adapter: validation, batching and answering live in cloud.inference / cloud.batcher."""
 
     def __init__(
-        self, served: Optional[ServedModel], batcher: DynamicBatcher, max_batch: int,
+        self, models: ModelRegistry, batcher: DynamicBatcher, max_batch: int,
         default_codecs: dict[int, CodecSpec], admission: Optional[Admission] = None,
         result_timeout_s: float = 60.0, streams: Optional[Admission] = None, idle: Optional[IdleCalls] = None,
     ) -> None:
-        """``admission`` bounds requests being answered (unary or in a stream), ``streams`` the InferStreams open
-        at once; ``idle`` closes streams that send nothing for too long (None: never closed)."""
-        self.served = served  # None while the daemon is still loading its checkpoint
-        self.forward: Optional[Callable[[int, torch.Tensor], list[torch.Tensor]]] = None  # None: in-process
+        """``models``: the versions served (none while the daemon is still loading). ``admission`` bounds
+        requests being answered (unary or in a stream), ``streams`` the InferStreams open at once; ``idle`` closes
+        streams that send nothing for too long (None: never closed)."""
+        self.models = models
+        # the worker process's run(digest, split, activations) when there is one; None: this process
+        self.forward: Optional[Callable[[str, int, torch.Tensor], list[torch.Tensor]]] = None
         self.counts: collections.Counter[str] = collections.Counter()  # final status name -> requests
         self._counts_lock = threading.Lock()
         self.batcher = batcher
@@ -191,20 +222,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.admission = admission or Admission(1 << 30, "max_in_flight")
         self.streams = streams or Admission(1 << 30, "max_infer_streams", "InferStreams")
         self.idle = idle
-        self.metrics = CloudMetrics(batcher.queued, lambda: self.admission.in_flight)
+        self.metrics = CloudMetrics(batcher.queued, lambda: self.admission.in_flight,
+                                    lambda: [(v.model_version, v.digest) for v in models.versions()])
         self.result_timeout_s = result_timeout_s  # the longest a call waits for the batcher, with no deadline
 
-    def run_batch(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
-        """The batcher's forward: the worker process when there is one, else this process."""
+    def run_batch(self, key: tuple[str, int], activations: torch.Tensor) -> list[torch.Tensor]:
+        """The batcher's forward for ``key`` = (version digest, split point): the worker process when there is
+        one, else this process. Every request of the batch holds a lease on that version, so it is loaded."""
+        digest, split_point = key
         if self.forward is not None:
-            return self.forward(split_point, activations)
-        return run_tail(self._model(), split_point, activations)
-
-    def _model(self) -> ServedModel:
-        served = self.served
-        if served is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-        return served
+            return self.forward(digest, split_point, activations)
+        return run_tail(self.models.held(digest), split_point, activations)
 
     def _infer(self, req: pb.FeatureRequest, remaining_s: Optional[float], method: str = "Infer") -> pb.Prediction:
         """Answer one request, or raise RequestError with its status; every request is counted, measured and
@@ -236,11 +264,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      "ms": round((time.monotonic() - started) * 1000, 3), "status": status}))
 
     def _compute(self, req: pb.FeatureRequest, request_id: str, remaining_s: Optional[float]) -> pb.Prediction:
-        served = self._model()
-        activations = validate_request(req, served, self.max_batch)
-        wait_s = self.result_timeout_s if remaining_s is None else min(remaining_s, self.result_timeout_s)
+        # The version the request's digest names, held from validation to answer: one version end to end.
+        with self.models.lease(req.model) as served:
+            activations = validate_request(req, served, self.max_batch)
+            wait_s = self.result_timeout_s if remaining_s is None else min(remaining_s, self.result_timeout_s)
+            result = self._batched(served, req.split_point, activations, wait_s)
+            images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
+        self.metrics.answered_by(served.model_version)
+        return pb.Prediction(
+            request_id=request_id, images=images, model=served.ref,
+            timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                                     batch_size=result.batch_size),
+        )
+
+    def _batched(self, served: ServedModel, split_point: int, activations: torch.Tensor, wait_s: float
+                 ) -> BatchResult:
+        """Run ``activations`` in a batch of its version and split point; RequestError with the status."""
         try:
-            result = self.batcher.submit(req.split_point, activations, time.monotonic() + wait_s).result(wait_s)
+            return self.batcher.submit((served.digest, split_point), activations,
+                                       time.monotonic() + wait_s).result(wait_s)
         except QueueFull as err:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         except (ShuttingDown, WorkerError, ForwardHung) as err:
@@ -250,18 +292,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                ) from None
         except Exception as err:  # a failing forward: the batcher logged it; answer (and count) INTERNAL
             raise RequestError(grpc.StatusCode.INTERNAL, f"forward failed: {type(err).__name__}") from None
-        images = answer(served, req.split_point, result.outputs, req.top_k, req.cloud_exit_threshold)
-        return pb.Prediction(
-            request_id=request_id, images=images,
-            timings=pb.ServerTimings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
-                                     batch_size=result.batch_size),
-        )
 
     def Infer(self, request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.Prediction:
         try:
             return self._infer(request, context.time_remaining())
         except RequestError as err:
-            context.abort(err.code, err.detail)
+            abort(context, err)
 
     def InferStream(self, request_iterator: Iterator[pb.FeatureRequest], context: grpc.ServicerContext):
         # A stream holds an RPC thread for its whole life, so it is admitted like a request (max_infer_streams)
@@ -295,11 +331,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         try:
-            s = self._model()
+            s = self.models.resolve(request.model)
         except RequestError as err:
-            context.abort(err.code, err.detail)
+            abort(context, err)
         return pb.ModelInfo(
-            model=pb.ModelRef(model_id=s.model_id, model_version=s.model_version),
+            model=s.ref, versions=[v.ref for v in self.models.versions()],
             class_names=s.class_names,
             input_size=s.input_size,
             exit_points=s.model.exit_points,
@@ -338,11 +374,11 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except RequestError as err:
-            context.abort(err.code, err.detail)
+            abort(context, err)
 
     def _package(self, model: pb.ModelRef, split_point: int, order: str) -> Package:
-        served = self.inference._model()
-        order = check_package_request(served, model, split_point, order)
+        served = self.inference.models.resolve(model)
+        order = check_package_request(served, split_point, order)
         try:
             return self.packages.get(served, split_point, order)
         except BuildsBusy as err:
@@ -357,13 +393,14 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except RequestError as err:
-            context.abort(err.code, err.detail)
+            abort(context, err)
         return manifest_message(package.manifest)
 
     def StreamWeights(self, request: pb.WeightRequest, context: grpc.ServicerContext):
         def messages() -> Iterator[pb.WeightChunk]:
-            if not request.model.model_id:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model.model_id: required")
+            if not request.model.digest:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "model.digest: required (the manifest's: it names the version streamed)")
             package = self._package(request.model, request.split_point, request.order)
             return weight_messages(package, request.from_chunk, self.message_bytes)
 
@@ -371,16 +408,16 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
 
     def GetCheckpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext):
         def chunks() -> Iterator[pb.CheckpointChunk]:
-            served = self.inference._model()
-            wanted = request.model
-            if wanted.model_id and (wanted.model_id, wanted.model_version) != (served.model_id,
-                                                                             served.model_version):
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"model {wanted.model_id!r} version {wanted.model_version!r} is not served; this "
-                                   f"cloud serves {served.model_id!r} version {served.model_version!r}")
-            return iter(checkpoint_chunks(served, CHUNK_BYTES))
+            return iter(checkpoint_chunks(self.inference.models.resolve(request.model), CHUNK_BYTES))
 
         yield from self._stream(chunks, context)
+
+
+def abort(context: grpc.ServicerContext, err: RequestError) -> None:
+    """End the call with ``err``'s status, detail and trailing metadata (raises, as ``context.abort``)."""
+    if err.trailing:
+        context.set_trailing_metadata(err.trailing)
+    context.abort(err.code, err.detail)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -433,17 +470,42 @@ class CloudServer:
     exporter: Optional[Exporter] = None  # /metrics, when metrics_address is set
     idle: Optional[IdleCalls] = None  # closes idle InferStreams
     delivery: Optional["ModelDeliveryServicer"] = None
+    folder: Optional[ModelFolder] = None  # the model folder polled, when checkpoint names one
     _stop_watch: threading.Event = field(default_factory=threading.Event)
 
-    def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None) -> None:
-        """Start answering with ``served`` (its forward in ``worker`` when given); health turns SERVING."""
+    @property
+    def models(self) -> ModelRegistry:
+        return self.servicer.models
+
+    def use_worker(self, worker: Optional[ForwardWorker]) -> None:
+        """Run the forwards in ``worker`` (which must hold every version added from now on) or in-process."""
         self.worker = worker
         self.servicer.forward = worker.run if worker is not None else None
         # The longest a call waits for its result, whatever its deadline: a batch ahead of it and its own (the
         # watchdog fails a longer forward first), and a worker process that must be started again.
         self.servicer.result_timeout_s = 2 * self.forward_timeout_s + 1.0 + (START_TIMEOUT_S if worker else 0.0)
-        self.servicer.served = served
+
+    def set_model(self, served: ServedModel, worker: Optional[ForwardWorker] = None, rank: tuple = ()) -> None:
+        """Serve ``served`` as a version (its forward in ``worker`` when given, which must hold it); health turns
+        SERVING. Raises VersionRefused."""
+        self.use_worker(worker)
+        self.models.add(served, rank)
+        self.serving()
+
+    def serving(self) -> None:
+        """Health SERVING (once a version is loaded)."""
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def watch(self, folder: ModelFolder) -> None:
+        """Poll ``folder`` for new and removed versions until ``stop``."""
+        self.folder = folder
+        folder.start()
+
+    def unloaded(self, served: ServedModel) -> None:
+        """A retired version's last request has finished: free its packages and its forward process copy."""
+        self.packages.drop(served.digest)
+        if self.worker is not None:
+            self.worker.unload(served.digest)
 
     def _set_health(self, status: int) -> None:
         for name in HEALTH_NAMES:
@@ -479,6 +541,8 @@ class CloudServer:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish (``grace_seconds``), then
         stop the batcher and the worker; bounded even when a forward is hung."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.folder is not None:
+            self.folder.close()
         self.server.stop(self.grace_seconds).wait(self.grace_seconds + 5)
         self._stop_watch.set()
         self.batcher.close(drain=True, timeout_s=self.grace_seconds)
@@ -503,10 +567,12 @@ def intra_op_threads_for(cfg: CloudConfig, cores: int | None = None) -> int:
 
 
 def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer:
-    """Assemble and start the gRPC server for ``served``; returns it with the port it listens on.
+    """Assemble and start the gRPC server, serving ``served`` as its one version; returns it with the port it
+    listens on.
 
     With ``served=None`` the port opens at once with health NOT_SERVING and Inference calls answered
-    UNAVAILABLE, until ``CloudServer.set_model``: orchestrators see a loading daemon, not a dead one.
+    UNAVAILABLE, until versions are added (``CloudServer.set_model``, ``serve``): orchestrators see a loading
+    daemon, not a dead one.
     """
     servicer: InferenceServicer  # assigned below; the batcher calls it only once requests arrive
     batcher = DynamicBatcher(lambda s, x: servicer.run_batch(s, x), cfg.max_batch_size,
@@ -528,7 +594,8 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=QUEUED_PER_THREAD * cfg.rpc_threads)
     idle = IdleCalls(cfg.infer_stream_idle_seconds)
-    servicer = InferenceServicer(served, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table),
+    registry = ModelRegistry(cfg.model_id, cfg.keep_versions)
+    servicer = InferenceServicer(registry, batcher, cfg.max_batch_size, load_codec_table(cfg.codec_table),
                                  Admission(cfg.max_in_flight, "max_in_flight"),
                                  streams=Admission(cfg.max_infer_streams, "max_infer_streams", "InferStreams"),
                                  idle=idle)
@@ -538,6 +605,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                             cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
+    registry.on_unload = lambda unloaded: running.unloaded(unloaded)
     pb_grpc.add_ModelDeliveryServicer_to_server(delivery, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -577,12 +645,12 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
 
 
 def serve(cfg: CloudConfig) -> int:
-    """Open the port (NOT_SERVING), load the checkpoint, serve until SIGTERM/SIGINT, drain, return 0.
+    """Open the port (NOT_SERVING), load the versions, serve until SIGTERM/SIGINT, drain, return 0.
 
-    A checkpoint that fails to load stops the server and re-raises (the CLI exits 2 naming the file).
+    A checkpoint (of a file or list config) that fails to load stops the server and re-raises (the CLI exits 2
+    naming the file); in a model folder a bad file is logged and skipped, and the daemon serves what loads.
     """
-    if not Path(cfg.checkpoint).is_file():
-        raise ConfigError(f"config key 'checkpoint': file {cfg.checkpoint!r} does not exist")
+    _check_sources(cfg)
     # Process-wide, so set by the daemon, not build_server; with a worker process this one only decodes.
     torch.set_num_threads(1 if cfg.forward_process else intra_op_threads_for(cfg))
     stop = threading.Event()
@@ -590,23 +658,9 @@ def serve(cfg: CloudConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     running = build_server(cfg, None)
     log.info("listening on port %d; loading %s", running.port, cfg.checkpoint)
-    device = resolve_device(cfg.torch_device, "torch_device")
-    worker: Optional[ForwardWorker] = None
     try:
-        if cfg.forward_process:
-            # The worker owns the model that computes; this process keeps a CPU copy for metadata only.
-            served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version)
-            worker = ForwardWorker(served.checkpoint_bytes, cfg.checkpoint, device, intra_op_threads_for(cfg),
-                                   cfg.forward_nice)
-        else:
-            served = ServedModel.from_file(cfg.checkpoint, cfg.model_id, cfg.model_version, device)
-        beyond = [s for s in cfg.delivery_prebuild if s > served.model.num_blocks]
-        if beyond:
-            raise ConfigError(f"config key 'delivery_prebuild': split point {beyond[0]} is beyond the model's "
-                              f"{served.model.num_blocks} blocks")
+        folder = load_versions(cfg, running)
     except BaseException:
-        if worker is not None:
-            worker.close()
         running.stop()
         raise
     # Under a 4x flood, full collections over torch's and the model's objects held the GIL for up to 140 ms,
@@ -614,15 +668,70 @@ def serve(cfg: CloudConfig) -> int:
     # Before SERVING, so the collection first (the loading's own cycles) delays nobody.
     gc.collect()
     log.info("froze %d start-up objects out of the garbage collector's reach", freeze_heap())
-    running.set_model(served, worker)
-    log.info("serving %s version %s from %s on port %d", cfg.model_id, cfg.model_version, cfg.checkpoint,
-             running.port)
+    running.serving()
+    for served in running.models.versions():
+        log.info("serving %s version %s (digest %s) on port %d", cfg.model_id, served.model_version, served.digest,
+                 running.port)
+    if folder is not None:
+        running.watch(folder)
+    _prebuild(cfg, running)
+    stop.wait()
+    log.info("draining and shutting down")
+    running.stop()
+    return 0
+
+
+def _check_sources(cfg: CloudConfig) -> None:
+    """ConfigError naming ``checkpoint`` when a file it lists does not exist."""
+    if cfg.model_dir() is None:
+        for path in cfg.checkpoint_files():
+            if not path.is_file():
+                raise ConfigError(f"config key 'checkpoint': file {str(path)!r} does not exist (nor a folder)")
+
+
+def load_versions(cfg: CloudConfig, running: CloudServer) -> Optional[ModelFolder]:
+    """Load every version (into a forward process too, with ``forward_process``) before SERVING; returns the
+    folder to poll when ``checkpoint`` is one. Raises ConfigError / CheckpointError / WorkerError."""
+    device = resolve_device(cfg.torch_device, "torch_device")
+    if cfg.forward_process:
+        worker = ForwardWorker(device, intra_op_threads_for(cfg), cfg.forward_nice)
+        running.use_worker(worker)
+        # The worker owns the models that compute; this process keeps CPU copies for metadata and packages.
+        running.models.before_add = lambda served: worker.load(served.digest, served.checkpoint_bytes,
+                                                               served.source)
+        device = torch.device("cpu")
+
+    def load(path: Path, label: Optional[str]) -> ServedModel:
+        served = ServedModel.from_file(str(path), cfg.model_id, label, device)
+        beyond = [s for s in cfg.delivery_prebuild if s > served.model.num_blocks]
+        if beyond:
+            raise ConfigError(f"config key 'delivery_prebuild': split point {beyond[0]} is beyond the model's "
+                              f"{served.model.num_blocks} blocks")
+        return served
+
+    folder_path = cfg.model_dir()
+    if folder_path is not None:
+        folder = ModelFolder(folder_path, running.models, load, cfg.model_dir_poll_seconds, cfg.forward_nice)
+        folder.scan()
+        if not running.models.versions():
+            raise ConfigError(f"config key 'checkpoint': no loadable <version>.pt checkpoint in folder "
+                              f"{str(folder_path)!r} (see the log for each file's reason)")
+        return folder
+    files = cfg.checkpoint_files()
+    for rank, path in enumerate(files):
+        label = cfg.model_version if len(files) == 1 and not isinstance(cfg.checkpoint, list) else path.stem
+        try:
+            running.models.add(load(path, label), (rank,))
+        except VersionRefused as err:
+            raise ConfigError(f"config key 'checkpoint': {err}") from None
+    return None
+
+
+def _prebuild(cfg: CloudConfig, running: CloudServer) -> None:
+    """The latest version's packages of ``delivery_prebuild``, so that the first device does not wait."""
+    served = running.models.latest()
     for split_point in cfg.delivery_prebuild:
         try:
             running.packages.get(served, split_point, "split")
         except (BuildsBusy, BuildFailed) as err:  # a device asked first: its build serves it
             log.warning("prebuilding the package for split point %d: %s", split_point, err)
-    stop.wait()
-    log.info("draining and shutting down")
-    running.stop()
-    return 0

@@ -28,19 +28,15 @@ class WorkerError(RuntimeError):
     """The forward process failed to start, died, or raised; the message says which."""
 
 
-def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, threads: int, nice: int) -> None:
-    """Worker main loop: ``(split_point, activations)`` in, ``("ok", [logits...])`` or ``("error", text)`` out."""
+def _serve(conn: Connection, device: str, threads: int, nice: int) -> None:
+    """Worker main loop. Messages: ``("load", digest, checkpoint bytes, source)``, ``("unload", digest)``,
+    ``("run", digest, split_point, activations)``; answers ``("ok", payload)`` or ``("error", text)``."""
     from cloud.inference import ServedModel, run_tail  # in the child: spawn imports afresh
     from models.checkpoint import load_checkpoint_bytes
 
     become_background_child(nice)  # the daemon drains first, then stops this process (CloudConfig.forward_nice)
     torch.set_num_threads(threads)
-    try:
-        served = ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", "", b"",
-                                             torch.device(device))
-    except Exception as err:  # reported to the parent, which raises it
-        conn.send(("error", f"loading {source}: {err}"))
-        return
+    models: dict[str, ServedModel] = {}
     conn.send(("ready", None))
     while True:
         try:
@@ -49,34 +45,71 @@ def _serve(conn: Connection, checkpoint: bytes, source: str, device: str, thread
             return
         if message is None:
             return
-        split_point, array = message
         try:
-            outputs = run_tail(served, split_point, torch.from_numpy(array))
-            conn.send(("ok", [o.numpy() for o in outputs]))
+            if message[0] == "load":
+                _, digest, checkpoint, source = message
+                models[digest] = ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", None,
+                                                             b"", torch.device(device))
+                conn.send(("ok", None))
+            elif message[0] == "unload":
+                models.pop(message[1], None)
+                conn.send(("ok", None))
+            else:
+                _, digest, split_point, array = message
+                outputs = run_tail(models[digest], split_point, torch.from_numpy(array))
+                conn.send(("ok", [o.numpy() for o in outputs]))
         except Exception as err:
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
 class ForwardWorker:
-    """``run(split_point, activations)`` computed in a child process that holds its own copy of the model.
+    """``run(digest, split_point, activations)`` computed in a child process that holds its own copy of every
+    model version ``load``-ed (by digest).
 
-    A worker that dies is restarted on the next call (that call waits for the reload). Thread-safe; calls are
-    serialised, which is what the single batcher thread does anyway.
+    A worker that dies is restarted on the next call, which waits while it loads every version again. Thread-safe;
+    calls are serialised, which is what the single batcher thread does anyway.
     """
 
-    def __init__(self, checkpoint: bytes, source: str, device: torch.device, threads: int, nice: int = 0) -> None:
-        self._args = (checkpoint, source, str(device), threads, nice)
+    def __init__(self, device: torch.device, threads: int, nice: int = 0) -> None:
+        self._args = (str(device), threads, nice)
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self.process: mp.process.BaseProcess | None = None
-        self.ready_at = float("inf")  # time.monotonic() when the current process had loaded its model
-        self._start()
+        self.ready_at = float("inf")  # time.monotonic() when the current process had loaded its models
+        self._versions: dict[str, tuple[bytes, str]] = {}  # digest -> (checkpoint bytes, source): reloaded on restart
+        with self._lock:
+            self._start()
+
+    def load(self, digest: str, checkpoint: bytes, source: str) -> None:
+        """Load a version into the process (and into every process started after a restart). Raises
+        WorkerError when it cannot be loaded."""
+        with self._lock:
+            self._versions[digest] = (checkpoint, source)
+            try:
+                if self.process is None or not self.process.is_alive():
+                    self._start()  # loads every version, this one included
+                else:
+                    self._call(("load", digest, checkpoint, source))
+            except WorkerError:
+                del self._versions[digest]
+                raise
+
+    def unload(self, digest: str) -> None:
+        """Free a version's copy in the process (a dead process has none to free)."""
+        with self._lock:
+            self._versions.pop(digest, None)
+            if self.process is not None and self.process.is_alive():
+                try:
+                    self._call(("unload", digest))
+                except WorkerError as err:
+                    log.warning("forward process could not unload %s: %s", digest, err)
 
     def busy_for(self, running_s: float) -> float:
         """How long of a batch that has run ``running_s`` seconds was spent computing (not starting a process)."""
         return max(0.0, min(running_s, time.monotonic() - self.ready_at))
 
     def _start(self) -> None:
+        """A new process with every loaded version (under ``_lock``)."""
         self._reap()
         self.ready_at = float("inf")
         ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
@@ -84,14 +117,29 @@ class ForwardWorker:
         self.process = ctx.Process(target=_serve, args=(child, *self._args), name="spinn-forward", daemon=True)
         self.process.start()
         child.close()
+        self._wait_answer("start")
+        for digest, (checkpoint, source) in self._versions.items():
+            self._call(("load", digest, checkpoint, source))
+        self.ready_at = time.monotonic()
+
+    def _wait_answer(self, what: str) -> object:
+        assert self._conn is not None
         if not self._conn.poll(START_TIMEOUT_S):
             self._reap()
-            raise WorkerError(f"forward process did not load the model within {START_TIMEOUT_S:.0f} s")
+            raise WorkerError(f"forward process did not {what} within {START_TIMEOUT_S:.0f} s")
         status, detail = self._receive()
-        if status != "ready":
-            self._reap()
-            raise WorkerError(f"forward process failed: {detail}")
-        self.ready_at = time.monotonic()
+        if status not in ("ready", "ok"):
+            raise WorkerError(f"forward process failed to {what}: {detail}")
+        return detail
+
+    def _call(self, message: tuple) -> object:
+        """Send one message and wait for its answer (under ``_lock``; a load may take seconds)."""
+        assert self._conn is not None
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, OSError):
+            raise WorkerError("forward process died") from None
+        return self._wait_answer(message[0])
 
     def _reap(self) -> None:
         """Close the pipe to the previous process and make sure it is gone (a restart leaks neither)."""
@@ -126,8 +174,9 @@ class ForwardWorker:
                 code = None
             raise WorkerError(f"forward process died (exit code {code})") from None
 
-    def run(self, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
-        """Logits ``(B, classes)`` of the later exits and the final classifier for ``activations (B, C, H, W)``."""
+    def run(self, digest: str, split_point: int, activations: torch.Tensor) -> list[torch.Tensor]:
+        """Logits ``(B, classes)`` of the later exits and the final classifier of version ``digest`` for
+        ``activations (B, C, H, W)``."""
         array = np.ascontiguousarray(activations.detach().cpu().numpy())
         with self._lock:
             if self.process is None or not self.process.is_alive():
@@ -136,7 +185,7 @@ class ForwardWorker:
                 self._start()
             assert self._conn is not None
             try:
-                self._conn.send((split_point, array))
+                self._conn.send(("run", digest, split_point, array))
             except (BrokenPipeError, OSError):
                 raise WorkerError("forward process died") from None
             status, payload = self._receive()

@@ -30,7 +30,8 @@ class DeviceConfig:
     checkpoint: str = "runs/quickstart/best_model.pt"
     cloud: Union[str, list[str]] = "127.0.0.1:50051"  # host:port, a comma-separated list, or a YAML list
     model_id: str = "spinn"
-    model_version: str = "1"
+    model_version: Optional[str] = None  # a local checkpoint's label; None: its digest's short form
+    skew_retry_seconds: float = 10.0  # after the cloud refused the device's version, offloads skip it this long
     split_point: int = 7
     z_confidence_threshold: float = 0.7
     confidence: str = "top1"  # top1 | entropy (models.exit_policy.confidence)
@@ -186,7 +187,7 @@ class DeviceConfig:
             raise ConfigError(f"config key 'stream_order': must be one of {ORDERS}, got {self.stream_order!r}")
         if self.confidence not in ("top1", "entropy"):
             raise ConfigError(f"config key 'confidence': must be 'top1' or 'entropy', got {self.confidence!r}")
-        check_positive(self, ("deadline_ms", "breaker_probe_seconds", "watch_interval_seconds",
+        check_positive(self, ("deadline_ms", "skew_retry_seconds", "breaker_probe_seconds", "watch_interval_seconds",
                               "stream_poll_seconds", "scheduler_interval_seconds", "probe_interval_seconds",
                               "initial_bandwidth_mbit", "initial_rtt_ms"))
         self._validate_scheduler()

@@ -131,6 +131,7 @@ class WeightStream:
         self.decoder_restarts = 0
         self.helper = _spawn_decoder(nice) if decode_process else None  # takes over when up (_hand_over)
         self.final_digest: Optional[str] = None  # the decoder's, once complete (the decoder is closed then)
+        self.on_verified: Optional[Callable[[], None]] = None  # called once the final digest matched
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
         self._call = None  # the StreamWeights call in progress (cancelled by stop)
@@ -277,12 +278,15 @@ class WeightStream:
             self._restart_decoder(err)
             self.final_digest = self.decoder.digest()
         ok = self.final_digest == self.manifest.final_sha256
+        if ok and self.on_verified is not None:
+            self.on_verified()
         log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
                  self.manifest.model_version, self.manifest.total_bytes, "verified" if ok else "MISMATCH")
 
     def _stream_once(self) -> None:
         m = self.manifest
-        request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+        request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version,
+                                                     digest=m.model_digest),
                                    split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk)
         calls = self._call = self.link.stream_weights(request, self.call_timeout_s)
         buffer = bytearray()  # the start of chunk decoder.next_chunk
@@ -430,6 +434,7 @@ class StreamedModel:
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
                               decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
+        stream.on_verified = lambda: self._drop_others(stream)
         with self._lock:
             if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
                 stream.stop()
@@ -455,6 +460,19 @@ class StreamedModel:
             old.stop()
             log.info("switched to %s version %s", snapshot.manifest.model_id, snapshot.manifest.model_version)
 
+    def _drop_others(self, stream: WeightStream) -> None:
+        """``stream``'s version is complete and its final digest verified: delete the cached packages of the
+        other versions for this split point and order (before, a device cut off mid-rollout could only go back
+        to the old version's chunks)."""
+        with self._lock:
+            if stream is not self.current:
+                return
+        for other in (self.root / stream.manifest.model_id).glob(f"*/split{self.split_point}-{self.order}"):
+            if other.resolve() != stream.store.dir.resolve() and (other / "manifest.pb").is_file():
+                shutil.rmtree(other, ignore_errors=True)
+                log.info("deleted the cached package %s: version %s is verified", other,
+                         stream.manifest.model_version)
+
     def _poll(self) -> None:
         retry = 1.0  # while the device has no package, a failed fetch is retried soon, not a poll period later
         while not self._stop.is_set():
@@ -473,8 +491,7 @@ class StreamedModel:
             retry = 1.0
             with self._lock:
                 known = [s.manifest for s in (self.current, self.pending) if s is not None]
-            if all((m.model_id, m.model_version, m.final_sha256) !=
-                   (manifest.model_id, manifest.model_version, manifest.final_sha256) for m in known):
+            if all((m.model_digest, m.final_sha256) != (manifest.model_digest, manifest.final_sha256) for m in known):
                 if self.pending is not None:
                     self.pending.stop()
                 self._begin(manifest)

@@ -103,7 +103,7 @@ class CloudLink:
         self.target = target
         token = cfg.token()
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.model = pb.ModelRef(model_id=cfg.model_id, model_version=cfg.model_version)
+        self.model = pb.ModelRef(model_id=cfg.model_id, model_version=cfg.model_version or "")
         self._inference = pb_grpc.InferenceStub(self.channel)
         self._delivery = pb_grpc.ModelDeliveryStub(self._delivery_channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -150,17 +150,21 @@ class CloudLink:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def fetch_checkpoint(self, timeout_s: float, max_bytes: int = 1 << 30) -> bytes:
-        """Download the checkpoint the cloud serves for this device's model; the SHA-256 is verified.
+    def fetch_checkpoint(self, timeout_s: float, max_bytes: int = 1 << 30, latest: bool = False
+                         ) -> tuple[bytes, str]:
+        """Download a checkpoint file the cloud serves: the configured version (``model_version``), else or with
+        ``latest`` the latest. Returns the file's bytes, SHA-256 verified, and the model digest the cloud
+        announced for it (the caller checks it against the loaded checkpoint's).
 
         Raises LinkError naming what went wrong (unreachable, refused, truncated, hash mismatch).
         """
-        data, digest, total = bytearray(), "", -1
+        data, digest, total, announced = bytearray(), "", -1, ""
+        ref = pb.ModelRef(model_id=self.model.model_id) if latest else self.model
         try:
-            for chunk in self._delivery.GetCheckpoint(pb.CheckpointRequest(model=self.model), timeout=timeout_s,
+            for chunk in self._delivery.GetCheckpoint(pb.CheckpointRequest(model=ref), timeout=timeout_s,
                                                       metadata=self.metadata, wait_for_ready=True):
                 data += chunk.data
-                digest, total = chunk.sha256, chunk.total_bytes
+                digest, total, announced = chunk.sha256, chunk.total_bytes, chunk.model.digest
                 if len(data) > max_bytes or len(data) > total:
                     raise LinkError(f"checkpoint from {self.target}: more bytes than announced ({total})")
         except grpc.RpcError as err:
@@ -169,7 +173,7 @@ class CloudLink:
             raise LinkError(f"checkpoint from {self.target}: got {len(data)} of {total} bytes")
         if hashlib.sha256(data).hexdigest() != digest:
             raise LinkError(f"checkpoint from {self.target}: SHA-256 mismatch")
-        return bytes(data)
+        return bytes(data), announced
 
     def close(self) -> None:
         self.channel.close()

@@ -22,11 +22,13 @@ from device.config import DeviceConfig
 from device.images import decode_image
 from device.link import NETWORK_CODES, CloudLink, LinkError
 from device.metrics import DeviceMetrics
+from device.skew import SkewGate, describe, served_versions
 from device.stats import BlockTimes, LinkStats
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from models.config import ConfigError
 from models.datasets import Preprocess
 from models.exit_policy import confidence
+from models.identity import short_digest
 from models.offline_profile import JPEG, ProfileError, load_profile
 from models.hardware import follow, resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
@@ -58,6 +60,7 @@ class ClassifyResult:
     latency_ms: float
     top_k: list[tuple[int, str, float]] = field(default_factory=list)
     model_version: str = ""
+    model_digest: str = ""  # the version that answered: the head's, and the cloud's tail when it answered
     split_point: int = 0
     weights_fraction: float = 1.0  # share of the model's weight bits the device holds
     head_bits: float = 32.0  # mean bits per weight of the head (32: a float32 checkpoint)
@@ -97,6 +100,11 @@ class ActiveModel:
     @property
     def split_point(self) -> int:
         return 0 if self.head is None else self.head.split_point
+
+    @property
+    def wire_ref(self) -> pb.ModelRef:
+        """What a request names: the model and its digest (the label is this device's own name for it)."""
+        return pb.ModelRef(model_id=self.ref.model_id, digest=self.ref.digest)
 
 
 def weightless(info: pb.ModelInfo, threshold: float = 1.0) -> ActiveModel:
@@ -144,6 +152,17 @@ def reply_scores(reply: pb.Prediction, num_classes: int) -> list[tuple[int, str,
     return scores
 
 
+def downloaded_checkpoint(link: CloudLink, timeout_s: float, latest: bool = False) -> Checkpoint:
+    """The cloud's checkpoint file (``CloudLink.fetch_checkpoint``), loaded; CheckpointError when its content is
+    not the model digest the cloud announced for it, LinkError when the download failed."""
+    data, announced = link.fetch_checkpoint(timeout_s, latest=latest)
+    checkpoint = load_checkpoint_bytes(data, f"cloud {link.target}")
+    if announced and announced != checkpoint.digest:
+        raise CheckpointError(f"checkpoint from {link.target}: the cloud announced digest {announced}, the file "
+                              f"holds {checkpoint.digest}")
+    return checkpoint
+
+
 class DeviceRuntime:
     """Holds ``head(split_point)`` (with the exits before the split), the threshold, the codec and the link.
 
@@ -160,8 +179,8 @@ class DeviceRuntime:
         self.streamed: Optional[StreamedModel] = None
         if checkpoint is not None:
             self._check_split(checkpoint.model)
-            ref = link.model if link is not None else pb.ModelRef(model_id=cfg.model_id,
-                                                                  model_version=cfg.model_version)
+            ref = pb.ModelRef(model_id=cfg.model_id, model_version=cfg.model_version or short_digest(checkpoint.digest),
+                              digest=checkpoint.digest)
             model = checkpoint.model.eval().to(self.torch_device)
             self.active = ActiveModel(model, head(model, cfg.split_point), ref, checkpoint.class_names,
                                       checkpoint.preprocess, complete=True, threshold=cfg.z_confidence_threshold)
@@ -178,6 +197,8 @@ class DeviceRuntime:
         self.link_stats = LinkStats(cfg.ewma_alpha)
         self.block_times = BlockTimes(cfg.ewma_alpha)
         self.breaker = CircuitBreaker(cfg.breaker_failures, self._probe, cfg.breaker_probe_seconds)
+        self.skew = SkewGate(cfg.skew_retry_seconds)
+        self._refetching = threading.Lock()  # one download of the cloud's checkpoint at a time (checkpoint: cloud)
         self.rpc_calls = 0  # Infer calls actually attempted (tests count them)
         self._calls_lock = threading.Lock()
         self.admission = Admission(cfg.max_in_flight, "max_in_flight", "classify calls")
@@ -198,11 +219,10 @@ class DeviceRuntime:
             return cls._start_streaming(cfg, link)
         if cfg.checkpoint == "cloud":
             try:
-                data = link.fetch_checkpoint(timeout_s=max(30.0, cfg.deadline_ms / 1000))
-            except LinkError as err:
+                checkpoint = downloaded_checkpoint(link, max(30.0, cfg.deadline_ms / 1000))
+            except (LinkError, CheckpointError) as err:
                 link.close()
                 raise CheckpointError(f"config key 'checkpoint' is 'cloud' but {err}") from None
-            checkpoint = load_checkpoint_bytes(data, f"cloud {link.target}")
         else:
             checkpoint = load_checkpoint(cfg.checkpoint)
         info = cls._model_info(link, cfg)
@@ -210,9 +230,15 @@ class DeviceRuntime:
         runtime = cls(cfg, checkpoint, link, codec)
         runtime._adopt_info_and_schedule(info)
         freeze_heap()
-        log.info("device ready: split point %d, threshold %.2f, codec %s, cloud %s%s", cfg.split_point,
-                 cfg.z_confidence_threshold, runtime.codec.name, link.target,
-                 ", scheduler on" if runtime.adaptive else "")
+        ref = runtime.active.ref
+        if info is not None and ref.digest not in {v.digest for v in info.versions}:
+            log.warning("version skew: cloud serves %s, device holds %s: offloads will be answered on the device "
+                        "(degraded)%s", ", ".join(describe(v.model_version, v.digest) for v in info.versions),
+                        describe(ref.model_version, ref.digest),
+                        "; following the cloud's version" if cfg.checkpoint == "cloud" else "")
+        log.info("device ready: %s version %s (digest %s), split point %d, threshold %.2f, codec %s, cloud %s%s",
+                 ref.model_id, ref.model_version, ref.digest, cfg.split_point, cfg.z_confidence_threshold,
+                 runtime.codec.name, link.target, ", scheduler on" if runtime.adaptive else "")
         return runtime
 
     def _adopt_info_and_schedule(self, info: Optional[pb.ModelInfo]) -> None:
@@ -296,14 +322,15 @@ class DeviceRuntime:
                 split = min(self._plan_split, self.cfg.split_point)
             previous = self.active
             self.active = ActiveModel(
-                model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+                model, head(model, split), pb.ModelRef(model_id=m.model_id, model_version=m.model_version,
+                                                       digest=m.model_digest),
                 snapshot.checkpoint.class_names, snapshot.checkpoint.preprocess, complete=progress.complete,
                 weights_fraction=progress.weights_fraction, head_bits=progress.head_bits,
                 threshold=previous.threshold if previous is not None else self.cfg.z_confidence_threshold,
                 usable=progress.usable)
-        if previous is None or (previous.split_point, previous.ref.model_version) != (split, m.model_version):
-            log.info("serving %s version %s at split point %d (head %.1f bits per weight)", m.model_id,
-                     m.model_version, split, progress.head_bits)
+        if previous is None or (previous.split_point, previous.ref.digest) != (split, m.model_digest):
+            log.info("serving %s version %s (digest %s) at split point %d (head %.1f bits per weight)", m.model_id,
+                     m.model_version, m.model_digest, split, progress.head_bits)
 
     def _current(self) -> ActiveModel:
         active = self.active
@@ -334,11 +361,6 @@ class DeviceRuntime:
 
     @staticmethod
     def _codec_from_info(info: pb.ModelInfo, cfg: DeviceConfig) -> CodecSpec:
-        served = (info.model.model_id, info.model.model_version)
-        if cfg.checkpoint != "stream" and served != (cfg.model_id, cfg.model_version):
-            log.warning("cloud serves %s version %s, this device is configured for %s version %s: offloads will "
-                        "be refused and answered locally", info.model.model_id, info.model.model_version,
-                        cfg.model_id, cfg.model_version)
         for split in info.split_points:
             if split.split_point == cfg.split_point:
                 try:
@@ -436,8 +458,41 @@ class DeviceRuntime:
         return self._measured(self._classify(self._current(), x, top_k, started))
 
     def _measured(self, result: ClassifyResult) -> ClassifyResult:
-        self.metrics.record(result.answered_by, result.reason, result.bytes_sent, result.latency_ms)
+        self.metrics.record(result.answered_by, result.reason, result.bytes_sent, result.latency_ms,
+                            result.model_version)
         return result
+
+    def _follow_cloud_version(self) -> None:
+        """After a version-skew refusal: a streaming device asks for the cloud's manifest at once (it streams the
+        new version beside the old and switches when its head is usable); a ``checkpoint: cloud`` device downloads
+        the cloud's checkpoint on a thread of its own and switches to it; a local checkpoint stays (logged by the
+        gate once per change)."""
+        if self.streamed is not None:
+            self.streamed.check_soon()
+        elif self.cfg.checkpoint == "cloud" and self._refetching.acquire(blocking=False):
+            threading.Thread(target=self._refetch_checkpoint, name="spinn-refetch", daemon=True).start()
+
+    def _refetch_checkpoint(self) -> None:
+        """Download the checkpoint the cloud serves now and serve it from the next request on (one reference
+        store: a request runs on the old model or the new one)."""
+        try:
+            assert self.link is not None
+            checkpoint = downloaded_checkpoint(self.link, max(30.0, self.cfg.deadline_ms / 1000), latest=True)
+            self._check_split(checkpoint.model)
+        except (LinkError, CheckpointError, ConfigError) as err:
+            log.warning("could not follow the cloud's version: %s", err)
+            return
+        finally:
+            self._refetching.release()
+        model = checkpoint.model.eval().to(self.torch_device)
+        ref = pb.ModelRef(model_id=self.cfg.model_id, model_version=short_digest(checkpoint.digest),
+                          digest=checkpoint.digest)
+        with self._plan_lock:
+            previous = self.active
+            self.active = ActiveModel(model, head(model, previous.split_point if previous else self.cfg.split_point),
+                                      ref, checkpoint.class_names, checkpoint.preprocess, complete=True,
+                                      threshold=self.threshold)
+        log.info("switched to the cloud's %s (digest %s)", ref.model_version, ref.digest)
 
     def _classify(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
                   started: Optional[float]) -> ClassifyResult:
@@ -487,7 +542,7 @@ class DeviceRuntime:
         if last is None or self.link is None or current is None or last[0] is not current:
             return False
         active, activation = last
-        request = pb.FeatureRequest(request_id="probe-" + uuid.uuid4().hex, model=active.ref,
+        request = pb.FeatureRequest(request_id="probe-" + uuid.uuid4().hex, model=active.wire_ref,
                                     split_point=active.split_point, features=self._encode(active, activation), top_k=1)
         try:
             reply, total_ms = self.link.infer(request, timeout_s)
@@ -503,8 +558,11 @@ class DeviceRuntime:
         if self.link is None or not self.breaker.allow():
             reason = "cloud circuit open" + (f" after {self.breaker.last_error}" if self.breaker.last_error else "")
             return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=0)
+        skew = self.skew.blocked(active.ref)
+        if skew is not None:  # the cloud refused this version a moment ago: do not pay a round trip per image
+            return self._fallback(active, activation, deepest, k, started, skew, bytes_sent=0)
         request = pb.FeatureRequest(
-            request_id=uuid.uuid4().hex, model=active.ref, split_point=active.split_point,
+            request_id=uuid.uuid4().hex, model=active.wire_ref, split_point=active.split_point,
             features=self._encode(active, activation), top_k=k,
         )
         size = request.ByteSize()
@@ -515,15 +573,24 @@ class DeviceRuntime:
         except grpc.RpcError as err:
             code = err.code()
             reason = f"{code.name}: {err.details()}"
-            if code in NETWORK_CODES:
+            served = served_versions(err) if code == grpc.StatusCode.FAILED_PRECONDITION else None
+            if served is not None:
+                reason = self.skew.refused(served, active.ref)
+                self._follow_cloud_version()
+            elif code in NETWORK_CODES:
                 self.breaker.record_failure(reason)
                 self.link_stats.record_failure()
             else:
                 log.warning("cloud refused request %s: %s", request.request_id, reason)
-                if code == grpc.StatusCode.FAILED_PRECONDITION and self.streamed is not None:
-                    self.streamed.check_soon()  # the cloud may serve a new version: stream it
             return self._fallback(active, activation, deepest, k, started, reason, bytes_sent=size)
         self.breaker.record_success()
+        if reply.model.digest and reply.model.digest != active.ref.digest:  # a tail of another version answered
+            log.warning("cloud answered request %s from version digest %s, asked %s", request.request_id,
+                        reply.model.digest, active.ref.digest)
+            return self._fallback(active, activation, deepest, k, started,
+                                  f"bad reply: answered by digest {reply.model.digest[:12]}, asked "
+                                  f"{active.ref.digest[:12]}", bytes_sent=size)
+        self.skew.answered(active.ref)
         self._maybe_ask_codec()
         self.link_stats.record_call(total_ms, reply.timings.queue_ms + reply.timings.compute_ms, size,
                                     queue_ms=reply.timings.queue_ms, split_point=active.split_point)
@@ -550,7 +617,7 @@ class DeviceRuntime:
             class_id=scores[0][0], label=scores[0][1], confidence=scores[0][2], answered_by=answered_by,
             degraded=degraded, reason=reason, bytes_sent=bytes_sent,
             latency_ms=(time.perf_counter() - started) * 1000.0, top_k=scores,
-            model_version=active.ref.model_version, split_point=active.split_point,
+            model_version=active.ref.model_version, model_digest=active.ref.digest, split_point=active.split_point,
             weights_fraction=active.weights_fraction, head_bits=active.head_bits,
         )
 

@@ -35,7 +35,7 @@ def to_reply(request_id: str, result: ClassifyResult) -> pb.ClassifyReply:
         answered_by=result.answered_by, degraded=result.degraded, reason=result.reason,
         bytes_sent=result.bytes_sent, latency_ms=result.latency_ms,
         top_k=[pb.ClassScore(class_id=c, name=n, probability=p) for c, n, p in result.top_k],
-        model_version=result.model_version, split_point=result.split_point,
+        model_version=result.model_version, model_digest=result.model_digest, split_point=result.split_point,
         weights_fraction=result.weights_fraction, head_bits=result.head_bits,
     )
 

@@ -8,6 +8,8 @@ A checkpoint is a plain dict of tensors and builtins (so ``torch.load(..., weigh
 - ``class_names``: list of ``num_classes`` strings
 - ``metrics``: dict of training metrics (accuracies per exit, epoch, ...)
 - ``preprocess``: how images must be preprocessed for this model (``Preprocess`` as a dict)
+- ``digest``: the model's content identity (``models.identity.model_digest``), checked on every load; files
+  written before it existed have none and get it computed
 - ``training_state`` (optional, only in ``last_model.pt``): optimizer/scheduler/scaler states and the epoch,
   for ``resume``
 """
@@ -26,6 +28,7 @@ import torch
 from models.config import ConfigError, from_dict
 from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
+from models.identity import model_digest
 
 FORMAT = "spinn-checkpoint/1"
 
@@ -43,6 +46,11 @@ class Checkpoint:
     preprocess: Preprocess
     metrics: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
+    digest: str = ""  # models.identity.model_digest; set by load_checkpoint*, empty for models built otherwise
+
+    def metadata(self) -> dict:
+        """``checkpoint_metadata`` of this checkpoint."""
+        return checkpoint_metadata(self.model, self.class_names, self.preprocess)
 
 
 def checkpoint_metadata(model: EarlyExitMobileNetV2, class_names: list[str], preprocess: Preprocess) -> dict:
@@ -72,12 +80,16 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint atomically (temp file + rename, so a crash never leaves half a file)."""
+    """Write a checkpoint atomically (temp file + rename, so a crash never leaves half a file), with its
+    content digest."""
+    metadata = checkpoint_metadata(model, class_names, preprocess)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {
         "format": FORMAT,
-        **checkpoint_metadata(model, class_names, preprocess),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        **metadata,
+        "state_dict": state,
         "metrics": dict(metrics or {}),
+        "digest": model_digest(metadata, state),
     }
     if training_state is not None:
         payload["training_state"] = training_state
@@ -115,6 +127,11 @@ def load_checkpoint_bytes(data: bytes, source: str, map_location: str | torch.de
     ckpt = checkpoint_from_metadata(payload, payload["state_dict"], source)
     ckpt.metrics = dict(payload.get("metrics", {}))
     ckpt.training_state = payload.get("training_state")
+    ckpt.digest = model_digest(ckpt.metadata(), ckpt.model.state_dict())
+    stored = payload.get("digest")
+    if stored is not None and stored != ckpt.digest:
+        raise CheckpointError(f"checkpoint {source!r}: its content does not match the digest stored in it "
+                              f"(stored {stored}, computed {ckpt.digest}): the file was altered")
     return ckpt
 
 

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 import zstandard
 
+from models.identity import model_digest
 from models.bias_correction import BiasInput, output_shift, shift_code, shift_decode, spread_step
 
 ORDERS = ("split", "value", "whole")
@@ -138,6 +139,7 @@ class Manifest:
     final_sha256: str
     usable_chunk: int = -1  # after chunks[0..usable_chunk] every head layer has >= usable_planes planes
     corrected_planes: int = 0  # output shifts travel while 1..corrected_planes planes of a layer are known
+    model_digest: str = ""  # the content digest of the model the package was coded from (models/identity.py)
 
     @property
     def planes(self) -> int:
@@ -521,7 +523,8 @@ def build_package(
 ) -> Package:
     """Code ``state`` (an EarlyExitMobileNetV2 state dict) into a progressive package for ``split_point``.
 
-    ``metadata`` is stored as is in the manifest (the checkpoint's model_config, class_names, preprocess).
+    ``metadata`` is stored as is in the manifest (the checkpoint's model_config, class_names, preprocess); the
+    manifest names the content digest of ``metadata`` and ``state`` (models/identity.py), the model delivered.
     ``bias`` (``models.bias_correction.bias_inputs``; None: no correction) makes each layer's first
     ``corrected_planes`` planes carry the output shift of the weights known so far.
     Raises ValueError for an unknown order, bits outside 2..24, a negative corrected_planes or a tensor of
@@ -541,7 +544,8 @@ def build_package(
     chunks, payloads = _pack_chunks(_stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits, order, split_point, usable_planes, units.infos,
-                        chunks, final_sha256="", corrected_planes=corrected_planes)
+                        chunks, final_sha256="", corrected_planes=corrected_planes,
+                        model_digest=model_digest(metadata, state))
     decoder = Decoder(manifest)
     for i, payload in enumerate(payloads):
         decoder.apply(i, payload)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from models.identity import check_digest
 from models.progressive import ChunkInfo, Manifest, ProgressiveError, TensorInfo
 from proto import spinn_v1_pb2 as pb
 
@@ -13,7 +14,7 @@ from proto import spinn_v1_pb2 as pb
 def manifest_message(m: Manifest) -> pb.Manifest:
     """The wire form of a manifest."""
     return pb.Manifest(
-        model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version),
+        model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version, digest=m.model_digest),
         metadata_json=json.dumps(m.metadata), bits=m.bits, order=m.order, split_point=m.split_point,
         usable_planes=m.usable_planes, usable_chunk=m.usable_chunk, final_sha256=m.final_sha256,
         tensors=[pb.TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype, planes=t.kind == "planes",
@@ -98,5 +99,10 @@ def manifest_from_message(msg: pb.Manifest) -> Manifest:
                 or c.size <= 0 or not (units or c.raw):
             raise ProgressiveError(f"manifest.chunks[{i}]: malformed")
         chunks.append(ChunkInfo(c.index, units, tuple(c.raw), c.size, c.sha256, c.stage))
+    try:
+        digest = check_digest(msg.model.digest, "manifest.model.digest")
+    except ValueError as err:
+        raise ProgressiveError(str(err)) from None
     return Manifest(msg.model.model_id, msg.model.model_version, metadata, msg.bits, msg.order, msg.split_point,
-                    msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk, msg.corrected_planes)
+                    msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk, msg.corrected_planes,
+                    digest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import sys
 from pathlib import Path
@@ -13,12 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # train.py / test.py live at the repo root
 
-from models.checkpoint import save_checkpoint  # noqa: E402
+from models.checkpoint import checkpoint_metadata, save_checkpoint  # noqa: E402
+from models.identity import model_digest  # noqa: E402
 from models.datasets import Preprocess  # noqa: E402
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig  # noqa: E402
 
 SIZE = 32  # input size of the small test checkpoint
 NAMES = [f"c{i}" for i in range(10)]
+PREPROCESS = Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3)  # the small test checkpoint's
+
+
+def digest_of(model: EarlyExitMobileNetV2, names: list[str] = NAMES, preprocess: Preprocess = PREPROCESS) -> str:
+    """The content digest of ``model`` saved as the test checkpoint (what a device's requests name)."""
+    return model_digest(checkpoint_metadata(model, names, preprocess), model.state_dict())
 
 
 @pytest.fixture
@@ -46,7 +54,20 @@ def shared_dir() -> Path:
 def checkpoint(small_model, tmp_path) -> Path:
     """``small_model`` saved as a train.py checkpoint (32 px input, classes c0..c9)."""
     path = tmp_path / "model.pt"
-    save_checkpoint(path, small_model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
+    save_checkpoint(path, small_model, NAMES, PREPROCESS)
+    return path
+
+
+@pytest.fixture
+def other_checkpoint(small_model, tmp_path) -> Path:
+    """Another version of ``checkpoint``'s model: the same architecture, a retrained final classifier (as a user
+    retrains and redeploys), saved beside it."""
+    other = copy.deepcopy(small_model)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        other.final.classifier[-1].weight.copy_(torch.randn_like(other.final.classifier[-1].weight))
+    path = tmp_path / "other.pt"
+    save_checkpoint(path, other, NAMES, PREPROCESS)
     return path
 
 

@@ -22,7 +22,7 @@ from models.partition import head
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import CodecSpec, encode
-from tests.conftest import NAMES, ROOT, SIZE, make_cert
+from tests.conftest import NAMES, ROOT, SIZE, digest_of, make_cert
 
 
 
@@ -30,6 +30,19 @@ def start(checkpoint, **overrides):
     cfg = CloudConfig(checkpoint=str(checkpoint), **{"address": "127.0.0.1:0", **overrides})
     served = ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version)
     return build_server(cfg, served)
+
+
+def start_with_worker(checkpoint, nice: int = 0, **overrides):
+    """A cloud whose forward runs in a ForwardWorker holding the checkpoint's one version."""
+    from cloud.worker import ForwardWorker
+
+    cfg = CloudConfig(checkpoint=str(checkpoint), **{"address": "127.0.0.1:0", **overrides})
+    served = ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version)
+    worker = ForwardWorker(torch.device("cpu"), 1, nice=nice)
+    worker.load(served.digest, served.checkpoint_bytes, str(checkpoint))
+    running = build_server(cfg, None)
+    running.set_model(served, worker)
+    return running, worker, served
 
 
 @pytest.fixture
@@ -44,7 +57,7 @@ def cloud(checkpoint):
 def request(model, split, x, spec=CodecSpec("float32", "none"), **kw):
     with torch.no_grad():
         activation = head(model, split)(x).activation
-    return pb.FeatureRequest(request_id=f"r{split}", model=pb.ModelRef(model_id="spinn", model_version="1"),
+    return pb.FeatureRequest(request_id=f"r{split}", model=pb.ModelRef(model_id="spinn", digest=digest_of(model)),
                              split_point=split, features=encode(activation, spec), top_k=3, **kw)
 
 
@@ -84,7 +97,12 @@ def mutated(model, fn):
 
 @pytest.mark.parametrize("fn, code, words", [
     (lambda r: setattr(r.model, "model_id", "other"), grpc.StatusCode.FAILED_PRECONDITION, "serves 'spinn'"),
-    (lambda r: setattr(r.model, "model_version", "9"), grpc.StatusCode.FAILED_PRECONDITION, "version '1'"),
+    (lambda r: setattr(r.model, "model_version", "9"), grpc.StatusCode.FAILED_PRECONDITION, "'9' is not the label"),
+    (lambda r: setattr(r.model, "digest", ""), grpc.StatusCode.INVALID_ARGUMENT, "model.digest: required"),
+    (lambda r: setattr(r.model, "digest", "ab" * 31), grpc.StatusCode.INVALID_ARGUMENT, "model.digest: a model digest"),
+    (lambda r: setattr(r.model, "digest", "zz" * 32), grpc.StatusCode.INVALID_ARGUMENT, "64 lowercase hex"),
+    (lambda r: setattr(r.model, "digest", "ab" * 32), grpc.StatusCode.FAILED_PRECONDITION,
+     "is not served; this cloud serves spinn"),
     (lambda r: setattr(r, "split_point", 77), grpc.StatusCode.FAILED_PRECONDITION, "split_point 77"),
     (lambda r: r.features.shape.__setitem__(1, 999), grpc.StatusCode.INVALID_ARGUMENT, "features.shape"),
     (lambda r: setattr(r.features, "dtype", "float64"), grpc.StatusCode.INVALID_ARGUMENT, "features.dtype"),
@@ -392,10 +410,7 @@ def test_checkpoint_download_is_the_served_file(cloud, checkpoint):
 def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoint, small_model):
     from cloud.worker import ForwardWorker, WorkerError
 
-    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
-    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1, nice=3)
-    running = start(checkpoint)
-    running.set_model(served, worker)
+    running, worker, served = start_with_worker(checkpoint, nice=3)
     pids = []
     if hasattr(os, "getpriority"):  # the whole worker process runs nicer than the daemon
         assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
@@ -416,7 +431,9 @@ def test_forward_process_answers_like_in_process_and_survives_its_death(checkpoi
         assert pids[0] != pids[1] and old_pipe.closed  # the restart left neither the old pipe nor a zombie
         assert not os.path.exists(f"/proc/{pids[0]}")
         with pytest.raises(WorkerError, match="KeyError|split"):
-            worker.run(99, torch.zeros(1, 1, 1, 1))  # an error inside the worker comes back as WorkerError
+            worker.run(served.digest, 99, torch.zeros(1, 1, 1, 1))  # an error in the worker comes back as WorkerError
+        with pytest.raises(WorkerError, match="KeyError"):
+            worker.run("0" * 64, 5, torch.zeros(1, 1, 1, 1))  # a version it does not hold
     finally:
         running.stop()
     assert worker.process is None and not os.path.exists(f"/proc/{pids[1]}")
@@ -445,14 +462,18 @@ def test_the_forward_runs_nicer_than_the_grpc_threads_and_the_range_is_checked()
 def test_forward_process_with_a_bad_checkpoint_fails_clearly():
     from cloud.worker import ForwardWorker, WorkerError
 
-    with pytest.raises(WorkerError, match="cannot be read"):
-        ForwardWorker(b"not a checkpoint", "bad.pt", torch.device("cpu"), 1)
+    worker = ForwardWorker(torch.device("cpu"), 1)
+    try:
+        with pytest.raises(WorkerError, match="cannot be read"):
+            worker.load("0" * 64, b"not a checkpoint", "bad.pt")
+    finally:
+        worker.close()
 
 
 def test_a_failing_forward_answers_internal_and_the_server_stays_up(cloud):
     running, stub, model = cloud
 
-    def broken(split_point, activations):
+    def broken(digest, split_point, activations):
         raise RuntimeError("boom")
 
     running.servicer.forward = broken

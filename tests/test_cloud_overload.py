@@ -12,12 +12,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.inference import ServedModel
-from cloud.worker import ForwardWorker
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from serving.admission import Admission, Overloaded
 from tests.conftest import SIZE
-from tests.test_cloud import request, start
+from tests.test_cloud import request, start, start_with_worker
 
 
 def health_ms(port: int) -> tuple[int, float]:
@@ -80,7 +78,7 @@ def test_excess_requests_are_refused_at_once_and_health_still_answers(checkpoint
 def test_a_hung_forward_fails_its_batch_and_health_says_so(checkpoint, small_model):
     running = start(checkpoint, forward_timeout_s=0.5, grace_seconds=1.0)
     release = threading.Event()
-    running.servicer.forward = lambda split, x: release.wait(60) and []  # hangs until released
+    running.servicer.forward = lambda digest, split, x: release.wait(60) and []  # hangs until released
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
     try:
         started = time.perf_counter()
@@ -104,10 +102,7 @@ def test_a_hung_forward_fails_its_batch_and_health_says_so(checkpoint, small_mod
 
 
 def test_a_hung_worker_process_is_killed_and_replaced(checkpoint, small_model):
-    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
-    worker = ForwardWorker(served.checkpoint_bytes, str(checkpoint), torch.device("cpu"), 1)
-    running = start(checkpoint, forward_timeout_s=1.0)
-    running.set_model(served, worker)
+    running, worker, _ = start_with_worker(checkpoint, forward_timeout_s=1.0)
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
     x = torch.randn(1, 3, SIZE, SIZE)
     try:

@@ -39,7 +39,7 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import decode_jpeg, encode_jpeg
 from proto.manifest import manifest_from_message, manifest_message
-from tests.conftest import NAMES, SIZE
+from tests.conftest import NAMES, SIZE, digest_of
 from tests.test_device import image_bytes, wait_until
 
 
@@ -397,12 +397,16 @@ def cloud(checkpoint):
     running.stop()
 
 
-def test_delivery_requests_are_validated(cloud):
+def test_delivery_requests_are_validated(cloud, small_model):
     stub = pb_grpc.ModelDeliveryStub(grpc.insecure_channel(f"127.0.0.1:{cloud.port}"))
-    ref = pb.ModelRef(model_id="spinn", model_version="1")
+    ref = pb.ModelRef(model_id="spinn", digest=digest_of(small_model))
     cases = [
         (lambda: stub.GetManifest(pb.ManifestRequest(model=pb.ModelRef(model_id="spinn", model_version="2")),
-                                  timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "version '2'"),
+                                  timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "model_version '2'"),
+        (lambda: stub.GetManifest(pb.ManifestRequest(model=pb.ModelRef(digest="ab" * 32)), timeout=10),
+         grpc.StatusCode.FAILED_PRECONDITION, "is not served"),
+        (lambda: stub.GetManifest(pb.ManifestRequest(model=pb.ModelRef(digest="xyz")), timeout=10),
+         grpc.StatusCode.INVALID_ARGUMENT, "model.digest"),
         (lambda: stub.GetManifest(pb.ManifestRequest(split_point=99), timeout=10),
          grpc.StatusCode.INVALID_ARGUMENT, "split_point 99"),
         (lambda: stub.GetManifest(pb.ManifestRequest(order="random"), timeout=10),
@@ -410,7 +414,7 @@ def test_delivery_requests_are_validated(cloud):
         (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref, from_chunk=10 ** 6), timeout=10)),
          grpc.StatusCode.INVALID_ARGUMENT, "from_chunk"),
         (lambda: list(stub.StreamWeights(pb.WeightRequest(), timeout=10)),
-         grpc.StatusCode.INVALID_ARGUMENT, "model_id"),
+         grpc.StatusCode.INVALID_ARGUMENT, "model.digest: required"),
     ]
     for call, code, detail in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -517,9 +521,9 @@ def test_with_no_weights_and_the_cloud_down_the_device_says_so(checkpoint, tmp_p
         runtime.close()
 
 
-def test_the_cloud_takes_a_jpeg_input_at_split_point_0_only(checkpoint, cloud):
+def test_the_cloud_takes_a_jpeg_input_at_split_point_0_only(checkpoint, cloud, small_model):
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{cloud.port}"))
-    ref = pb.ModelRef(model_id="spinn", model_version="1")
+    ref = pb.ModelRef(model_id="spinn", digest=digest_of(small_model))
     x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
     jpeg = encode_jpeg(x, (0.5,) * 3, (0.25,) * 3)
     reply = stub.Infer(pb.FeatureRequest(model=ref, split_point=0, features=jpeg), timeout=10)
@@ -533,7 +537,7 @@ def test_the_cloud_takes_a_jpeg_input_at_split_point_0_only(checkpoint, cloud):
                                                         codec=jpeg.codec), "not a readable JPEG")):
         request = pb.FeatureRequest(model=ref, split_point=split_point, features=features)
         if split_point == 7:
-            request.features.shape[:] = [1, *cloud.servicer.served.activation_shapes[7]]
+            request.features.shape[:] = [1, *cloud.models.latest().activation_shapes[7]]
         with pytest.raises(grpc.RpcError) as err:
             stub.Infer(request, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and detail in err.value.details()

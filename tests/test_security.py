@@ -22,7 +22,7 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from serving.metrics import start_exporter
 from serving.security import TOKEN_ENV, is_loopback, read_token
-from tests.conftest import ROOT, SIZE, make_cert
+from tests.conftest import ROOT, SIZE, digest_of, make_cert
 from tests.test_cloud import request, start
 
 
@@ -136,7 +136,7 @@ def test_without_the_token_every_service_but_health_is_unauthenticated(checkpoin
     inference, delivery = pb_grpc.InferenceStub(channel), pb_grpc.ModelDeliveryStub(channel)
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     req = request(small_model, 3, torch.randn(1, 3, SIZE, SIZE))
-    model = pb.ModelRef(model_id="spinn", model_version="1")
+    model = pb.ModelRef(model_id="spinn", digest=digest_of(small_model))
     calls = {
         "Infer": lambda md: inference.Infer(req, timeout=30, metadata=md),
         "InferStream": lambda md: inference.InferStream(iter([req]), timeout=30, metadata=md),
