@@ -294,12 +294,27 @@ class EarlyExitMobileNetV2(nn.Module):
         return measure_flops(self.features, self.exit_map(), self.final, input_size)
 
 
+def _load_whole(model: EarlyExitMobileNetV2, state: dict, source: str) -> None:
+    """Every tensor of a train.py checkpoint's state dict into ``model``; ConfigError naming the first one that
+    does not fit (another width, class count or exit layout)."""
+    own = model.state_dict()
+    for name in sorted(set(own) | set(state)):
+        if name not in own or name not in state or own[name].shape != state[name].shape:
+            raise ConfigError(f"config key 'pretrained': {source!r} is another architecture (tensor {name!r}: "
+                              f"{tuple(state[name].shape) if name in state else 'missing'} in the file, "
+                              f"{tuple(own[name].shape) if name in own else 'none'} in the model)")
+    model.load_state_dict(state, strict=True)
+    log.info("fine-tuning: every tensor from the checkpoint %s", source)
+
+
 def load_pretrained(model: EarlyExitMobileNetV2, pretrained: str | None) -> None:
-    """Initialise the backbone from ImageNet weights in torchvision's format.
+    """Initialise the backbone from ImageNet weights in torchvision's format, or the whole model from a train.py
+    checkpoint (fine-tuning: a new version of a trained model).
 
     ``pretrained``: None/"none" (random init), "imagenet" (torchvision's IMAGENET1K_V1, downloaded when online),
-    or a path to a local torchvision-format state dict (e.g. ``mobilenet_v2_imagenet_tflite.pth``). The
-    1000-class classifier is kept only when ``num_classes == 1000``; exits always start fresh.
+    a path to a local torchvision-format state dict (e.g. ``mobilenet_v2_imagenet_tflite.pth``; the 1000-class
+    classifier is kept only when ``num_classes == 1000``; exits start fresh), or a path to a train.py checkpoint
+    (every tensor, exits and classifier included; the architecture must be the same).
     Raises ConfigError (key ``pretrained``) for a missing file, a failed download or mismatched shapes.
     """
     if pretrained in (None, "", "none"):
@@ -324,6 +339,9 @@ def load_pretrained(model: EarlyExitMobileNetV2, pretrained: str | None) -> None
                               ) from None
         if not isinstance(state, dict):
             raise ConfigError(f"config key 'pretrained': {pretrained!r} is not a state dict")
+        if isinstance(state.get("state_dict"), dict) and "model_config" in state:  # a train.py checkpoint
+            _load_whole(model, state["state_dict"], pretrained)
+            return
     own = model.state_dict()
     wanted = {}
     for name, tensor in state.items():

@@ -96,6 +96,20 @@ def test_a_checkpoint_whose_weights_were_altered_is_refused(small_model, tmp_pat
         load_checkpoint(tmp_path / "b.pt")
 
 
+def test_a_checkpoint_can_start_a_fine_tune_of_the_same_architecture_only(small_model, tmp_path):
+    from models.config import ConfigError
+    from models.early_exit import load_pretrained
+
+    path = save(decisive(small_model, 3), tmp_path / "v1.pt")
+    fresh = EarlyExitMobileNetV2(small_model.config)
+    load_pretrained(fresh, str(path))
+    assert digest_of(fresh) == load_checkpoint(path).digest  # every tensor, exits and classifier included
+    wider = EarlyExitMobileNetV2(ModelConfig(width_mult=0.5, num_classes=10, exits=[0.15, 0.45, 0.75],
+                                             exit_channels=16))
+    with pytest.raises(ConfigError, match="'pretrained'.*another architecture"):
+        load_pretrained(wider, str(path))
+
+
 # -- the registry -------------------------------------------------------------------------------------------
 
 def served(model, label, tmp_path) -> ServedModel:
