@@ -45,7 +45,7 @@ from bench.probes import free_port  # noqa: E402
 from cloud.delivery import PackageCache  # noqa: E402
 from cloud.inference import ServedModel  # noqa: E402
 from device.decode_process import DecoderProcess  # noqa: E402
-from device.delivery import ChunkStore  # noqa: E402
+from device.cache import ChunkStore  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.config import parse_app_argv  # noqa: E402
 from models.partition import Head  # noqa: E402
@@ -76,8 +76,9 @@ class Parts:
             ref = pb.ModelRef(model_id=self.package.manifest.model_id,
                               model_version=self.package.manifest.model_version,
                               digest=self.package.manifest.model_digest)
-            self.messages = self.stub.StreamWeights(pb.WeightRequest(model=ref, split_point=self.split,
-                                                                     order="split"), timeout=600)
+            self.messages = self.stub.StreamWeights(pb.WeightRequest(
+                model=ref, split_point=self.split, order="split",
+                package_digest=self.package.manifest.package_digest), timeout=600)
         if next(self.messages, None) is None:  # the stream ended: start it again on the next chunk
             self.messages = None
 
@@ -148,7 +149,7 @@ def measure(head: torch.nn.Module, x: torch.Tensor, step: Callable[[int], None] 
 def run(args: argparse.Namespace, app: AppConfig) -> dict:
     torch.set_num_threads(1)
     checkpoint = app.checkpoint_path()
-    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
+    served = ServedModel.from_file(str(checkpoint), "spinn")  # labelled as the cloud below labels it
     split = app.split_point if app.split_point is not None else max(served.model.exit_points)
     head = Head(served.model, split).eval()
     x = torch.randn(1, 3, served.input_size, served.input_size)

@@ -7,7 +7,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import grpc
 
@@ -15,6 +15,8 @@ from cloud.inference import RequestError, ServedModel
 from models.bias_correction import bias_inputs
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
+from proto.manifest import seal
+from serving.signing import Signer
 from proto import spinn_v1_pb2 as pb
 
 log = logging.getLogger("cloud")
@@ -40,8 +42,11 @@ class PackageCache:
     raises BuildsBusy instead of queueing behind them."""
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
-                 usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1) -> None:
+                 usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1,
+                 signer: Optional[Signer] = None) -> None:
+        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned."""
         self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
+        self.signer = signer
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
         self._lock = threading.Lock()
         self._builds = 0  # builds running now
@@ -93,10 +98,12 @@ class PackageCache:
         """Build into ``slot``; releases the build place ``get`` reserved."""
         started = time.monotonic()
         try:
-            slot.append(build_package(
+            package = build_package(
                 served.model.state_dict(), served.metadata, served.model_id, served.model_version,
                 split_point, served.model.exit_points, order, self.bits, self.usable_planes,
-                self.chunk_bytes, bias_inputs(served.model, served.input_size)))
+                self.chunk_bytes, bias_inputs(served.model, served.input_size))
+            seal(package.manifest, self.signer.sign if self.signer is not None else None)
+            slot.append(package)
         except Exception:
             log.exception("building the package for split point %d, order %s failed", split_point, order)
             with self._lock:
@@ -147,14 +154,21 @@ def check_package_request(served: ServedModel, split_point: int, order: str) -> 
     return order
 
 
-def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESSAGE_BYTES
-                    ) -> Iterator[pb.WeightChunk]:
+def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESSAGE_BYTES,
+                    package_digest: Optional[str] = None) -> Iterator[pb.WeightChunk]:
     """The package's chunks from ``from_chunk`` on, as one run of bytes cut into messages of at most
     ``message_bytes``: a message may end inside a chunk or carry several. A message also ends with the chunk
     that makes the head usable, so that the device does not wait for more bytes to move to its split.
 
-    Raises RequestError INVALID_ARGUMENT for ``from_chunk`` outside 0..chunks.
+    Raises RequestError INVALID_ARGUMENT for ``from_chunk`` outside 0..chunks, FAILED_PRECONDITION when
+    ``package_digest`` (the request's) is not this package's: the device then fetches the new manifest.
     """
+    if package_digest is not None and package_digest != package.manifest.package_digest:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"package_digest {package_digest[:80]!r} is not served; the package for split point "
+                           f"{package.manifest.split_point}, order {package.manifest.order} of version "
+                           f"{package.manifest.model_version} is now {package.manifest.package_digest} (fetch "
+                           "the manifest again)")
     if not 0 <= from_chunk <= len(package.payloads):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"from_chunk {from_chunk} is outside 0..{len(package.payloads)}")

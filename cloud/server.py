@@ -40,6 +40,7 @@ from proto.codec import C, CodecSpec, Q
 from serving.admission import Admission, IdleCalls, Overloaded, pending_call_options
 from serving.heap import freeze_heap
 from serving.metrics import Exporter, start_exporter
+from serving.signing import Signer
 from serving.security import TOKEN_ENV, check_server_exposure, read_token, token_file_is_private
 from proto.manifest import manifest_message
 
@@ -117,6 +118,7 @@ class CloudConfig:
     # chunk spans several)
     delivery_prebuild: list[int] = field(default_factory=list)  # split points whose package (split order) is
     # built right after loading, so that the first device does not wait for it
+    delivery_signing_key: Optional[str] = None  # Ed25519 private key (PEM): every package's digest is signed
     log_level: str = "INFO"
 
     def token(self) -> Optional[str]:
@@ -169,7 +171,9 @@ class CloudConfig:
         self._validate_delivery()
         self._validate_security()
         self._validate_models()
-        check_files(self, ("codec_table",))
+        check_files(self, ("codec_table", "delivery_signing_key"))
+        if self.delivery_signing_key is not None:
+            Signer.from_file(self.delivery_signing_key)
         check_log_level(self)
         resolve_device(self.torch_device, "torch_device")
 
@@ -401,8 +405,11 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
             if not request.model.digest:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "model.digest: required (the manifest's: it names the version streamed)")
+            if not request.package_digest:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "package_digest: required (the manifest's: it names the package streamed)")
             package = self._package(request.model, request.split_point, request.order)
-            return weight_messages(package, request.from_chunk, self.message_bytes)
+            return weight_messages(package, request.from_chunk, self.message_bytes, request.package_digest)
 
         yield from self._stream(messages, context)
 
@@ -601,8 +608,9 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
                                  idle=idle)
     idle.on_close = servicer.metrics.idle_stream_closed
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    signer = Signer.from_file(cfg.delivery_signing_key) if cfg.delivery_signing_key else None
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
-                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds)
+                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
     registry.on_unload = lambda unloaded: running.unloaded(unloaded)

@@ -13,6 +13,9 @@ from models.hardware import resolve_device
 from device.scheduler import OBJECTIVES, Objective
 from models.progressive import ORDERS
 from proto.codec import CodecSpec
+from models.progressive import ProgressiveError
+from proto.manifest import check_name
+from serving.signing import Verifier
 from serving.security import TOKEN_ENV, check_client_exposure, is_loopback, read_token
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
@@ -46,6 +49,8 @@ class DeviceConfig:
     stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     stream_decode_process: bool = True  # decode chunks in a child process (off: in the stream's thread)
     stream_swap_ms: float = 1000.0  # new weights swapped in at most this often (usable head, complete: at once)
+    max_package_bytes: int = 256 * 1024 * 1024  # a manifest announcing more (chunks or float32 weights) is refused
+    delivery_public_key: Optional[str] = None  # Ed25519 public key (PEM): only packages signed by it are accepted
     input_codec: str = "jpeg"  # how the input travels at split point 0: jpeg, or a feature codec (int8+zstd)
     jpeg_quality: int = 90
     # scheduler (device/scheduler.py): split point and threshold chosen at run time from the offline profile
@@ -191,7 +196,7 @@ class DeviceConfig:
                               "stream_poll_seconds", "scheduler_interval_seconds", "probe_interval_seconds",
                               "initial_bandwidth_mbit", "initial_rtt_ms"))
         self._validate_scheduler()
-        check_at_least(self, ("top_k", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
+        check_at_least(self, ("top_k", "max_package_bytes", "max_attempts", "keepalive_ms", "max_message_bytes", "breaker_failures",
                               "max_image_bytes", "max_image_pixels", "max_image_aspect", "max_in_flight"), 1)
         check_at_least(self, ("intra_op_threads", "stream_swap_ms"), 0)
         if self.max_attempts > 5:
@@ -215,7 +220,13 @@ class DeviceConfig:
             raise ConfigError("config key 'tls_cert': tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("config key 'tls_ca': a client certificate needs TLS (set tls_ca)")
-        check_files(self, ("tls_ca", "tls_cert", "tls_key", "auth_token_file"))
+        check_files(self, ("tls_ca", "tls_cert", "tls_key", "auth_token_file", "delivery_public_key"))
+        if self.delivery_public_key is not None:
+            Verifier.from_file(self.delivery_public_key)
+        try:
+            check_name(self.model_id, "model_id")
+        except ProgressiveError as err:
+            raise ConfigError(f"config key {err}") from None
         check_client_exposure(addresses, tls=self.tls_ca is not None, token=self.token() is not None,
                               insecure=self.insecure)
         if not is_loopback(self.listen) and not self.insecure:

@@ -27,7 +27,7 @@ from models.progressive import Decoder, Manifest, ProgressiveError, Progress
 from serving.priority import become_background_child
 
 if TYPE_CHECKING:
-    from device.delivery import ChunkStore
+    from device.cache import ChunkStore
 
 #: Longest waits for the child to start (it imports torch) and to answer a call (a sync decodes what is queued).
 START_TIMEOUT_S = 120.0

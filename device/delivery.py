@@ -1,8 +1,17 @@
 """Progressive weight delivery on the device: fetch the manifest, stream the chunks into a decoder, verify and
-persist each one, and hand the refined model to the runtime as chunks arrive (``checkpoint: stream``)."""
+persist each one, and hand the refined model to the runtime as chunks arrive (``checkpoint: stream``).
+
+Nothing from the cloud is trusted before it is checked: a manifest is validated whole before anything is stored
+(proto/manifest.py) and, with ``delivery_public_key``, must carry a valid signature; a chunk must match its
+SHA-256 in the manifest; the complete model is handed out only when its final digest matches the manifest's.
+The streams' and the poller's threads survive any exception (logged with its traceback, retried with backoff),
+so no answer of the cloud can stop the device from answering with what it has.
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import shutil
 import threading
@@ -14,19 +23,31 @@ from typing import Callable, Optional, Union
 import grpc
 import torch
 
+from device.cache import ChunkStore, cached_manifests
 from device.decode_process import DecoderDied, DecoderProcess
 from device.link import NETWORK_CODES, CloudLink
 from serving.priority import lower_thread_priority
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
 from proto import spinn_v1_pb2 as pb
-from proto.manifest import manifest_from_message, manifest_message
+from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, manifest_from_message
+from serving.signing import SignatureError, Verifier
 
 log = logging.getLogger("device")
 
 AnyDecoder = Union[Decoder, DecoderProcess]
 #: Decode processes a stream starts again after one died, before it decodes in its own thread for good.
 MAX_DECODER_RESTARTS = 3
+#: Times one package is fetched again after its final digest did not match, before it is given up.
+MAX_FINAL_RETRIES = 3
+
+
+class PackageGone(Exception):
+    """The cloud no longer serves the package the stream asked for (FAILED_PRECONDITION on its digest)."""
+
+
+class FinalMismatch(Exception):
+    """Every chunk matched its hash but the decoded weights do not match the manifest's final digest."""
 
 
 @dataclass(frozen=True)
@@ -50,53 +71,6 @@ def blank_state(manifest: Manifest) -> dict[str, torch.Tensor]:
     return state
 
 
-class ChunkStore:
-    """Verified chunks of one package on disk, so that a cut stream or a restart resumes where it was:
-    ``<root>/<model_id>/<version>/split<S>-<order>/manifest.pb`` and ``chunks/<index>.bin``."""
-
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        self.dir = root / manifest.model_id / manifest.model_version / f"split{manifest.split_point}-{manifest.order}"
-        self.chunks = self.dir / "chunks"
-        self.chunks.mkdir(parents=True, exist_ok=True)
-        known = self.dir / "manifest.pb"
-        data = manifest_message(manifest).SerializeToString()
-        if known.is_file() and known.read_bytes() != data:  # same name, other package: start again
-            shutil.rmtree(self.chunks)
-            self.chunks.mkdir()
-        _write_atomic(known, data)
-
-    def path(self, index: int) -> Path:
-        return self.chunks / f"{index:06d}.bin"
-
-    def save(self, index: int, payload: bytes) -> None:
-        _write_atomic(self.path(index), payload)
-
-    def load(self, index: int) -> Optional[bytes]:
-        path = self.path(index)
-        return path.read_bytes() if path.is_file() else None
-
-    def drop(self, index: int) -> None:
-        self.path(index).unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def latest_cached_manifest(root: Path, model_id: str, split_point: int, order: str) -> Optional[Manifest]:
-    """The most recently written cached manifest for this device's package (to start with the cloud down)."""
-    candidates = sorted((root / model_id).glob(f"*/split{split_point}-{order}/manifest.pb"),
-                        key=lambda p: p.stat().st_mtime)
-    for path in reversed(candidates):
-        try:
-            return manifest_from_message(pb.Manifest.FromString(path.read_bytes()))
-        except (ProgressiveError, ValueError) as err:
-            log.warning("ignoring cached manifest %s: %s", path, err)
-    return None
-
-
 class WeightStream:
     """Streams one package into a decoder on a thread of its own.
 
@@ -106,7 +80,10 @@ class WeightStream:
     ends (a cut, a refused chunk) or the decode process is rebuilt (0: after every chunk). The decoder and the
     model of the previous snapshot are never modified in place (``updated_model`` shares unchanged tensors).
     A chunk whose hash does not match is refused and fetched again; a cut stream is resumed from the next
-    chunk with a bounded backoff; every call has a deadline.
+    chunk with a bounded backoff; every call has a deadline. The complete model is handed out only once its
+    final digest matches the manifest's; on a mismatch the package is deleted and the stream ends
+    (``outcome`` "mismatch"); when the cloud no longer serves the package it ends with "gone"; ``on_end`` is
+    told either way (the owner fetches the manifest again).
 
     With ``decode_process``, a ``DecoderProcess`` is started beside the stream and takes over decoding once its
     interpreter is up (it replays the verified chunks from disk first); until then, and for good if it
@@ -132,6 +109,8 @@ class WeightStream:
         self.helper = _spawn_decoder(nice) if decode_process else None  # takes over when up (_hand_over)
         self.final_digest: Optional[str] = None  # the decoder's, once complete (the decoder is closed then)
         self.on_verified: Optional[Callable[[], None]] = None  # called once the final digest matched
+        self.on_end: Optional[Callable[["WeightStream"], None]] = None  # called when the thread ends, not stopped
+        self.outcome: Optional[str] = None  # "complete" (verified), "gone", "mismatch"; None while it runs
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
         self._call = None  # the StreamWeights call in progress (cancelled by stop)
@@ -167,6 +146,18 @@ class WeightStream:
         return self.final_digest if self.final_digest is not None else self.decoder.digest()
 
     def _load_cached(self) -> None:
+        """Decode the verified chunks on disk. A complete package whose final digest does not match is deleted
+        and the decoder starts again from nothing (the stream fetches it all)."""
+        try:
+            self._decode_cached()
+        except FinalMismatch as err:
+            log.warning("cached %s: %s; deleting it and fetching it again", self.store.dir, err)
+            self.store.drop_all()
+            self.store = ChunkStore(self.store.dir.parents[2], self.manifest)
+            self.decoder = Decoder(self.manifest)
+            self.snapshot = Snapshot(self.manifest, self.snapshot.checkpoint, self.decoder.progress())
+
+    def _decode_cached(self) -> None:
         changed: set[str] = set()
         while self.decoder.next_chunk < len(self.manifest.chunks):
             index = self.decoder.next_chunk
@@ -186,16 +177,38 @@ class WeightStream:
             self._refine(changed)
 
     def _refine(self, changed: set[str]) -> None:
+        """A new snapshot with ``changed`` tensors; the complete model only after its final digest matched.
+        Raises FinalMismatch (nothing handed out)."""
+        if self.decoder.next_chunk == len(self.manifest.chunks) and self.final_digest is None:
+            digest = self.decoder.digest()
+            if digest != self.manifest.final_sha256:
+                raise FinalMismatch(f"final weights SHA-256 {digest} is not the manifest's {self.manifest.final_sha256}")
+            self.final_digest = digest
         old = self.snapshot.checkpoint
         ckpt = Checkpoint(updated_model(old.model, self.decoder.tensors(changed)), old.class_names, old.preprocess)
         self.snapshot = Snapshot(self.manifest, ckpt, self.decoder.progress())
 
     def _run(self) -> None:
         lower_thread_priority(self.nice)
+        backoff, logged = 1.0, False
         try:
-            self._stream_until_complete()
+            while not self._stop.is_set():
+                try:
+                    self._stream_until_complete()
+                    break
+                except Exception:  # a state nobody foresaw must not end the stream for good: logged, retried
+                    if not logged:
+                        log.exception("weight stream of %s version %s failed; retrying", self.manifest.model_id,
+                                      self.manifest.model_version)
+                        logged = True
+                    else:
+                        log.warning("weight stream failed again; retrying in %.0f s", backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(30.0, backoff * 2)
         finally:
             self._close_decoders()
+            if self.on_end is not None and not self._stop.is_set():
+                self.on_end(self)
 
     def _close_decoders(self) -> None:
         helper, self.helper = self.helper, None
@@ -241,6 +254,27 @@ class WeightStream:
             self.helper = _spawn_decoder(self.nice)
 
     def _stream_until_complete(self) -> None:
+        try:
+            self._stream_with_retries()
+        except PackageGone as err:
+            self.outcome = "gone"
+            log.warning("%s; the device serves what it has and fetches the new manifest", err)
+        except FinalMismatch as err:
+            self.outcome = "mismatch"
+            log.error("%s version %s: %s; deleting the package (the device serves what it has)",
+                      self.manifest.model_id, self.manifest.model_version, err)
+            self.store.drop_all()
+        if self.complete:
+            self.outcome = "complete"
+            self.store.prune()
+            log.info("%s version %s complete: %d bytes, final weights SHA-256 verified", self.manifest.model_id,
+                     self.manifest.model_version, self.manifest.total_bytes)
+            if self.on_verified is not None:
+                self.on_verified()
+
+    def _stream_with_retries(self) -> None:
+        """Stream until complete (or stopped), resuming cut calls with a bounded backoff. Raises PackageGone,
+        FinalMismatch."""
         backoff = 0.2
         while not self._stop.is_set() and not self.complete:
             wait = 0.0
@@ -250,6 +284,9 @@ class WeightStream:
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     break
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise PackageGone(f"the cloud no longer serves package {self.manifest.package_digest[:12]} "
+                                      f"({err.details()})") from None
                 log.warning("weight stream from %s cut after %d chunks sent to decode (%s: %s); resuming in %.1f s",
                             self.link.target, self.decoder.next_chunk, err.code().name, err.details(), backoff)
                 wait, backoff = backoff, min(5.0, backoff * 2)
@@ -262,32 +299,17 @@ class WeightStream:
                 self._restart_decoder(err)
             self._swap_or_restart()  # what arrived before a cut or a refused chunk serves meanwhile
             self._stop.wait(wait)
-        if self.complete:
-            self._check_final()
 
     def _count_refused(self, err: ProgressiveError) -> None:
         self.refused += 1
         log.warning("chunk refused (%s)%s", err, "" if self._stop.is_set() else "; fetching it again")
 
-    def _check_final(self) -> None:
-        try:
-            self.final_digest = self.decoder.digest()
-        except DecoderDied as err:
-            if self._stop.is_set():  # shutting down: not worth rebuilding a decoder for a log line
-                return
-            self._restart_decoder(err)
-            self.final_digest = self.decoder.digest()
-        ok = self.final_digest == self.manifest.final_sha256
-        if ok and self.on_verified is not None:
-            self.on_verified()
-        log.info("%s version %s complete: %d bytes, final weights SHA-256 %s", self.manifest.model_id,
-                 self.manifest.model_version, self.manifest.total_bytes, "verified" if ok else "MISMATCH")
-
     def _stream_once(self) -> None:
         m = self.manifest
         request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version,
                                                      digest=m.model_digest),
-                                   split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk)
+                                   split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk,
+                                   package_digest=m.package_digest)
         calls = self._call = self.link.stream_weights(request, self.call_timeout_s)
         buffer = bytearray()  # the start of chunk decoder.next_chunk
         try:
@@ -382,48 +404,63 @@ def _spawn_decoder(nice: int) -> Optional[DecoderProcess]:
         return None
 
 
-def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float) -> Manifest:
-    """The manifest of the package the cloud serves for this split point and order.
+def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float,
+                   max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES, verifier: Optional[Verifier] = None
+                   ) -> Manifest:
+    """The manifest of the package the cloud serves for this split point and order, validated whole (and its
+    signature checked when ``verifier`` is given).
 
-    Raises grpc.RpcError (cloud down or refusing) or ProgressiveError (malformed manifest).
+    Raises grpc.RpcError (cloud down or refusing), ProgressiveError (malformed manifest) or SignatureError.
     """
     message = link.manifest(pb.ManifestRequest(split_point=split_point, order=order), timeout_s)
-    return manifest_from_message(message)
+    manifest = manifest_from_message(message, max_package_bytes)
+    if verifier is not None:
+        verifier.verify(manifest.package_digest, manifest.signature)
+    return manifest
 
 
 class StreamedModel:
     """The device's model when it streams its weights (``checkpoint: stream``).
 
-    Keeps one ``WeightStream`` for the version in use and, when the cloud starts serving another version, a
-    second one beside it; ``install`` (the runtime) gets every snapshot of the version in use, and the new
-    version's first usable snapshot, after which the old stream stops. The cloud is asked for its manifest every
-    ``poll_seconds`` and whenever ``check_soon`` is called (e.g. after the cloud refused a version);
-    ``timeout_s`` is the deadline of one GetManifest call; ``decode_process``, ``swap_interval_s``: see
-    ``WeightStream``.
+    Keeps one ``WeightStream`` for the package in use and, when the cloud starts serving another package (a new
+    version, or the same model cut again), a second one beside it; ``install`` (the runtime) gets every snapshot
+    of the package in use, and the new package's first usable snapshot, after which the old stream stops. The
+    cloud is asked for its manifest every ``poll_seconds`` and whenever ``check_soon`` is called (e.g. after the
+    cloud refused a version, or a stream ended because its package is gone or failed its final digest: such a
+    package is fetched again at most MAX_FINAL_RETRIES times). ``timeout_s`` is the deadline of one GetManifest
+    call; ``decode_process``, ``swap_interval_s``: see ``WeightStream``; ``verifier``: signed packages only;
+    ``max_package_bytes``: larger manifests are refused.
     """
 
     def __init__(self, link: CloudLink, root: Path, split_point: int, order: str, device: torch.device,
                  install: Callable[[Snapshot], None], poll_seconds: float, timeout_s: float, nice: int = 0,
-                 decode_process: bool = False, swap_interval_s: float = 0.0) -> None:
+                 decode_process: bool = False, swap_interval_s: float = 0.0, verifier: Optional[Verifier] = None,
+                 max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> None:
         self.link, self.root, self.split_point, self.order = link, root, split_point, order
         self.nice = nice
         self.decode_process = decode_process
         self.swap_interval_s = swap_interval_s
         self.device, self.install = device, install
         self.poll_seconds, self.timeout_s = poll_seconds, timeout_s
+        self.verifier, self.max_package_bytes = verifier, max_package_bytes
         self.current: Optional[WeightStream] = None
         self.pending: Optional[WeightStream] = None
+        self.failures: collections.Counter[str] = collections.Counter()  # package digest -> final mismatches
+        self.gone: dict[str, tuple[int, float]] = {}  # package digest -> (times the cloud refused it, when last)
+        self.refused_manifests = 0  # manifests that failed validation or the signature (tests, logs)
+        self._last_refusal = ""
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
 
     def start(self) -> None:
-        """Resume the cached package (if any) at once, then ask the cloud for its manifest on the poller's
+        """Resume the newest cached package (if any) at once, then ask the cloud for its manifest on the poller's
         thread: no request waits for the manifest (with no weights, requests go to the cloud at split 0)."""
-        cached = latest_cached_manifest(self.root, self.link.model.model_id, self.split_point, self.order)
-        if cached is not None:
-            self._begin(cached)
+        cached = cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order, self.verifier,
+                                  self.max_package_bytes)
+        if cached:
+            self._begin(cached[0])
         self._wake.set()  # first poll right away
         self._poller.start()
 
@@ -435,6 +472,7 @@ class StreamedModel:
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
                               decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
         stream.on_verified = lambda: self._drop_others(stream)
+        stream.on_end = self._on_end
         with self._lock:
             if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
                 stream.stop()
@@ -442,11 +480,25 @@ class StreamedModel:
             if self.current is None:
                 self.current = stream
             else:
-                log.info("cloud serves %s version %s: streaming it beside version %s, which keeps serving",
-                         manifest.model_id, manifest.model_version, self.current.manifest.model_version)
+                log.info("cloud serves %s version %s (package %s): streaming it beside version %s, which keeps "
+                         "serving", manifest.model_id, manifest.model_version, manifest.package_digest[:12],
+                         self.current.manifest.model_version)
+                if self.pending is not None:
+                    self.pending.stop()
                 self.pending = stream
         self._on_snapshot(stream, stream.snapshot)
         stream.start()
+
+    def _on_end(self, stream: WeightStream) -> None:
+        """A stream ended on its own: its package is gone or failed its final digest; ask for the manifest."""
+        digest = stream.manifest.package_digest
+        if stream.outcome == "mismatch":
+            self.failures[digest] += 1
+        if stream.outcome == "gone":
+            count, _ = self.gone.get(digest, (0, 0.0))
+            self.gone[digest] = (count + 1, time.monotonic())
+        if stream.outcome in ("gone", "mismatch"):
+            self.check_soon()
 
     def _on_snapshot(self, stream: WeightStream, snapshot: Snapshot) -> None:
         old = None
@@ -461,7 +513,7 @@ class StreamedModel:
             log.info("switched to %s version %s", snapshot.manifest.model_id, snapshot.manifest.model_version)
 
     def _drop_others(self, stream: WeightStream) -> None:
-        """``stream``'s version is complete and its final digest verified: delete the cached packages of the
+        """``stream``'s package is complete and its final digest verified: delete the cached packages of the
         other versions for this split point and order (before, a device cut off mid-rollout could only go back
         to the old version's chunks)."""
         with self._lock:
@@ -470,31 +522,65 @@ class StreamedModel:
         for other in (self.root / stream.manifest.model_id).glob(f"*/split{self.split_point}-{self.order}"):
             if other.resolve() != stream.store.dir.resolve() and (other / "manifest.pb").is_file():
                 shutil.rmtree(other, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
+                    other.parent.rmdir()
                 log.info("deleted the cached package %s: version %s is verified", other,
                          stream.manifest.model_version)
 
     def _poll(self) -> None:
-        retry = 1.0  # while the device has no package, a failed fetch is retried soon, not a poll period later
+        retry, backoff, logged = 1.0, 1.0, False
         while not self._stop.is_set():
             self._wake.wait(self.poll_seconds if self.current is not None else retry)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s)
-            except (grpc.RpcError, ProgressiveError) as err:
-                network = isinstance(err, grpc.RpcError) and err.code() in NETWORK_CODES
-                (log.debug if network else log.warning)("no manifest from %s: %s", self.link.target,
-                                                        _describe(err))
-                retry = min(self.poll_seconds, retry * 2)
-                continue
-            retry = 1.0
-            with self._lock:
-                known = [s.manifest for s in (self.current, self.pending) if s is not None]
-            if all((m.model_digest, m.final_sha256) != (manifest.model_digest, manifest.final_sha256) for m in known):
-                if self.pending is not None:
-                    self.pending.stop()
-                self._begin(manifest)
+                retry = self._poll_once(retry)
+                backoff = 1.0
+            except Exception:  # the poller must outlive any answer: logged once with its traceback, retried
+                if not logged:
+                    log.exception("manifest poll failed; retrying")
+                    logged = True
+                self._stop.wait(backoff)
+                backoff = min(60.0, backoff * 2)
+
+    def _poll_once(self, retry: float) -> float:
+        """Fetch the cloud's manifest and start streaming it when it is new; returns the next retry period
+        (while the device has no package, a failed fetch is retried soon, not a poll period later)."""
+        try:
+            manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s,
+                                      self.max_package_bytes, self.verifier)
+        except (grpc.RpcError, ProgressiveError, SignatureError) as err:
+            if isinstance(err, grpc.RpcError) and err.code() in NETWORK_CODES:
+                log.debug("no manifest from %s: %s", self.link.target, _describe(err))
+            else:
+                self._refused(err)
+            return min(self.poll_seconds, retry * 2)
+        digest = manifest.package_digest
+        if self.failures[digest] >= MAX_FINAL_RETRIES:
+            if self.failures[digest] == MAX_FINAL_RETRIES:
+                log.error("package %s failed its final digest %d times: given up until the cloud serves another",
+                          digest[:12], MAX_FINAL_RETRIES)
+                self.failures[digest] += 1
+            return 1.0
+        with self._lock:
+            live = [s.manifest.package_digest for s in (self.current, self.pending)
+                    if s is not None and s.outcome in (None, "complete")]
+        refused, last = self.gone.get(digest, (0, 0.0))
+        if refused and time.monotonic() - last < min(60.0, 2.0 ** refused):
+            return 1.0  # a cloud that lists a package but refuses its stream: not again at once
+        if digest not in live:
+            self._begin(manifest)
+        return 1.0
+
+    def _refused(self, err: Exception) -> None:
+        """A manifest refused (or a refusal from the cloud): counted, logged when the reason changes (a cloud
+        that keeps sending the same bad manifest is not logged every poll)."""
+        self.refused_manifests += 1
+        if _describe(err) != self._last_refusal:
+            self._last_refusal = _describe(err)
+            log.warning("manifest from %s refused: %s; the device keeps serving what it has", self.link.target,
+                        self._last_refusal)
 
     def close(self) -> None:
         with self._lock:  # after this, _begin starts no stream (see there)

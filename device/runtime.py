@@ -17,6 +17,7 @@ from torch import Tensor
 
 from device.adaptive import Adaptive
 from device.breaker import CircuitBreaker
+from device.cache import CacheLock
 from device.delivery import Snapshot, StreamedModel
 from device.config import DeviceConfig
 from device.images import decode_image
@@ -37,6 +38,7 @@ from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecSpec, encode, encode_jpeg
 from serving.admission import Admission
 from serving.heap import freeze_heap
+from serving.signing import Verifier
 
 log = logging.getLogger("device")
 
@@ -188,6 +190,7 @@ class DeviceRuntime:
         self.split_codecs: dict[int, CodecSpec] = {}  # the cloud's default codec per split (GetModelInfo)
         self._ask_codec = codec is None and link is not None
         self.adaptive: Optional[Adaptive] = None  # the scheduler's thread (scheduler: true)
+        self.cache_lock: Optional[CacheLock] = None  # held on weights_cache while streaming
         self._last_activation: Optional[tuple[ActiveModel, Tensor]] = None
         self.probe_bytes = 0  # bytes of link probes (not part of any answer)
         self.last_request_t = float("-inf")  # time.monotonic of the last classify
@@ -286,13 +289,21 @@ class DeviceRuntime:
         at split point 0 at once; the manifest and the chunks follow on threads of their own."""
         info = cls._model_info(link, cfg)
         codec = cfg.codec_spec() or (None if info is None else cls._codec_from_info(info, cfg))
+        try:
+            lock = CacheLock(Path(cfg.weights_cache))  # one process per cache: two would overwrite each other
+        except ConfigError:
+            link.close()
+            raise
         runtime = cls(cfg, None, link, codec)
+        runtime.cache_lock = lock
         if info is not None:
             runtime.active = weightless(info, cfg.z_confidence_threshold)
+        verifier = Verifier.from_file(cfg.delivery_public_key) if cfg.delivery_public_key else None
         runtime.streamed = StreamedModel(
             link, Path(cfg.weights_cache), cfg.split_point, cfg.stream_order, runtime.torch_device, runtime.install,
             cfg.stream_poll_seconds, MANIFEST_TIMEOUT_S, nice=cfg.stream_nice,
-            decode_process=cfg.stream_decode_process, swap_interval_s=cfg.stream_swap_ms / 1000.0)
+            decode_process=cfg.stream_decode_process, swap_interval_s=cfg.stream_swap_ms / 1000.0,
+            verifier=verifier, max_package_bytes=cfg.max_package_bytes)
         freeze_heap()  # before the stream's swaps start making short-lived modules
         runtime.streamed.start()
         runtime._adopt_info_and_schedule(info)
@@ -709,6 +720,8 @@ class DeviceRuntime:
             self.adaptive.close()
         if self.streamed is not None:
             self.streamed.close()
+        if self.cache_lock is not None:
+            self.cache_lock.release()
         self.breaker.close()
         if self.link is not None:
             self.link.close()

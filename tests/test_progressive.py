@@ -23,7 +23,8 @@ from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.decode_process import PIPELINE_BYTES, DecoderDied, DecoderProcess
 from device import delivery
-from device.delivery import ChunkStore, WeightStream, fetch_manifest
+from device.cache import ChunkStore
+from device.delivery import WeightStream, fetch_manifest
 from serving.priority import lower_thread_priority
 from device.link import CloudLink
 from device.runtime import DeviceRuntime, NoModelError, weightless
@@ -38,15 +39,17 @@ from models.config import from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import decode_jpeg, encode_jpeg
-from proto.manifest import manifest_from_message, manifest_message
+from proto.manifest import manifest_from_message, manifest_message, seal
 from tests.conftest import NAMES, SIZE, digest_of
 from tests.test_device import image_bytes, wait_until
 
 
 def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None):
     meta = checkpoint_metadata(model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
-    return build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
-                         usable_planes, chunk_bytes, bias)
+    package = build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
+                            usable_planes, chunk_bytes, bias)
+    seal(package.manifest)  # its package digest, as the cloud gives it
+    return package
 
 
 def reference(weight: torch.Tensor, bits: int, planes_known: int, offset=None) -> np.ndarray:
@@ -400,6 +403,7 @@ def cloud(checkpoint):
 def test_delivery_requests_are_validated(cloud, small_model):
     stub = pb_grpc.ModelDeliveryStub(grpc.insecure_channel(f"127.0.0.1:{cloud.port}"))
     ref = pb.ModelRef(model_id="spinn", digest=digest_of(small_model))
+    package = stub.GetManifest(pb.ManifestRequest(), timeout=60).package_digest
     cases = [
         (lambda: stub.GetManifest(pb.ManifestRequest(model=pb.ModelRef(model_id="spinn", model_version="2")),
                                   timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "model_version '2'"),
@@ -411,17 +415,23 @@ def test_delivery_requests_are_validated(cloud, small_model):
          grpc.StatusCode.INVALID_ARGUMENT, "split_point 99"),
         (lambda: stub.GetManifest(pb.ManifestRequest(order="random"), timeout=10),
          grpc.StatusCode.INVALID_ARGUMENT, "order"),
-        (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref, from_chunk=10 ** 6), timeout=10)),
+        (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref, from_chunk=10 ** 6,
+                                                          package_digest=package), timeout=10)),
          grpc.StatusCode.INVALID_ARGUMENT, "from_chunk"),
         (lambda: list(stub.StreamWeights(pb.WeightRequest(), timeout=10)),
          grpc.StatusCode.INVALID_ARGUMENT, "model.digest: required"),
+        (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref), timeout=10)),
+         grpc.StatusCode.INVALID_ARGUMENT, "package_digest: required"),
+        (lambda: list(stub.StreamWeights(pb.WeightRequest(model=ref, package_digest="cd" * 32), timeout=10)),
+         grpc.StatusCode.FAILED_PRECONDITION, "is not served; the package for split point 0"),
     ]
     for call, code, detail in cases:
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == code and detail in err.value.details()
     manifest = manifest_from_message(stub.GetManifest(pb.ManifestRequest(split_point=7), timeout=30))
-    messages = list(stub.StreamWeights(pb.WeightRequest(model=ref, split_point=7, from_chunk=3), timeout=30))
+    messages = list(stub.StreamWeights(pb.WeightRequest(model=ref, split_point=7, from_chunk=3,
+                                                        package_digest=manifest.package_digest), timeout=30))
     assert messages[0].index == 3 and max(len(x.data) for x in messages) <= 1000
     assert sum(len(x.data) for x in messages) == sum(c.size for c in manifest.chunks[3:])
 
@@ -708,6 +718,7 @@ def test_a_new_version_streams_beside_the_old_one_which_keeps_serving(checkpoint
         upgraded = start_cloud(second, "2", address=f"127.0.0.1:{port}")
         try:
             assert wait_until(lambda: runtime.active.ref.model_version == "2" and runtime.active.complete, 60)
+            assert wait_until(lambda: len(list((tmp_path / "cache" / "spinn").iterdir())) == 1, 30)
         finally:
             done.set()
             thread.join()
@@ -716,7 +727,8 @@ def test_a_new_version_streams_beside_the_old_one_which_keeps_serving(checkpoint
         runtime.close()
     assert not errors and versions[0] == "1" and versions[-1] == "2"
     assert versions == sorted(versions)  # never back to the old version once switched
-    assert (tmp_path / "cache" / "spinn" / "1").is_dir() and (tmp_path / "cache" / "spinn" / "2").is_dir()
+    # v1's package is deleted once v2 is complete and verified; the cache is named by digests, not labels
+    assert [p.name for p in (tmp_path / "cache" / "spinn").iterdir()] == [digest_of(other)]
     got = runtime.active.model.state_dict()["final.classifier.1.bias"]
     assert torch.equal(got, other.state_dict()["final.classifier.1.bias"])
 

@@ -142,8 +142,9 @@ def test_without_the_token_every_service_but_health_is_unauthenticated(checkpoin
         "InferStream": lambda md: inference.InferStream(iter([req]), timeout=30, metadata=md),
         "GetModelInfo": lambda md: inference.GetModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=md),
         "GetManifest": lambda md: delivery.GetManifest(pb.ManifestRequest(split_point=3), timeout=60, metadata=md),
-        "StreamWeights": lambda md: delivery.StreamWeights(pb.WeightRequest(model=model, split_point=3),
-                                                           timeout=60, metadata=md),
+        "StreamWeights": lambda md: delivery.StreamWeights(pb.WeightRequest(
+            model=model, split_point=3, package_digest=running.packages.get(running.models.latest(), 3, "split")
+            .manifest.package_digest), timeout=60, metadata=md),
         "GetCheckpoint": lambda md: delivery.GetCheckpoint(pb.CheckpointRequest(), timeout=30, metadata=md),
         "ServerReflectionInfo": lambda md: reflect.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30, metadata=md),

@@ -1,0 +1,161 @@
+"""The device's weights cache (``weights_cache``): verified chunks on disk, so that a cut stream or a restart
+resumes where it was.
+
+Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>/manifest.pb`` and
+``chunks/<chunk SHA-256>.bin``. The model id has passed ``proto.manifest.check_name`` (never a path), the digest
+is 64 hex characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by
+their hash, so a package cut again (another chunk size, a restarted cloud) keeps every chunk whose hash it still
+lists. Every write is atomic and durable (temp file, fsync, rename, fsync of the folder). One process holds the
+cache at a time (``CacheLock``, an OS file lock). A stored manifest that no longer validates is moved to
+``<root>/quarantine/`` and the device starts as if it had none.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from google.protobuf.message import DecodeError
+
+from models.config import ConfigError
+from models.progressive import ORDERS, Manifest, ProgressiveError
+from proto import spinn_v1_pb2 as pb
+from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, check_name, manifest_from_message, manifest_message
+from serving.signing import SignatureError, Verifier
+
+log = logging.getLogger("device")
+
+QUARANTINE = "quarantine"
+LOCK = ".lock"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a part: a temp file
+    beside it, fsync, rename over, fsync of the folder (which makes the rename itself durable)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def package_dir(root: Path, model_id: str, model_digest: str, split_point: int, order: str) -> Path:
+    """Where a package lives, from validated values only; ProgressiveError naming the value otherwise."""
+    check_name(model_id, "manifest.model.model_id")
+    if len(model_digest) != 64 or any(c not in "0123456789abcdef" for c in model_digest):
+        raise ProgressiveError("manifest.model.digest: not 64 hex characters")
+    if order not in ORDERS or not isinstance(split_point, int) or not 0 <= split_point <= 1024:
+        raise ProgressiveError(f"manifest: split point {split_point!r} / order {order[:80]!r} out of range")
+    return root / model_id / model_digest / f"split{split_point}-{order}"
+
+
+class ChunkStore:
+    """Verified chunks of one package on disk (see the module docstring). Picklable: the decode process saves
+    through it too."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.dir = package_dir(root, manifest.model_id, manifest.model_digest, manifest.split_point, manifest.order)
+        self.chunks = self.dir / "chunks"
+        self.hashes = [c.sha256 for c in manifest.chunks]
+        self.chunks.mkdir(parents=True, exist_ok=True)
+        known = self.dir / "manifest.pb"
+        data = manifest_message(manifest).SerializeToString(deterministic=True)
+        if not known.is_file() or known.read_bytes() != data:
+            write_atomic(known, data)
+
+    def path(self, index: int) -> Path:
+        return self.chunks / f"{self.hashes[index]}.bin"
+
+    def save(self, index: int, payload: bytes) -> None:
+        write_atomic(self.path(index), payload)
+
+    def load(self, index: int) -> Optional[bytes]:
+        path = self.path(index)
+        return path.read_bytes() if path.is_file() else None
+
+    def drop(self, index: int) -> None:
+        self.path(index).unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """Delete chunk files this package does not list (left by an earlier cut of the same model)."""
+        wanted = {f"{h}.bin" for h in self.hashes}
+        for path in self.chunks.iterdir():
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+
+    def drop_all(self) -> None:
+        """Delete the whole package (its final digest did not match: nothing of it is trusted)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def cached_manifests(root: Path, model_id: str, split_point: int, order: str, verifier: Optional[Verifier] = None,
+                     max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> list[Manifest]:
+    """The stored manifests of this device's packages, newest first. One that no longer validates (truncated,
+    malformed, unsigned while a key is required) is quarantined and left out."""
+    found = []
+    paths = sorted((root / model_id).glob(f"*/split{split_point}-{order}/manifest.pb"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in paths:
+        try:
+            manifest = manifest_from_message(pb.Manifest.FromString(path.read_bytes()), max_package_bytes)
+            if verifier is not None:
+                verifier.verify(manifest.package_digest, manifest.signature)
+            found.append(manifest)
+        except (ProgressiveError, SignatureError, DecodeError, ValueError, OSError) as err:
+            quarantine(root, path.parent, str(err))
+    return found
+
+
+def quarantine(root: Path, folder: Path, why: str) -> None:
+    """Move ``folder`` (a package) under ``<root>/quarantine/``, logged: kept for inspection, never loaded."""
+    target = root / QUARANTINE / f"{int(time.time())}-{folder.parent.name[:12]}-{folder.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.rename(target)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        target = None
+    log.warning("weights cache: %s does not load (%s): %s", folder, why,
+                f"moved to {target}" if target else "deleted")
+
+
+class CacheLock:
+    """An exclusive OS lock on a weights cache for the life of the process (or until ``release``): two
+    processes on one cache would overwrite each other's chunks and manifests."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / LOCK
+        self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(f"config key 'weights_cache': {str(root)!r} is in use by {holder}; one process per "
+                              "cache (give this one another weights_cache)") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:300]})".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
