@@ -140,6 +140,8 @@ class Manifest:
     usable_chunk: int = -1  # after chunks[0..usable_chunk] every head layer has >= usable_planes planes
     corrected_planes: int = 0  # output shifts travel while 1..corrected_planes planes of a layer are known
     model_digest: str = ""  # the content digest of the model the package was coded from (models/identity.py)
+    package_digest: str = ""  # this package's identity (proto/manifest.py package_digest_of); set by the cloud
+    signature: bytes = b""  # optional Ed25519 signature of the package digest (serving/signing.py)
 
     @property
     def planes(self) -> int:
