@@ -15,6 +15,11 @@ random model when no checkpoint is given: the fuzz is about the wire, not about 
 
 Pass: every answer is OK or a documented status (below), both daemons answer health SERVING afterwards, and
 their peak resident memory (VmHWM) stays under ``--max-rss-mb``. Results in bench/results/<name>.{json,md}.
+
+    python bench/fuzz.py --delivery 300 --name fuzz_delivery
+
+fuzzes progressive delivery instead (bench/fuzz_delivery.py): a ``python -m device serve`` streaming its weights
+through a hostile proxy of the cloud that mutates manifests and weight messages.
 """
 
 from __future__ import annotations
@@ -279,7 +284,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--max-rss-mb", type=float, default=1024.0)
     parser.add_argument("--name", default="fuzz")
+    parser.add_argument("--delivery", type=int, default=0, help="rounds of delivery fuzzing instead (0: off)")
     args = parser.parse_args(argv)
+    if args.delivery:
+        return main_delivery(args, argv)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else small_checkpoint(Path(tmp))
         cloud, device, cloud_address, device_address = start_daemons(checkpoint)
@@ -296,6 +304,51 @@ def main(argv: list[str]) -> int:
                         and result["cloud_serving_after"] and result["device_serving_after"]
                         and max(result["cloud_peak_rss_mb"], result["device_peak_rss_mb"]) < args.max_rss_mb)
     report(args.name, result)
+    return 0 if result["passed"] else 1
+
+
+def start_cloud(checkpoint: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m cloud`` on a free loopback port, waited for until SERVING."""
+    address = f"127.0.0.1:{free_port()}"
+    cloud = subprocess.Popen([sys.executable, "-m", "cloud", "--config", "apps/cloud.yml", f"checkpoint={checkpoint}",
+                              f"address={address}", "log_level=WARNING", "delivery_chunk_bytes=4096"], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not serving(address):
+        if time.monotonic() > deadline or cloud.poll() is not None:
+            cloud.kill()
+            raise RuntimeError("the cloud did not become SERVING")
+        time.sleep(0.3)
+    return cloud, address
+
+
+def main_delivery(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.fuzz_delivery import fuzz_delivery
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else small_checkpoint(Path(tmp))
+        cloud, address = start_cloud(checkpoint)
+        try:
+            result = fuzz_delivery(address, hostile_image("valid", random.Random(args.seed)), args.delivery,
+                                   args.seed)
+        finally:
+            cloud.terminate()
+            cloud.wait(30)
+    result.update(command="python bench/fuzz.py " + " ".join(argv), max_rss_mb=args.max_rss_mb)
+    result["passed"] = (not result["unexpected"] and result["device_serving_after"]
+                        and result["device_peak_rss_mb"] < args.max_rss_mb and not result["device_log"]["tracebacks"])
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Delivery fuzz ({result['command']})", "",
+             f"- {result['rounds']} rounds in {result['seconds']:.0f} s: {len(result['unexpected'])} with an "
+             f"undocumented outcome (an image not answered, the device gone, a file outside its cache)",
+             f"- device SERVING afterwards: {result['device_serving_after']}; peak RSS "
+             f"{result['device_peak_rss_mb']:.0f} MiB (bound {args.max_rss_mb:.0f} MiB): "
+             f"{'passed' if result['passed'] else 'FAILED'}",
+             f"- the device's log: {result['device_log']}", "", "| mutation -> classify answer | rounds |", "|---|---|"]
+    lines += [f"| {k} | {n} |" for k, n in result["outcomes"].items()]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0 if result["passed"] else 1
 
 

@@ -16,6 +16,7 @@ from models.bias_correction import bias_inputs
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
 from proto.manifest import seal
+from serving.priority import lower_thread_priority
 from serving.signing import Signer
 from proto import spinn_v1_pb2 as pb
 
@@ -43,10 +44,12 @@ class PackageCache:
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
                  usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1,
-                 signer: Optional[Signer] = None) -> None:
-        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned."""
+                 signer: Optional[Signer] = None, nice: int = 0) -> None:
+        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned.
+        ``nice``: a build runs on a thread this much nicer than the RPC threads (it must not slow the answers of
+        the versions served meanwhile)."""
         self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
-        self.signer = signer
+        self.signer, self.nice = signer, nice
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
         self._lock = threading.Lock()
         self._builds = 0  # builds running now
@@ -98,12 +101,7 @@ class PackageCache:
         """Build into ``slot``; releases the build place ``get`` reserved."""
         started = time.monotonic()
         try:
-            package = build_package(
-                served.model.state_dict(), served.metadata, served.model_id, served.model_version,
-                split_point, served.model.exit_points, order, self.bits, self.usable_planes,
-                self.chunk_bytes, bias_inputs(served.model, served.input_size))
-            seal(package.manifest, self.signer.sign if self.signer is not None else None)
-            slot.append(package)
+            slot.append(self._built(served, split_point, order))
         except Exception:
             log.exception("building the package for split point %d, order %s failed", split_point, order)
             with self._lock:
@@ -123,6 +121,29 @@ class PackageCache:
         with self._lock:
             for key in [k for k in self._entries if k[0] == digest]:
                 del self._entries[key]
+
+    def _built(self, served: ServedModel, split_point: int, order: str) -> Package:
+        """Build and seal the package on a thread of its own, ``nice`` steps nicer; the caller waits for it."""
+        result: list = []
+
+        def build() -> None:
+            lower_thread_priority(self.nice)
+            try:
+                package = build_package(
+                    served.model.state_dict(), served.metadata, served.model_id, served.model_version,
+                    split_point, served.model.exit_points, order, self.bits, self.usable_planes,
+                    self.chunk_bytes, bias_inputs(served.model, served.input_size))
+                seal(package.manifest, self.signer.sign if self.signer is not None else None)
+                result.append(package)
+            except Exception as err:  # handed to the caller, which logs and answers
+                result.append(err)
+
+        builder = threading.Thread(target=build, name="spinn-package-build", daemon=True)
+        builder.start()
+        builder.join()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
     def _evict(self, keep: tuple) -> None:
         """Drop the least recently used packages beyond the count and byte bounds, never ``keep``."""

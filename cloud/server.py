@@ -610,7 +610,8 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     signer = Signer.from_file(cfg.delivery_signing_key) if cfg.delivery_signing_key else None
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
-                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer)
+                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer,
+                            nice=cfg.forward_nice)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
     registry.on_unload = lambda unloaded: running.unloaded(unloaded)

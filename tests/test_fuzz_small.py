@@ -92,3 +92,22 @@ def test_the_pending_call_bound_reaches_grpc_core(checkpoint):
 def test_max_pending_calls_must_be_positive(checkpoint):
     with pytest.raises(ConfigError, match="max_pending_calls"):
         CloudConfig(checkpoint=str(checkpoint), max_pending_calls=0).validate()
+
+
+def test_delivery_fuzz_at_a_small_size(checkpoint):
+    """bench/fuzz.py --delivery at a small size: a device streaming through a proxy that mutates manifests and
+    weight messages answers every image, stays SERVING and writes nothing outside its cache."""
+    import random
+
+    from bench.fuzz import hostile_image
+    from bench.fuzz_delivery import fuzz_delivery
+
+    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING",
+                      delivery_chunk_bytes=4096)
+    cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    try:
+        result = fuzz_delivery(f"127.0.0.1:{cloud.port}", hostile_image("valid", random.Random(0)), 14, seed=1)
+    finally:
+        cloud.stop()
+    assert not result["unexpected"] and result["device_serving_after"], result
+    assert result["device_log"]["tracebacks"] == 0 and result["device_log"]["manifest_refusals_logged"] > 0
