@@ -286,7 +286,8 @@ def summarise(rec: Recorder, expected: dict[str, list[int]], v1: str, v2: str) -
     after = window(device, done, e["end"])
     cloud_before = [r["ms"] for r in cloud if r["t"] < dropped and r["status"] == "OK"]
     cloud_loading = [r["ms"] for r in cloud if dropped <= r["t"] < loaded + 1.0 and r["status"] == "OK"]
-    # the device asks for v2's manifest after the cloud loaded it: the package is built then (zstd over the model)
+    # after loading v2 the cloud builds its package (delivery_prebuild; zstd over the whole model), which the
+    # device then fetches: up to the device's switch
     cloud_building = [r["ms"] for r in cloud if loaded <= r["t"] < switched and r["status"] == "OK"]
     buckets: dict[int, dict[str, int]] = {}
     for r in device:

@@ -46,8 +46,11 @@ class ModelFolder:
     ServedModel of one file (raising CheckpointError for a file that is not a checkpoint)."""
 
     def __init__(self, folder: Path, registry: ModelRegistry, load: Callable[[Path, str], ServedModel],
-                 poll_seconds: float, nice: int = 0) -> None:
-        self.folder, self.registry, self.load = folder, registry, load
+                 poll_seconds: float, nice: int = 0,
+                 on_loaded: Optional[Callable[[ServedModel], None]] = None) -> None:
+        """``on_loaded(served)``: called on the poller's thread after a new version serves (e.g. to build its
+        progressive packages before devices ask for them)."""
+        self.folder, self.registry, self.load, self.on_loaded = folder, registry, load, on_loaded
         self.poll_seconds, self.nice = poll_seconds, nice
         self._loaded: dict[str, tuple[str, _Seen]] = {}  # label -> (digest, file state when loaded)
         self._refused: dict[str, _Seen] = {}  # label -> file state when it was refused
@@ -89,6 +92,8 @@ class ModelFolder:
             return 0
         self._refused.pop(label, None)
         self._loaded[label] = (served.digest, seen)
+        if self.on_loaded is not None:
+            self.on_loaded(served)
         return 1
 
     def start(self) -> None:

@@ -722,6 +722,8 @@ def load_versions(cfg: CloudConfig, running: CloudServer) -> Optional[ModelFolde
     if folder_path is not None:
         folder = ModelFolder(folder_path, running.models, load, cfg.model_dir_poll_seconds, cfg.forward_nice)
         folder.scan()
+        # versions found later are packaged as soon as they load, on the poller's thread, before devices ask
+        folder.on_loaded = lambda served: _prebuild(cfg, running, served)
         if not running.models.versions():
             raise ConfigError(f"config key 'checkpoint': no loadable <version>.pt checkpoint in folder "
                               f"{str(folder_path)!r} (see the log for each file's reason)")
@@ -736,9 +738,10 @@ def load_versions(cfg: CloudConfig, running: CloudServer) -> Optional[ModelFolde
     return None
 
 
-def _prebuild(cfg: CloudConfig, running: CloudServer) -> None:
-    """The latest version's packages of ``delivery_prebuild``, so that the first device does not wait."""
-    served = running.models.latest()
+def _prebuild(cfg: CloudConfig, running: CloudServer, served: Optional[ServedModel] = None) -> None:
+    """The packages of ``delivery_prebuild`` for ``served`` (default: the latest version), so that the first device
+    does not wait for them."""
+    served = served or running.models.latest()
     for split_point in cfg.delivery_prebuild:
         try:
             running.packages.get(served, split_point, "split")
