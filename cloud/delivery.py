@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator, Optional
 
 import grpc
 
+import torch
+
 from cloud.inference import RequestError, ServedModel
+from models.checkpoint import load_checkpoint_bytes
 from models.bias_correction import bias_inputs
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
 from proto.manifest import seal
-from serving.priority import lower_thread_priority
+from serving.priority import become_idle_child
 from serving.signing import Signer
 from proto import spinn_v1_pb2 as pb
 
@@ -25,6 +30,8 @@ log = logging.getLogger("cloud")
 #: Payload bytes per StreamWeights message; with the envelope, well under the 1 MiB message bound. Small chunks
 #: share a message: each message wakes a thread on the device, which costs its answers' tail latency (README).
 MESSAGE_BYTES = 64 * 1024
+#: The longest a package build may take (MobileNetV2 at width 1.0: about 3 s of a core).
+BUILD_TIMEOUT_S = 600.0
 
 
 class BuildsBusy(Exception):
@@ -44,12 +51,10 @@ class PackageCache:
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
                  usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1,
-                 signer: Optional[Signer] = None, nice: int = 0) -> None:
-        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned.
-        ``nice``: a build runs on a thread this much nicer than the RPC threads (it must not slow the answers of
-        the versions served meanwhile)."""
+                 signer: Optional[Signer] = None) -> None:
+        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned."""
         self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
-        self.signer, self.nice = signer, nice
+        self.signer = signer
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
         self._lock = threading.Lock()
         self._builds = 0  # builds running now
@@ -123,27 +128,21 @@ class PackageCache:
                 del self._entries[key]
 
     def _built(self, served: ServedModel, split_point: int, order: str) -> Package:
-        """Build and seal the package on a thread of its own, ``nice`` steps nicer; the caller waits for it."""
-        result: list = []
-
-        def build() -> None:
-            lower_thread_priority(self.nice)
-            try:
-                package = build_package(
-                    served.model.state_dict(), served.metadata, served.model_id, served.model_version,
-                    split_point, served.model.exit_points, order, self.bits, self.usable_planes,
-                    self.chunk_bytes, bias_inputs(served.model, served.input_size))
-                seal(package.manifest, self.signer.sign if self.signer is not None else None)
-                result.append(package)
-            except Exception as err:  # handed to the caller, which logs and answers
-                result.append(err)
-
-        builder = threading.Thread(target=build, name="spinn-package-build", daemon=True)
-        builder.start()
-        builder.join()
-        if isinstance(result[0], Exception):
-            raise result[0]
-        return result[0]
+        """Build the package in a process of its own at idle priority (from the checkpoint's bytes), then seal it
+        here. A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it
+        slowed the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file
+        is built on a thread instead."""
+        args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
+                self.chunk_bytes)
+        if served.checkpoint_bytes:
+            context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
+            with ProcessPoolExecutor(1, mp_context=context, initializer=become_idle_child) as pool:
+                package = pool.submit(_build_from_bytes, served.checkpoint_bytes, served.source, *args).result(
+                    BUILD_TIMEOUT_S)
+        else:
+            package = _build_from_model(served, *args)
+        seal(package.manifest, self.signer.sign if self.signer is not None else None)
+        return package
 
     def _evict(self, keep: tuple) -> None:
         """Drop the least recently used packages beyond the count and byte bounds, never ``keep``."""
@@ -154,6 +153,19 @@ class PackageCache:
                     break
                 if key != keep:
                     total -= _size(self._entries.pop(key)[1])
+
+
+def _build_from_model(served: ServedModel, model_id: str, version: str, split_point: int, order: str, bits: int,
+                      usable_planes: int, chunk_bytes: int) -> Package:
+    return build_package(served.model.state_dict(), served.metadata, model_id, version, split_point,
+                         served.model.exit_points, order, bits, usable_planes, chunk_bytes,
+                         bias_inputs(served.model, served.input_size))
+
+
+def _build_from_bytes(checkpoint: bytes, source: str, *args) -> Package:
+    """In the build process: the checkpoint's model, then its package (``_build_from_model``'s arguments)."""
+    torch.set_num_threads(1)
+    return _build_from_model(ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", None), *args)
 
 
 def _size(slot: list[Package]) -> int:

@@ -14,7 +14,7 @@ from models.identity import model_digest, short_digest
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.hardware import follow
-from models.partition import Tail, profile, tail
+from models.partition import Tail, activation_shapes, tail
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecError, decode, decode_jpeg
 
@@ -75,8 +75,8 @@ class ServedModel:
         model = ckpt.model.eval()
         metadata = checkpoint_metadata(model, ckpt.class_names, ckpt.preprocess)
         digest = ckpt.digest or model_digest(metadata, model.state_dict())
-        shapes = {p.split_point: p.activation_shape for p in profile(model, ckpt.preprocess.input_size)}
-        model.to(device)  # after profiling, which runs on the CPU
+        shapes = activation_shapes(model, ckpt.preprocess.input_size)
+        model.to(device)
         tails = {s: tail(model, s) for s in shapes}
         return cls(model_id, model_version or short_digest(digest), model, ckpt.class_names,
                    ckpt.preprocess.input_size, tails, shapes, checkpoint_bytes, metadata, digest, source)

@@ -1,7 +1,8 @@
 """A model folder the cloud polls: one checkpoint file per version (``<model_dir>/<version>.pt``), the file's name
 being the version's label; the latest ``keep`` labels (natural order: ``v2`` < ``v10``) are served.
 
-A new file is loaded on the poller's thread, at a lower CPU priority, while the other versions keep serving; a
+A new file is loaded on the poller's thread, at a lower CPU priority, while the other versions keep serving, once
+its size and modification time have not changed for one poll (a file still being copied is waited for); a
 version whose file is removed, or that falls beyond the policy, retires (unloaded after its last request). A file
 that cannot become a version (unreadable, another architecture, a label reused for other weights) is logged once
 with the reason and skipped until it changes; the versions served stay as they are.
@@ -54,6 +55,7 @@ class ModelFolder:
         self.poll_seconds, self.nice = poll_seconds, nice
         self._loaded: dict[str, tuple[str, _Seen]] = {}  # label -> (digest, file state when loaded)
         self._refused: dict[str, _Seen] = {}  # label -> file state when it was refused
+        self._settling: dict[str, _Seen] = {}  # label -> file state at the last poll, not loaded yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spinn-model-dir", daemon=True)
 
@@ -63,9 +65,10 @@ class ModelFolder:
         labels = sorted(files, key=version_rank)[-self.registry.keep:]
         return {label: files[label] for label in labels}
 
-    def scan(self) -> int:
-        """One pass: load new or changed files among the wanted ones, retire versions no longer wanted; returns
-        how many versions were loaded. Never raises for a bad file (logged)."""
+    def scan(self, settled: bool = False) -> int:
+        """One pass: load new or changed files among the wanted ones that have not changed since the last pass
+        (``settled``: at start-up, files are taken as complete at once), retire versions no longer wanted;
+        returns how many versions were loaded. Never raises for a bad file (logged)."""
         wanted = self.wanted()
         for label, (digest, _) in list(self._loaded.items()):
             if label not in wanted:
@@ -79,12 +82,20 @@ class ModelFolder:
             known = self._loaded.get(label)
             if known is not None and known[1] == seen:
                 continue
+            if not settled and self._settling.get(label) != seen:
+                self._settling[label] = seen  # new or still changing: look again at the next poll
+                continue
+            self._settling.pop(label, None)
             loaded += self._try_load(label, path, seen)
         return loaded
 
     def _try_load(self, label: str, path: Path, seen: _Seen) -> int:
         try:
             served = self.load(path, label)
+            known = self._loaded.get(label)
+            if known is not None and known[0] == served.digest:  # rewritten with the same content: nothing new
+                self._loaded[label] = (served.digest, seen)
+                return 0
             self.registry.add(served, version_rank(label))
         except (CheckpointError, VersionRefused, OSError) as err:
             self._refused[label] = seen

@@ -38,7 +38,7 @@ from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import Package
 from proto.codec import C, CodecSpec, Q
 from serving.admission import Admission, IdleCalls, Overloaded, pending_call_options
-from serving.heap import freeze_heap
+from serving.heap import collection_paused, freeze_heap
 from serving.metrics import Exporter, start_exporter
 from serving.signing import Signer
 from serving.security import TOKEN_ENV, check_server_exposure, read_token, token_file_is_private
@@ -50,6 +50,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 DELIVERY_NAME = pb.DESCRIPTOR.services_by_name["ModelDelivery"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME, DELIVERY_NAME)
 CHUNK_BYTES = 1 << 20
+#: Nice of loading a new version from a model folder: below the forward (forward_nice), so that it takes only the
+#: CPU the versions served leave (package builds run at idle priority in a process of their own: cloud/delivery.py).
+BACKGROUND_NICE = 19
 #: RPC threads that admitted work can never take: health checks, reflection and refusals always find one.
 SPARE_RPC_THREADS = 4
 #: gRPC's own bound on calls in the server (running or queued for a thread), per RPC thread.
@@ -610,8 +613,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     signer = Signer.from_file(cfg.delivery_signing_key) if cfg.delivery_signing_key else None
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
-                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer,
-                            nice=cfg.forward_nice)
+                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
     registry.on_unload = lambda unloaded: running.unloaded(unloaded)
@@ -711,7 +713,11 @@ def load_versions(cfg: CloudConfig, running: CloudServer) -> Optional[ModelFolde
         device = torch.device("cpu")
 
     def load(path: Path, label: Optional[str]) -> ServedModel:
-        served = ServedModel.from_file(str(path), cfg.model_id, label, device)
+        # while serving other versions: no collection over the whole heap mid-load, and the new model's objects
+        # frozen after it, as the start-up heap is (serving/heap.py)
+        with collection_paused():
+            served = ServedModel.from_file(str(path), cfg.model_id, label, device)
+            freeze_heap()  # before collection resumes: else the next allocation scans every object just made
         beyond = [s for s in cfg.delivery_prebuild if s > served.model.num_blocks]
         if beyond:
             raise ConfigError(f"config key 'delivery_prebuild': split point {beyond[0]} is beyond the model's "
@@ -720,8 +726,8 @@ def load_versions(cfg: CloudConfig, running: CloudServer) -> Optional[ModelFolde
 
     folder_path = cfg.model_dir()
     if folder_path is not None:
-        folder = ModelFolder(folder_path, running.models, load, cfg.model_dir_poll_seconds, cfg.forward_nice)
-        folder.scan()
+        folder = ModelFolder(folder_path, running.models, load, cfg.model_dir_poll_seconds, BACKGROUND_NICE)
+        folder.scan(settled=True)
         # versions found later are packaged as soon as they load, on the poller's thread, before devices ask
         folder.on_loaded = lambda served: _prebuild(cfg, running, served)
         if not running.models.versions():

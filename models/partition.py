@@ -132,6 +132,22 @@ def _num_params(params: list[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
+def activation_shapes(model: EarlyExitMobileNetV2, input_size: int) -> dict[int, tuple[int, int, int]]:
+    """``(C, H, W)`` of the activation at every boundary 0..N for a ``3 x input_size x input_size`` image, by
+    the convolution arithmetic of each block's convs (every block is a chain of convs, a residual keeping its
+    shape): no forward pass, so a cloud loading a model does not compute (or hold the GIL) for it."""
+    c, h, w = 3, input_size, input_size
+    shapes = {0: (c, h, w)}
+    for k, block in enumerate(model.features):
+        for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            c = conv.out_channels
+        shapes[k + 1] = (c, h, w)
+    return shapes
+
+
 @torch.no_grad()
 def profile(model: EarlyExitMobileNetV2, input_size: int = REFERENCE_INPUT_SIZE) -> list[SplitProfile]:
     """Profile every split point 0..N for one ``3 x input_size x input_size`` image.

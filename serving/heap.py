@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -23,3 +25,17 @@ def freeze_heap() -> int:
     count = gc.get_freeze_count()
     log.debug("froze %d objects out of the collector's reach", count)
     return count
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No automatic garbage collection for the ``with`` block (process-wide), e.g. while a serving process loads
+    a new model: the allocations would otherwise trigger full collections over every object, which hold the GIL
+    from the requests served meanwhile. Follow it with ``freeze_heap`` so the new objects are never scanned."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

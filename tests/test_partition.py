@@ -91,3 +91,15 @@ def test_head_steps_match_forward(small_model):
     assert [b for b, _, logits in steps if logits is not None] == h.exit_points
     for a, b in zip(got, want.exit_logits):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [32, 33, 97, 128, 224])
+def test_activation_shapes_by_arithmetic_equal_a_forward_pass(small_model, size):
+    from models.partition import activation_shapes
+
+    with torch.no_grad():
+        x, want = torch.randn(1, 3, size, size), {0: (3, size, size)}
+        for k, block in enumerate(small_model.features):
+            x = block(x)
+            want[k + 1] = tuple(x.shape[1:])
+    assert activation_shapes(small_model, size) == want
