@@ -60,6 +60,7 @@ class AppConfig:
     bottleneck_kl_weight: float = 1.0  # KL(frozen model's final output || with the bottleneck)
     bottleneck_exit_kl_weight: float = 0.1  # the same for every exit after the split
     bottleneck_cache: bool = True  # cache the frozen head's activations once (no augmentation) or run it per step
+    bottleneck_cache_views: int = 1  # cached views per training image: the eval transform, mirrored, random crops
     bottleneck_cache_dir: Optional[str] = None  # keep that cache in files here, reused by runs on the same inputs
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # NHWC activations: depthwise convs are faster in this layout (oneDNN, cuDNN)
@@ -120,7 +121,7 @@ class AppConfig:
         self._validate_bottleneck()
 
     def _validate_bottleneck(self) -> None:
-        check_at_least(self, ["bottleneck_channels", "bottleneck_hidden"], 1)
+        check_at_least(self, ["bottleneck_channels", "bottleneck_hidden", "bottleneck_cache_views"], 1)
         check_at_least(self, ["bottleneck_rate_weight", "bottleneck_mse_weight", "bottleneck_kl_weight",
                               "bottleneck_exit_kl_weight"], 0)
         if self.bottleneck_split is not None and self.bottleneck_split < 1:

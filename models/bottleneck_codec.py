@@ -116,7 +116,11 @@ def decode_code(payload: bytes, shape: tuple[int, int, int, int], coder: Coder, 
         decoder = constriction.stream.stack.AnsCoder(words)
         symbols = decoder.decode(constriction.stream.model.Categorical(perfect=False),
                                  _symbols_and_models(tuple(shape), probs))
-    except (ValueError, RuntimeError, AssertionError) as err:  # constriction's complaints about its input
+    except Exception as err:  # constriction's complaints about its input (ValueError, ...)
+        raise CodeError(f"payload: not an ANS stream of this code ({err})") from None
+    except BaseException as err:  # a Rust panic surfaces as pyo3's PanicException, a BaseException
+        if type(err).__name__ != "PanicException":
+            raise
         raise CodeError(f"payload: not an ANS stream of this code ({err})") from None
     if not decoder.is_empty():
         raise CodeError(f"payload: corrupt ANS stream (data left after {n} values)")

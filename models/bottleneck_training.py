@@ -7,7 +7,8 @@ after the split, plus the rate the prior charges (``models.bottleneck.bottleneck
 With ``bottleneck_cache: true`` (default) the frozen head's activations and the frozen tail's outputs are
 computed once per image (eval transform, no augmentation) and kept in memory: the head is frozen and in eval
 mode, so with a fixed input they are exactly what it would compute at every step, and an epoch then costs only
-the bottleneck and the tail's forward and backward. ``false`` runs the head and the teacher tail on augmented
+the bottleneck and the tail's forward and backward. ``bottleneck_cache_views`` > 1 adds cached views of every
+image (a mirrored one, then random resized crops): augmentation paid once, not per epoch. ``false`` runs the head and the teacher tail on augmented
 images at every step instead (slower; see the README for both measured).
 
 Writes into ``log_dir``: ``best_model.pt`` (the base model with the bottleneck, entropy tables refreshed; the
@@ -16,6 +17,7 @@ last epoch's, not one picked on the validation set), ``train_log.{csv,json}``.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -28,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchvision import transforms
 from tqdm import tqdm
 
 from models.app_config import AppConfig
@@ -112,6 +115,27 @@ def cached_split(cfg: AppConfig, model: EarlyExitMobileNetV2, split_tail: Tail, 
     torch.save({"activations": data.activations, "teacher": data.teacher, "labels": data.labels}, tmp)
     tmp.replace(path)
     return data
+
+
+def view_dataset(data: DataBundle, view: int, crop_scale_min: float):
+    """The training images as cached view ``view``: 0 the eval transform, 1 the same mirrored, 2.. a random
+    resized crop + flip (train.py's augmentation)."""
+    if view == 0:
+        return data.train
+    dataset = copy.copy(data.train)
+    dataset.transform = (transforms.Compose([transforms.RandomHorizontalFlip(p=1.0), data.preprocess.eval_transform()])
+                         if view == 1 else data.preprocess.train_transform(crop_scale_min))
+    return dataset
+
+
+def cache_views(cfg: AppConfig, model: EarlyExitMobileNetV2, split_tail: Tail, data: DataBundle,
+                device: torch.device) -> SplitData:
+    """``bottleneck_cache_views`` cached views of every training image, one ``SplitData`` (an epoch goes over
+    all of them)."""
+    views = [cached_split(cfg, model, split_tail, view_dataset(data, v, cfg.crop_scale_min), device,
+                          "train" if v == 0 else f"train_view{v}") for v in range(cfg.bottleneck_cache_views)]
+    return SplitData(torch.cat([v.activations for v in views]),
+                     [torch.cat(t) for t in zip(*(v.teacher for v in views))], torch.cat([v.labels for v in views]))
 
 
 def train_epoch(model: EarlyExitMobileNetV2, split_tail: Tail, batches: Iterator[Batch], steps: int,
@@ -211,7 +235,7 @@ def train_bottleneck(cfg: AppConfig) -> dict:
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.data_loader_workers)
     started = time.time()
     val = cached_split(cfg, model, split_tail, data.val, device, "val")
-    train_cache = cached_split(cfg, model, split_tail, data.train, device, "train") if cfg.bottleneck_cache else None
+    train_cache = cache_views(cfg, model, split_tail, data, device) if cfg.bottleneck_cache else None
     log.info("cached the frozen model's split-%d activations in %.0f s (%s)", split, time.time() - started,
              "train and val" if train_cache is not None else "val only")
     generator = torch.Generator().manual_seed(cfg.seed)

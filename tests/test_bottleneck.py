@@ -266,6 +266,7 @@ def test_split_outside_the_network_names_the_key(small_model):
     ({"bottleneck_kl_weight": float("nan")}, "bottleneck_kl_weight"),
     ({"bottleneck_split": 0}, "bottleneck_split"),
     ({"bottleneck_cache": "yes"}, "bottleneck_cache"),
+    ({"bottleneck_cache_views": 0}, "bottleneck_cache_views"),
 ])
 def test_app_config_errors_name_keys(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -345,6 +346,7 @@ def test_train_py_bottleneck_mode(tmp_path):
     status = train.main([f"train_mode=bottleneck", f"base_checkpoint={base_path}", "bottleneck_split=8",
                          "bottleneck_channels=2", "bottleneck_hidden=8", "quickstart_train_samples=128",
                          "quickstart_val_samples=64", "batch_size=32", "num_epochs=2", "optimizer=adamw",
+                         "bottleneck_cache_views=2", f"bottleneck_cache_dir={tmp_path / 'cache'}",
                          "lr=0.003", "data_loader_workers=0", f"log_dir={log_dir}"])
     assert status == 0
     ckpt = load_checkpoint(log_dir / "best_model.pt")
@@ -353,6 +355,8 @@ def test_train_py_bottleneck_mode(tmp_path):
     assert ckpt.metrics["val_accuracy_without"] >= 0
     for k, v in base.state_dict().items():
         assert torch.equal(ckpt.model.state_dict()[k], v), k
+    # Two views of 128 images were trained on (4 batches of 32 each epoch) and cached on disk for the next run.
+    assert sorted(p.name.split("_")[1] for p in (tmp_path / "cache").iterdir()) == ["train", "train", "val"]
 
 
 def test_train_py_refuses_a_split_outside_the_base(tmp_path, checkpoint):
