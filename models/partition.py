@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from models.bottleneck import Bottleneck
 from models.early_exit import REFERENCE_INPUT_SIZE, EarlyExitMobileNetV2, run_segment
 
 
@@ -37,7 +38,7 @@ class HeadOutput:
     code: Optional[Tensor] = None
 
 
-def _bottleneck_at(model: EarlyExitMobileNetV2, split_point: int):
+def _bottleneck_at(model: EarlyExitMobileNetV2, split_point: int) -> Optional[Bottleneck]:
     """The model's bottleneck if it sits at ``split_point``, else None."""
     b = model.bottleneck
     return b if b is not None and b.config.split_point == split_point else None

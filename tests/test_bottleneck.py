@@ -58,6 +58,11 @@ def test_shapes_and_ranges(small_model):
     assert code.shape == (3, 4, 2, 2) and code.dtype == torch.int32
     assert int(code.abs().max()) <= CONFIG.code_max and int(code.abs().max()) > 1
     assert b.decode(code).shape == a.shape
+    # Exactly the rounded, clamped latent (the straight-through trick must not shift a value in the cast).
+    big = torch.randn(64, 24, 2, 2) * 20
+    with torch.no_grad():
+        expected = torch.round(b.encoder(big).clamp(-CONFIG.code_max, CONFIG.code_max))
+    assert torch.equal(b.encode(big), expected.to(torch.int32))
     out = b(a)
     assert out.reconstruction.shape == a.shape and out.likelihoods.shape == code.shape
     assert bool(((out.likelihoods > 0) & (out.likelihoods <= 1)).all())
