@@ -119,6 +119,8 @@ def measure_checkpoint(path: str, cfg: AppConfig, jpeg: np.ndarray, limit: int |
         "ms_per_image": {k: 1000 * v / n for k, v in seconds.items()},
         "flops": flops_shares(model, pre.input_size),
         "train_metrics": {k: v for k, v in ckpt.metrics.items() if k != "history"},
+        "train_epochs": len(ckpt.metrics.get("history", [])),
+        "train_seconds_per_epoch": float(np.mean([h["seconds"] for h in ckpt.metrics.get("history", [])] or [0])),
     }
     result["accuracy_change_points"] = 100 * (result["accuracy"]["bottleneck"] - result["accuracy"]["float32"])
     result["exit_sweep"] = exit_sweep(torch.cat(exit_conf, 1), torch.cat(exit_correct, 1),
@@ -159,7 +161,7 @@ def markdown(result: dict) -> str:
              "(int8/int4+zstd). Accuracy: final classifier; `without` = float32 activation, no codec.", "",
              "| checkpoint | split | device FLOPs | code | ans B mean | ans B p95 | zstd B mean | zstd B p95 "
              "| int4+zstd B | int8+zstd B | acc bottleneck | acc without | change pt | acc int4+zstd "
-             "| enc/head | dec/tail |", "|" + "---|" * 16]
+             "| enc/head | dec/tail | epochs | s/epoch |", "|" + "---|" * 18]
     for r in result["checkpoints"]:
         b, f = r["bytes_per_image"], r["flops"]
         device_share = f["head_flops"] / (f["head_flops"] + f["tail_flops"])
@@ -169,7 +171,8 @@ def markdown(result: dict) -> str:
             f"{b['zstd']['mean']:.1f} | {b['zstd']['p95']:.0f} | {b['int4+zstd']['mean']:.0f} | "
             f"{b['int8+zstd']['mean']:.0f} | {r['accuracy']['bottleneck']:.4f} | {r['accuracy']['float32']:.4f} | "
             f"{r['accuracy_change_points']:+.2f} | {r['accuracy']['int4+zstd']:.4f} | "
-            f"{100 * f['encoder_share']:.2f} % | {100 * f['decoder_share']:.2f} % |")
+            f"{100 * f['encoder_share']:.2f} % | {100 * f['decoder_share']:.2f} % | {r['train_epochs']} | "
+            f"{r['train_seconds_per_epoch']:.0f} |")
     lines += ["", "## With the device's exits before the split (top-1 confidence, first confident exit)", ""]
     for r in result["checkpoints"]:
         sweep = r["exit_sweep"]

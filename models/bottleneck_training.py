@@ -265,7 +265,9 @@ def save_result(cfg: AppConfig, base: Checkpoint, history: list[dict]) -> None:
     model = base.model
     assert model.bottleneck is not None
     model.bottleneck.update_tables()
+    keys = [k for k in vars(cfg) if k.startswith("bottleneck_")] + ["lr", "optimizer", "num_epochs", "batch_size"]
     metrics = {**history[-1], "history": history, "base_checkpoint": str(cfg.base_checkpoint),
+               "train_config": {k: getattr(cfg, k) for k in keys},
                "val_accuracy_final": history[-1]["val_accuracy"], "exit_points": model.exit_points}
     out = Path(cfg.log_dir)
     out.mkdir(parents=True, exist_ok=True)
