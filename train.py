@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -38,6 +37,7 @@ from models.hardware import follow, resolve_device
 from models.config import ConfigError, parse_app_argv
 from models.datasets import DataBundle, build_datasets
 from models.early_exit import EarlyExitMobileNetV2, load_pretrained
+from models.schedule import lr_factor
 
 log = logging.getLogger("train")
 
@@ -53,17 +53,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
-
-
-def lr_factor(cfg: AppConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base lr at optimisation ``step``: linear warm-up, then cosine or step decay."""
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.lr_scheduler == "cosine":
-        total = max(1, cfg.num_epochs * steps_per_epoch - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
-    return cfg.lr_gamma ** (step // (cfg.lr_step_epochs * steps_per_epoch))
 
 
 def build_optimizer(cfg: AppConfig, model: EarlyExitMobileNetV2) -> torch.optim.Optimizer:
@@ -310,6 +299,10 @@ def calibrate_best(job: Job) -> dict | None:
 
 def train(cfg: AppConfig) -> dict:
     """Run the whole training job described by ``cfg``; returns the final metrics dict."""
+    if cfg.train_mode == "bottleneck":
+        from models.bottleneck_training import train_bottleneck
+
+        return train_bottleneck(cfg)
     job = start_job(cfg)
     base_lrs = [g["lr"] for g in job.optimizer.param_groups]
     metrics: dict = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from models.config import ConfigError, check_at_least
+from models.config import ConfigError, check_at_least, check_files
 from models.early_exit import SPINN_EXIT_FRACTIONS, ModelConfig
 
 DEFAULT_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
@@ -46,10 +46,22 @@ class AppConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     exit_loss_weights: Union[float, list[float]] = 1.0
-    train_mode: Literal["joint", "detached_exits", "exits_only"] = "joint"
+    train_mode: Literal["joint", "detached_exits", "exits_only", "bottleneck"] = "joint"
     distill_weight: float = 0.0  # share of each exit's loss that is distillation from the final classifier
     distill_temperature: float = 3.0
     calibration_fraction: float = 0.0  # training images held out to fit each output's temperature (0: none)
+    # learned bottleneck (train_mode: bottleneck): a codec at one split of a trained, frozen model
+    base_checkpoint: Optional[str] = None  # the frozen model the bottleneck is trained for
+    bottleneck_split: Optional[int] = None  # block boundary of the bottleneck
+    bottleneck_channels: int = 12  # code channels
+    bottleneck_hidden: int = 64  # encoder width (decoder: twice it)
+    bottleneck_rate_weight: float = 1.0e-4  # lambda: loss per bit of code per image
+    bottleneck_mse_weight: float = 1.0  # MSE to the frozen model's activation at the split
+    bottleneck_kl_weight: float = 1.0  # KL(frozen model's final output || with the bottleneck)
+    bottleneck_exit_kl_weight: float = 0.1  # the same for every exit after the split
+    bottleneck_cache: bool = True  # cache the frozen head's activations once (no augmentation) or run it per step
+    bottleneck_cache_views: int = 1  # cached views per training image: the eval transform, mirrored, random crops
+    bottleneck_cache_dir: Optional[str] = None  # keep that cache in files here, reused by runs on the same inputs
     amp: bool = True  # used on CUDA only
     channels_last: bool = True  # NHWC activations: depthwise convs are faster in this layout (oneDNN, cuDNN)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,6 +118,22 @@ class AppConfig:
                 f"config key 'z_confidence_threshold': must be in [0, 1], got {self.z_confidence_threshold}"
             )
         self.model_config(self.num_classes or 2).validate()
+        self._validate_bottleneck()
+
+    def _validate_bottleneck(self) -> None:
+        check_at_least(self, ["bottleneck_channels", "bottleneck_hidden", "bottleneck_cache_views"], 1)
+        check_at_least(self, ["bottleneck_rate_weight", "bottleneck_mse_weight", "bottleneck_kl_weight",
+                              "bottleneck_exit_kl_weight"], 0)
+        if self.bottleneck_split is not None and self.bottleneck_split < 1:
+            raise ConfigError(f"config key 'bottleneck_split': must be >= 1, got {self.bottleneck_split}")
+        if self.train_mode != "bottleneck":
+            return
+        for key in ("base_checkpoint", "bottleneck_split"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"config key '{key}': required when train_mode is bottleneck")
+        check_files(self, ["base_checkpoint"])
+        if self.resume:
+            raise ConfigError("config key 'resume': not supported with train_mode bottleneck (a run takes minutes)")
 
     def model_config(self, num_classes: int) -> ModelConfig:
         return ModelConfig(

@@ -65,6 +65,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        nested = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and nested:  # a mapping is meant for the nested config: keep its own error
+            return _coerce(key, value, nested[0])
         # Exact type matches first so that 3 stays an int in ``int | float`` instead of becoming 3.0.
         for arg in args:
             if arg is not type(None) and isinstance(arg, type) and type(value) is arg:
@@ -77,6 +80,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, source=f"config key '{key}'")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -94,6 +94,7 @@ def build_datasets(
     seed: int,
     with_train: bool = True,
     calibration_fraction: float = 0.0,
+    augment: bool = True,
 ) -> DataBundle:
     """Build train and validation sets (and the held-out calibration slice of the training set).
 
@@ -103,14 +104,16 @@ def build_datasets(
     ``data_root/val/<class>/*``) or ``quickstart`` (generated in memory).
     ``with_train=False`` builds only the validation set (evaluation: the training files need not exist;
     ``train`` is then an empty list). ``calibration_fraction`` of the training images is held out (see
-    ``hold_out``). Raises ConfigError naming ``data_root`` when the files are not where they should be.
+    ``hold_out``). ``augment=False`` gives the training images the eval transform (fixed inputs, e.g. to cache
+    a frozen network's activations). Raises ConfigError naming ``data_root`` when the files are not where they
+    should be.
     """
     if dataset == "quickstart":
         pre = Preprocess(image_size, resize_size or image_size, quickstart.MEAN, quickstart.STD)
         val = quickstart.QuickstartShapes("val", quickstart_val_samples, image_size, seed)
         bundle = DataBundle([], val, list(quickstart.CLASS_NAMES), pre)
         if with_train:
-            train = quickstart.QuickstartShapes("train", quickstart_train_samples, image_size, seed, flip=True)
+            train = quickstart.QuickstartShapes("train", quickstart_train_samples, image_size, seed, flip=augment)
             train_eval = copy.copy(train)  # shares the rendered images
             train_eval.flip = False
             bundle.train, bundle.calibration = hold_out(train, train_eval, calibration_fraction, seed)
@@ -122,7 +125,8 @@ def build_datasets(
     val = load(Path(data_root), "test" if dataset == "stanford_cars" else "val", pre.eval_transform())
     bundle = DataBundle([], val, list(val.classes), pre)
     if with_train:
-        train = load(Path(data_root), "train", pre.train_transform(crop_scale_min))
+        train = load(Path(data_root), "train",
+                     pre.train_transform(crop_scale_min) if augment else pre.eval_transform())
         if list(train.classes) != bundle.class_names:
             raise ConfigError(f"config key 'data_root': train and validation classes differ under {data_root!r}")
         train_eval = load(Path(data_root), "train", pre.eval_transform())

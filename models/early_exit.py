@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops.misc import Conv2dNormActivation
 
+from models.bottleneck import Bottleneck, BottleneckConfig
 from models.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ModelConfig:
     exit_channels: Union[int, list[int]] = 128
     dropout: float = 0.2
     temperatures: Optional[list[float]] = None
+    bottleneck: Optional[BottleneckConfig] = None
 
     def exit_widths(self) -> list[int]:
         """Hidden width of each exit head, in ``exits`` order."""
@@ -79,6 +81,8 @@ class ModelConfig:
                 raise ConfigError(f"config key 'exits[{i}]': a FLOPs fraction must be in (0, 1), got {e}")
             if isinstance(e, int) and e < 1:
                 raise ConfigError(f"config key 'exits[{i}]': a block boundary must be >= 1, got {e}")
+        if self.bottleneck is not None:
+            self.bottleneck.validate()
 
 
 class ExitHead(nn.Sequential):
@@ -256,6 +260,9 @@ class EarlyExitMobileNetV2(nn.Module):
         )
         if config.temperatures is not None:
             self.set_temperatures(config.temperatures)
+        self.register_module("bottleneck", None)
+        if config.bottleneck is not None:
+            self.attach_bottleneck(config.bottleneck)
 
     def outputs(self) -> list[nn.Module]:
         """The heads that produce logits, in ``forward``'s order: the exits, then the final classifier."""
@@ -270,6 +277,18 @@ class EarlyExitMobileNetV2(nn.Module):
             head.temperature = float(t)
         self.config = dataclasses.replace(self.config, temperatures=[float(t) for t in temperatures])
 
+    def attach_bottleneck(self, config: BottleneckConfig) -> Bottleneck:
+        """Put a new (untrained) bottleneck at ``config.split_point``, replacing any other; recorded in
+        ``config`` so checkpoints rebuild it. Raises ConfigError when the split point is not inside the network."""
+        if not 1 <= config.split_point <= self.num_blocks - 1:
+            raise ConfigError(f"config key 'bottleneck.split_point': {config.split_point} is outside "
+                              f"1..{self.num_blocks - 1}")
+        first = next(self.features.parameters())
+        bottleneck = Bottleneck(config, block_out_channels(self.features[config.split_point - 1]))
+        self.bottleneck = bottleneck.to(device=first.device, dtype=first.dtype)
+        self.config = dataclasses.replace(self.config, bottleneck=config)
+        return self.bottleneck
+
     @property
     def num_blocks(self) -> int:
         return len(self.features)
@@ -279,7 +298,16 @@ class EarlyExitMobileNetV2(nn.Module):
         return dict(zip(self.exit_points, self.exits))
 
     def forward(self, x: Tensor, detach_exits: bool = False) -> list[Tensor]:
-        x, logits = run_segment(self.features, self.exit_map(), x, 0, self.num_blocks, detach_exits)
+        if self.bottleneck is None:
+            x, logits = run_segment(self.features, self.exit_map(), x, 0, self.num_blocks, detach_exits)
+        else:
+            # The path a split deployment takes: exits up to the split see the device's own activation, the
+            # rest of the network the decoded code (always rounded: what the wire carries).
+            s = self.bottleneck.config.split_point
+            x, logits = run_segment(self.features, self.exit_map(), x, 0, s, detach_exits)
+            x = self.bottleneck.decode(self.bottleneck.encode(x))
+            x, later = run_segment(self.features, self.exit_map(), x, s, self.num_blocks, detach_exits)
+            logits += later
         logits.append(self.final(x))
         return logits
 

@@ -2,6 +2,10 @@
 
 ``head(model, s)`` and ``tail(model, s)`` are real ``nn.Module``s whose parameters *are* the model's (slices
 of the same ``nn.Sequential``, no copies), so ``tail(s)(head(s)(x).activation)`` reproduces ``model(x)``.
+
+A model with a learned bottleneck (``models.bottleneck``) at ``s``: the head also outputs the integer code
+(``HeadOutput.code``) and the tail holds the decoder, so ``tail(s)(tail(s).decode(head(s)(x).code))``
+reproduces ``model(x)`` (which goes through the bottleneck).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from models.bottleneck import Bottleneck
 from models.early_exit import REFERENCE_INPUT_SIZE, EarlyExitMobileNetV2, run_segment
 
 
@@ -25,10 +30,18 @@ def check_split_point(model: EarlyExitMobileNetV2, split_point: int) -> None:
 
 @dataclass
 class HeadOutput:
-    """What the device computes: the activation at the split (``(B, C, H, W)``) and its exits' logits."""
+    """What the device computes: the activation at the split (``(B, C, H, W)``) and its exits' logits; with a
+    bottleneck at the split also its integer code (``(B, c, H, W)`` int32, what is sent), else None."""
 
     activation: Tensor
     exit_logits: list[Tensor]
+    code: Optional[Tensor] = None
+
+
+def _bottleneck_at(model: EarlyExitMobileNetV2, split_point: int) -> Optional[Bottleneck]:
+    """The model's bottleneck if it sits at ``split_point``, else None."""
+    b = model.bottleneck
+    return b if b is not None and b.config.split_point == split_point else None
 
 
 class Head(nn.Module):
@@ -44,12 +57,15 @@ class Head(nn.Module):
         self.blocks = model.features[:split_point]
         self.exit_points = [k for k in model.exit_points if k <= split_point]
         self.exits = nn.ModuleList(model.exit_map()[k] for k in self.exit_points)
+        bottleneck = _bottleneck_at(model, split_point)
+        self.encoder = bottleneck.encoder if bottleneck is not None else None  # only the device's half
 
     def forward(self, x: Tensor) -> HeadOutput:
         activation, logits = run_segment(
             self.blocks, dict(zip(self.exit_points, self.exits)), x, 0, self.split_point
         )
-        return HeadOutput(activation, logits)
+        code = self.encoder.code(activation) if self.encoder is not None else None
+        return HeadOutput(activation, logits, code)
 
     def steps(self, x: Tensor, clock: Optional[Callable[[str, int], None]] = None
               ) -> Iterator[tuple[int, Tensor, Optional[Tensor]]]:
@@ -86,6 +102,15 @@ class Tail(nn.Module):
         self.exit_points = [k for k in model.exit_points if k > split_point]
         self.exits = nn.ModuleList(model.exit_map()[k] for k in self.exit_points)
         self.final = model.final
+        bottleneck = _bottleneck_at(model, split_point)
+        self.decoder = bottleneck.decoder if bottleneck is not None else None  # only the cloud's half
+
+    def decode(self, code: Tensor) -> Tensor:
+        """The activation ``(B, C, H, W)`` restored from a bottleneck code ``(B, c, H, W)``; ValueError when the
+        model has no bottleneck at this split."""
+        if self.decoder is None:
+            raise ValueError(f"the model has no bottleneck at split point {self.split_point}")
+        return self.decoder(code)
 
     def forward(self, activation: Tensor) -> list[Tensor]:
         x, logits = run_segment(
@@ -97,7 +122,8 @@ class Tail(nn.Module):
     def cloud_parameters(self) -> list[nn.Parameter]:
         """Parameters the cloud needs (blocks from the split on, later exits, final classifier)."""
         blocks = list(self.blocks[self.split_point:].parameters())
-        return blocks + list(self.exits.parameters()) + list(self.final.parameters())
+        decoder = list(self.decoder.parameters()) if self.decoder is not None else []
+        return blocks + list(self.exits.parameters()) + list(self.final.parameters()) + decoder
 
 
 def head(model: EarlyExitMobileNetV2, split_point: int) -> Head:
