@@ -203,6 +203,7 @@ def fuzz_delivery(cloud_address: str, image: bytes, rounds: int, seed: int, roun
             if time.monotonic() > deadline or device.poll() is not None:
                 raise RuntimeError(f"the device did not become SERVING (see {work / 'device.log'})")
             time.sleep(0.3)
+        _wait_for_first_manifest(cache, device, work, deadline=time.monotonic() + 300)
         before = _outside(work, cache)
         for i in range(rounds):
             name = _set_mutation(proxy, g, i)
@@ -236,6 +237,15 @@ def fuzz_delivery(cloud_address: str, image: bytes, rounds: int, seed: int, roun
                            "packages_gone": log_text.count("no longer serves package"),
                            "tracebacks": log_text.count("Traceback")},
             "outcomes": {f"{name} -> {code}": n for (name, code), n in sorted(outcomes.items())}}
+
+
+def _wait_for_first_manifest(cache: Path, device: subprocess.Popen, work: Path, deadline: float) -> None:
+    """Wait until the device has taken the cloud's first (honest) manifest: the cloud builds a package on first
+    request (seconds of a core, more on a loaded machine), and rounds spent waiting for it would fuzz nothing."""
+    while not any(cache.rglob("manifest.pb")):
+        if time.monotonic() > deadline or device.poll() is not None:
+            raise RuntimeError(f"the device took no manifest (see {work / 'device.log'})")
+        time.sleep(0.3)
 
 
 def _set_mutation(proxy: HostileCloud, g: random.Random, round_: int) -> str:

@@ -21,7 +21,7 @@ from models.bias_correction import bias_inputs
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
 from proto.manifest import seal
-from serving.priority import become_idle_child
+from serving.priority import become_background_child
 from serving.signing import Signer
 from proto import spinn_v1_pb2 as pb
 
@@ -30,6 +30,9 @@ log = logging.getLogger("cloud")
 #: Payload bytes per StreamWeights message; with the envelope, well under the 1 MiB message bound. Small chunks
 #: share a message: each message wakes a thread on the device, which costs its answers' tail latency (README).
 MESSAGE_BYTES = 64 * 1024
+#: Nice of the package build process: below the forward (``forward_nice``, 10 by default: a busy forward leaves the
+#: build about a tenth of a core) and far below the RPC threads. Not SCHED_IDLE: on busy cores it never finished.
+BUILD_NICE = 19
 #: The longest a package build may take (MobileNetV2 at width 1.0: about 3 s of a core).
 BUILD_TIMEOUT_S = 600.0
 
@@ -128,15 +131,16 @@ class PackageCache:
                 del self._entries[key]
 
     def _built(self, served: ServedModel, split_point: int, order: str) -> Package:
-        """Build the package in a process of its own at idle priority (from the checkpoint's bytes), then seal it
-        here. A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it
-        slowed the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file
-        is built on a thread instead."""
+        """Build the package in a process of its own at nice 19 (from the checkpoint's bytes), then seal it here.
+        A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it slowed the answers
+        of the versions served meanwhile (bench/rollout.py). Not SCHED_IDLE: on cores kept busy it would never
+        finish. A model that came from no file is built in the caller's thread."""
         args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
                 self.chunk_bytes)
         if served.checkpoint_bytes:
             context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
-            with ProcessPoolExecutor(1, mp_context=context, initializer=become_idle_child) as pool:
+            with ProcessPoolExecutor(1, mp_context=context, initializer=become_background_child,
+                                     initargs=(BUILD_NICE,)) as pool:
                 package = pool.submit(_build_from_bytes, served.checkpoint_bytes, served.source, *args).result(
                     BUILD_TIMEOUT_S)
         else:

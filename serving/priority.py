@@ -33,14 +33,3 @@ def become_background_child(nice: int) -> None:
     if nice > 0 and hasattr(os, "nice"):
         os.nice(nice)
 
-
-def become_idle_child() -> None:
-    """In a child process doing work nobody waits for (a package build): as ``become_background_child`` at the
-    lowest priority, and on Linux the SCHED_IDLE policy, under which it runs only on a core nothing else wants
-    and yields it at once (nice 19 still takes a share of a busy core). Elsewhere, nice 19 only."""
-    become_background_child(19)
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError as err:
-            log.debug("could not use SCHED_IDLE: %s", err)
