@@ -30,9 +30,10 @@ log = logging.getLogger("cloud")
 #: Payload bytes per StreamWeights message; with the envelope, well under the 1 MiB message bound. Small chunks
 #: share a message: each message wakes a thread on the device, which costs its answers' tail latency (README).
 MESSAGE_BYTES = 64 * 1024
-#: Nice of the package build process: below the forward (``forward_nice``, 10 by default: a busy forward leaves the
-#: build about a tenth of a core) and far below the RPC threads. Not SCHED_IDLE: on busy cores it never finished.
-BUILD_NICE = 19
+#: Nice of the package build process: the forward's (``forward_nice``, 10 by default), below the RPC threads. Lower
+#: priorities were tried: SCHED_IDLE never finished on busy cores, and nice 19 (a seventieth of a core against
+#: one busy at nice 0) stalled a device's upgrade for minutes while the cloud answered it at full load.
+BUILD_NICE = 10
 #: The longest a package build may take (MobileNetV2 at width 1.0: about 3 s of a core).
 BUILD_TIMEOUT_S = 600.0
 
@@ -131,10 +132,10 @@ class PackageCache:
                 del self._entries[key]
 
     def _built(self, served: ServedModel, split_point: int, order: str) -> Package:
-        """Build the package in a process of its own at nice 19 (from the checkpoint's bytes), then seal it here.
-        A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it slowed the answers
-        of the versions served meanwhile (bench/rollout.py). Not SCHED_IDLE: on cores kept busy it would never
-        finish. A model that came from no file is built in the caller's thread."""
+        """Build the package in a process of its own at nice ``BUILD_NICE`` (from the checkpoint's bytes), then
+        seal it here. A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it slowed
+        the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file is built
+        in the caller's thread."""
         args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
                 self.chunk_bytes)
         if served.checkpoint_bytes:
