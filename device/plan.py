@@ -62,8 +62,8 @@ def describe(objective) -> str:
 
 
 def format_plan(decision, rows: list[Candidate], cond: Conditions, objective=None) -> str:
-    head = (f"{'split':>5} {'tau':>5} {'codec':>12} {'accuracy':>8} {'upload':>6} {'B/img':>8} {'p50 ms':>8} "
-            f"{'p95 ms':>8} {'img/s':>7}")
+    head = (f"{'split':>5} {'tau':>5} {'codec':>12} {'accuracy':>8} {'acc-low':>8} {'upload':>6} {'B/img':>8} "
+            f"{'p50 ms':>8} {'p95 ms':>8} {'img/s':>7}")
     lines = [f"link {8 * cond.bandwidth_bytes_per_s / 1e6:g} Mbit/s, RTT {cond.rtt_ms:g} ms: split point "
              f"{decision.split_point}, threshold {decision.threshold:g} "
              f"({'feasible' if decision.feasible else 'NOT feasible'}: {decision.reason})"]
@@ -72,11 +72,12 @@ def format_plan(decision, rows: list[Candidate], cond: Conditions, objective=Non
     lines += [head, "-" * len(head)]
     for c in rows:
         mark = " <-" if (c.split_point, c.threshold) == (decision.split_point, decision.threshold) else ""
-        lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.uploading_rate:6.3f} "
+        lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.accuracy_low:8.4f} {c.uploading_rate:6.3f} "
                      f"{c.bytes_per_image:8.0f} {c.latency_p50_ms:8.1f} {c.latency_p95_ms:8.1f} "
                      f"{c.throughput_per_s:7.1f}{mark}")
-    lines.append("(per split point the pair the objective ranks first; device times from the profile x "
-                 "--device-slowdown; cloud compute from the profile)")
+    lines.append("(per split point the pair the objective ranks first; acc-low: the accuracy less 1.645 standard "
+                 "errors of its difference to the final classifier, what the objective compares; device times from "
+                 "the profile x --device-slowdown; cloud compute from the profile)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ exit heads up to ``e``; an uploaded one costs the whole head and every device ex
 bandwidth + RTT + cloud queue + cloud compute``. For a latency bound the upload part is planned for the tail:
 its time above the head is log-normal, with the median at the mean bandwidth and RTT and the 95th percentile at
 their tails (5th percentile of bandwidth, p95 of RTT), and the mixture's quantile is read off (SPINN, Neurosurgeon and Edgent all plan with the mean bandwidth).
+
+A profile's accuracy is a sample: a pair is judged by ``accuracy_low``, its accuracy less ``ACCURACY_Z`` standard
+errors of its difference to the final classifier on the profile's images (the difference is nonzero only on
+the images an exit answered differently from the final classifier). Accuracy floors, ties and ``max_accuracy``
+compare that bound, so a pair that the profile finds as accurate only by the luck of the sample does not win.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ OBJECTIVES = ("min_latency", "max_accuracy", "min_bytes", "min_cloud_load", "max
 _NORMAL = statistics.NormalDist()
 _Z95 = _NORMAL.inv_cdf(0.95)
 ACCURACY_TIE = 0.002  # accuracies are compared in steps of this (about 2 images of an evaluation set of 1,000)
+#: A pair is judged by its accuracy less this many standard errors of its difference to the final classifier
+#: (one-sided 95 %): a pair whose profile accuracy rests on many images its exits answered differently must
+#: beat the others by more than that noise (README, "Scheduler").
+ACCURACY_Z = 1.645
 
 
 @dataclass
@@ -103,6 +112,7 @@ class Candidate:
     threshold: float
     codec: str
     accuracy: float
+    accuracy_low: float  # ``accuracy`` less ACCURACY_Z standard errors: what decisions compare (module docstring)
     uploading_rate: float
     bytes_per_image: float
     cloud_mflops_per_image: float
@@ -212,7 +222,7 @@ def _split_cost(profile: OfflineProfile, entry: SplitEntry, codec: str, cond: Co
     return _SplitCost(times, head_ms, up_mean, up_p95, mean_bytes, local)
 
 
-def _candidate(entry: SplitEntry, row, codec: str, cond: Conditions, cost: _SplitCost) -> Candidate:
+def _candidate(entry: SplitEntry, row, codec: str, cond: Conditions, cost: _SplitCost, low: float) -> Candidate:
     local = [(t, r) for t, r in zip(cost.exit_ms, row.exit_rates) if r > 0]
     local_total = sum(t * r for t, r in local)
     u = row.uploading_rate
@@ -227,7 +237,7 @@ def _candidate(entry: SplitEntry, row, codec: str, cond: Conditions, cost: _Spli
     sent = 0.0 if cost.local else u * cost.mean_bytes
     device_ms = local_total + u * (cost.up_mean_ms if cost.local else cost.head_ms)
     rates = [1000.0 / max(device_ms, 1e-6)] + ([cond.bandwidth_bytes_per_s / sent] if sent > 0 else [])
-    return Candidate(entry.split_point, row.threshold, codec, row.accuracy, 0.0 if cost.local else u, sent,
+    return Candidate(entry.split_point, row.threshold, codec, row.accuracy, low, 0.0 if cost.local else u, sent,
                      0.0 if cost.local else u * entry.cloud_flops / 1e6, local_total + u * cost.up_mean_ms, p50, p95,
                      min(rates))
 
@@ -256,7 +266,8 @@ def predict(profile: OfflineProfile, cond: Conditions, codecs: Optional[dict[int
             key = (row.uploading_rate, row.accuracy, tuple(row.exit_rates))
             if key not in seen:
                 seen.add(key)
-                out.append(_candidate(entry, row, codec, cond, cost))
+                low = row.accuracy - ACCURACY_Z * row.accuracy_se(profile.num_images, profile.final_accuracy)
+                out.append(_candidate(entry, row, codec, cond, cost, low))
     return out
 
 
@@ -264,13 +275,13 @@ def feasible(c: Candidate, obj: Objective) -> bool:
     """Whether ``c`` meets the objective's constraints (p95 bound, accuracy floor)."""
     if obj.latency_ms is not None and c.latency_p95_ms > obj.latency_ms:
         return False
-    return obj.accuracy is None or c.accuracy >= obj.accuracy - 1e-9
+    return obj.accuracy is None or c.accuracy_low >= obj.accuracy - 1e-9
 
 
 def score(c: Candidate, obj: Objective) -> tuple:
     """Sort key, smaller is better: the objective first, ties broken by accuracy, then tail latency, bytes, and
     last the deeper split (with the cloud gone every split predicts the same: the deepest does not try it)."""
-    acc = round(c.accuracy / ACCURACY_TIE)
+    acc = round(c.accuracy_low / ACCURACY_TIE)
     if obj.kind == "max_accuracy":
         return (-acc, c.latency_p95_ms, c.bytes_per_image, -c.split_point)
     if obj.kind == "min_latency":
@@ -289,14 +300,14 @@ def choose_from(candidates: list[Candidate], obj: Objective) -> Decision:
     if ok:
         best = min(ok, key=lambda c: score(c, obj))
         return Decision.of(best, True, f"{obj.kind}: best of {len(ok)} feasible of {len(candidates)}")
-    accurate = [c for c in candidates if obj.accuracy is None or c.accuracy >= obj.accuracy - 1e-9]
+    accurate = [c for c in candidates if obj.accuracy is None or c.accuracy_low >= obj.accuracy - 1e-9]
     if obj.latency_ms is not None and accurate:
-        best = min(accurate, key=lambda c: (c.latency_p95_ms, -c.accuracy))
+        best = min(accurate, key=lambda c: (c.latency_p95_ms, -c.accuracy_low))
         why = f"no pair meets p95 <= {obj.latency_ms:g} ms; the fastest (p95 {best.latency_p95_ms:.1f} ms)" + (
             "" if obj.accuracy is None else f" of those with accuracy >= {obj.accuracy}")
     else:
-        best = min(candidates, key=lambda c: (-c.accuracy, c.latency_p95_ms))
-        why = f"no pair reaches accuracy {obj.accuracy}; the most accurate ({best.accuracy:.4f})"
+        best = min(candidates, key=lambda c: (-c.accuracy_low, c.latency_p95_ms))
+        why = f"no pair reaches accuracy {obj.accuracy}; the most accurate ({best.accuracy_low:.4f} at its lower bound)"
     return Decision.of(best, False, why)
 
 
@@ -383,8 +394,8 @@ class Scheduler:
             return True
         p = new.predicted
         if obj.kind == "max_accuracy":
-            return (p["accuracy"] > current.accuracy + ACCURACY_TIE
-                    or (p["accuracy"] >= current.accuracy - ACCURACY_TIE
+            return (p["accuracy_low"] > current.accuracy_low + ACCURACY_TIE
+                    or (p["accuracy_low"] >= current.accuracy_low - ACCURACY_TIE
                         and p["latency_p95_ms"] < current.latency_p95_ms * (1 - self.margin)))
         if obj.kind == "min_latency":
             return p["latency_p95_ms"] < current.latency_p95_ms * (1 - self.margin)

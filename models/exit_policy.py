@@ -43,6 +43,7 @@ class ThresholdRow:
     exit_accuracies: list[float | None]
     cloud_accuracy: float | None  # on the uploaded images
     upload_bytes_per_image: float  # mean over all images
+    changed: int = 0  # images whose correctness differs from the final classifier's (the accuracy's uncertainty)
 
 
 @dataclass
@@ -86,6 +87,7 @@ def evaluate_threshold(cache: CachedOutputs, threshold: float, upload_bytes: flo
         exit_accuracies=accs,
         cloud_accuracy=float(cache.final_correct[undecided].float().mean()) if uploaded else None,
         upload_bytes_per_image=upload_bytes * uploaded / n,
+        changed=int((correct != cache.final_correct).sum()),
     )
 
 

@@ -27,7 +27,7 @@ from models.hardware import follow
 from models.partition import profile as split_profiles
 from proto.codec import CodecSpec, encode, encode_jpeg, encoded_size
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: rows carry ``changed``
 DEFAULT_CODECS = ("float32+none", "float16+zstd", "int8+zstd", "int4+zstd", "int8-pc+zstd", "int4-pc+zstd")
 JPEG = "jpeg"  # the input itself at split point 0, as a JPEG (device config ``input_codec: jpeg``)
 
@@ -44,6 +44,15 @@ class ThresholdOutcome:
     uploading_rate: float
     accuracy: float  # device exits + the cloud's final classifier for the uploads (float32 features)
     exit_rates: list[float]  # per device exit of the split, boundary order
+    changed: int = 0  # images whose correctness differs from the final classifier's alone (see accuracy_se)
+
+    def accuracy_se(self, num_images: int, final_accuracy: float) -> float:
+        """Standard error of ``accuracy - final_accuracy`` measured on ``num_images`` images (a fraction): the
+        per-image difference d is -1, 0 or +1, nonzero on the ``changed`` images; 0 when no exit answers."""
+        if num_images <= 0:
+            return 0.0
+        gap = self.accuracy - final_accuracy
+        return math.sqrt(max(self.changed / num_images - gap * gap, 0.0) / num_images)
 
 
 @dataclass
@@ -118,7 +127,7 @@ def profile_from_json(data: dict) -> OfflineProfile:
         cloud_flops=int(s["cloud_flops"]), bytes={k: BytesStats(float(v["mean"]), float(v["p95"]))
                                                   for k, v in s["bytes"].items()},
         rows=[ThresholdOutcome(float(r["threshold"]), float(r["uploading_rate"]), float(r["accuracy"]),
-                               [float(x) for x in r["exit_rates"]]) for r in s["rows"]])
+                               [float(x) for x in r["exit_rates"]], int(r["changed"])) for r in s["rows"]])
         for s in data["splits"]]
     out = OfflineProfile(
         checkpoint=str(data["checkpoint"]), confidence=str(data["confidence"]), num_images=int(data["num_images"]),
@@ -136,11 +145,11 @@ def profile_from_json(data: dict) -> OfflineProfile:
     if not all(math.isfinite(t) and t >= 0 for t in times) or sum(times) <= 0:
         raise ValueError("block_ms / exit_ms / final_ms must be finite, >= 0 and not all 0")
     for s in splits:
-        _check_split(s)
+        _check_split(s, out.num_images)
     return out
 
 
-def _check_split(s: SplitEntry) -> None:
+def _check_split(s: SplitEntry, num_images: int) -> None:
     """ValueError naming the split and field of an entry no planner can use."""
     if not s.rows:
         raise ValueError(f"split {s.split_point} has no threshold rows")
@@ -154,6 +163,9 @@ def _check_split(s: SplitEntry) -> None:
                 or abs(sum(shares) - 1.0) > 1e-3:
             raise ValueError(f"split {s.split_point}, threshold {r.threshold}: threshold and accuracy must be in "
                              "[0, 1] and uploading_rate + exit_rates must be 1")
+        if not 0 <= r.changed <= num_images:
+            raise ValueError(f"split {s.split_point}, threshold {r.threshold}: changed must be in 0..num_images "
+                             f"({num_images}), got {r.changed}")
 
 
 @dataclass
@@ -250,7 +262,7 @@ def build_profile(model: EarlyExitMobileNetV2, loader: DataLoader, input_size: i
         rows = []
         for t in thresholds:
             r = evaluate_threshold(cache, t, 0.0)
-            rows.append(ThresholdOutcome(t, r.uploading_rate, r.accuracy, r.exit_rates))
+            rows.append(ThresholdOutcome(t, r.uploading_rate, r.accuracy, r.exit_rates, r.changed))
         sizes = {name: BytesStats(float(np.mean(v)), float(np.percentile(v, 95)))
                  for (b, name), v in seen.sizes.items() if b == sp.split_point}
         splits.append(SplitEntry(sp.split_point, list(sp.device_exits), list(sp.activation_shape), sp.device_flops,

@@ -51,6 +51,39 @@ def link(mbit: float, rtt_ms: float = 20.0) -> Conditions:
     return cond
 
 
+def test_a_pair_accurate_only_by_the_sample_does_not_win():
+    """Thresholds 0.5 and 1.0 at split 2 have the same profile accuracy and 0.5 sends fewer bytes (its exit
+    answers 40 %), but on 400 of the 1,000 images its exit answered differently from the final classifier: its
+    lower bound (accuracy less 1.645 standard errors of the difference, about 0.033) falls below the floor, so the
+    pair whose accuracy rests on no such luck is chosen; with few changed images the frugal pair wins."""
+    def decide(changed: int):
+        profile = synthetic_profile()
+        for row in profile.split(2).rows:
+            row.accuracy = 0.82 if row.threshold >= 0.5 else row.accuracy
+            row.changed = changed if row.threshold == 0.5 else (100 if row.threshold == 0.9 else row.changed)
+        return choose(profile, link(0.5, 30.0), Objective("min_bytes", accuracy=0.81), splits=[2])
+
+    noisy = decide(400)
+    assert (noisy.split_point, noisy.threshold) == (2, 1.0) and noisy.feasible
+    assert decide(4).threshold == 0.5  # the same pair with 4 changed images: its accuracy is firm
+    cands = {c.threshold: c for c in predict(synthetic_profile(), link(0.5, 30.0), splits=[2])}
+    assert cands[1.0].accuracy_low == cands[1.0].accuracy  # nothing answered differently: no uncertainty
+
+
+def test_the_profile_counts_images_an_exit_answered_differently():
+    """``changed`` is the number of images where the policy's correctness differs from the final classifier's,
+    so a threshold no exit reaches changes none, and the standard error is that of a -1/0/+1 mean."""
+    from models.exit_policy import CachedOutputs, evaluate_threshold
+    conf = torch.tensor([[0.9, 0.9, 0.9, 0.1]])
+    device_correct = torch.tensor([[True, False, True, True]])
+    final = torch.tensor([False, True, True, False])
+    cache = CachedOutputs(conf, device_correct, final, [2])
+    assert evaluate_threshold(cache, 0.5, 0.0).changed == 2  # image 0 gained, image 1 lost
+    assert evaluate_threshold(cache, 1.0, 0.0).changed == 0
+    row = ThresholdOutcome(0.5, 0.25, 0.5, [0.75], changed=2)
+    assert row.accuracy_se(4, 0.5) == pytest.approx((0.5 / 4) ** 0.5)
+
+
 @pytest.mark.parametrize("objective", [Objective("max_accuracy", latency_ms=120.0),
                                        Objective("min_latency", accuracy=0.75),
                                        Objective("min_bytes", accuracy=0.75),
