@@ -69,14 +69,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import netns, slow_device  # noqa: E402
+from bench import device_speed, netns, slow_device  # noqa: E402
 from bench.progressive_link import wait_serving  # noqa: E402
 
 log = logging.getLogger("e2e")
 
 RESULTS = ROOT / "bench" / "results"
 PORT = 50051
-STRATEGIES = ("device-only", "cloud-only", "static", "scheduler")
+STRATEGIES = ("device-only", "cloud-only", "static", "fixed", "scheduler")
+FIXED = "fixed"  # expands to one strategy per other pair the plan picks for some phase (``fixed_pairs``)
+CALIBRATION_IMAGES = 15  # device-only requests per calibration round (their p50)
 TBF_ARGS = ("burst", "4kb", "latency", "200ms")  # as bench/netns.py sets the qdisc up: only the rate changes
 LOW_BANDWIDTH_BIT_S = 1_000_000  # phases at or below this rate are where the scheduler must beat static
 PROTOCOL = "E2E "  # prefix of the driver's protocol lines on stdout (anything else there is ignored)
@@ -245,7 +247,8 @@ def apply_phase(hosts: netns.TwoHosts, proxy: Proxy, phase: Phase, cloud: Option
 
 def phase_timeout_s(args: argparse.Namespace) -> float:
     """Worst case of one phase: every request of every strategy at its deadline, twice, plus slack (seconds)."""
-    return args.images_per_phase * len(args.strategies) * (2 * args.deadline_ms / 1000 + 1) + 120
+    strategies = len(args.strategies) + (6 if FIXED in args.strategies else 0)  # the fixed pairs: a few
+    return args.images_per_phase * strategies * (2 * args.deadline_ms / 1000 + 1) + 120
 
 
 def run(args: argparse.Namespace, checkpoint: str, phases: list[Phase], logs: Path) -> dict:
@@ -267,6 +270,8 @@ def run(args: argparse.Namespace, checkpoint: str, phases: list[Phase], logs: Pa
                      "--driver", "--cloud", proxy.address, "--out", str(out), *sys.argv[1:]],
                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
             lines = Lines(driver)
+            calibration = calibrate_parent(args, lines, driver, group)
+            log.info("%s", calibration.summary())
             marks = []  # at each phase's start and at the end: the CPU group's counters and the machine's load
             for i, phase in enumerate(phases):
                 lines.expect(f"{PROTOCOL}READY {i}", SETUP_TIMEOUT_S if i == 0 else phase_timeout_s(args))
@@ -279,6 +284,7 @@ def run(args: argparse.Namespace, checkpoint: str, phases: list[Phase], logs: Pa
             marks.append({"cpu_stat": group.stats(), "loadavg_1min": os.getloadavg()[0]})
             raw = json.loads(out.read_text())
             raw["cpu_stat"], raw["phase_conditions"] = group.stats(), marks
+            raw["calibration"] = calibration.to_json()
             return raw
         except (RuntimeError, OSError) as failure:
             raise RuntimeError(f"{failure}\n-- driver log:\n{tail(logs / 'driver.log')}") from None
@@ -288,7 +294,45 @@ def run(args: argparse.Namespace, checkpoint: str, phases: list[Phase], logs: Pa
             stop_process(cloud)
 
 
+def calibrate_parent(args: argparse.Namespace, lines: "Lines", driver: subprocess.Popen,
+                     group: slow_device.CpuGroup) -> device_speed.Calibration:
+    """The parent's side of the calibration (bench/device_speed.py): read the driver's device-only p50, set the
+    quota, until it is ``--device-p50-ms`` (0: keep ``--device-cpu``, one measurement reported)."""
+    def measure() -> float:
+        return float(lines.expect(f"{PROTOCOL}CALIBRATE ", SETUP_TIMEOUT_S).split()[-1])
+
+    def set_share(share: float) -> None:
+        slow_device.resize(group, share)
+        driver.stdin.write(f"QUOTA {share:.4f}\n")
+        driver.stdin.flush()
+
+    if args.device_p50_ms > 0:
+        calibration = device_speed.calibrate(args.device_cpu, args.device_p50_ms, measure, set_share)
+    else:
+        calibration = device_speed.Calibration(0.0, [{"share": args.device_cpu, "p50_ms": measure()}],
+                                               args.device_cpu)
+    driver.stdin.write("CALIBRATED\n")
+    driver.stdin.flush()
+    return calibration
+
+
 # -- driver: the device, inside its namespace and CPU group --------------------------------------------------
+
+
+def calibrate_driver(device_only, images: list) -> None:
+    """The driver's side: measure the device-only p50 over CALIBRATION_IMAGES requests, report it, and again
+    after each new quota, until the parent says CALIBRATED."""
+    while True:
+        latencies = []
+        for i in range(CALIBRATION_IMAGES):
+            latencies.append(device_only.classify_tensor(images[i % len(images)][0]).latency_ms)
+        say(f"CALIBRATE {float(np.median(latencies)):.2f}")
+        ready, _, _ = select.select([sys.stdin], [], [], SETUP_TIMEOUT_S)
+        line = sys.stdin.readline().strip() if ready else ""
+        if line == "CALIBRATED":
+            return
+        if not line.startswith("QUOTA "):
+            raise RuntimeError(f"expected QUOTA or CALIBRATED from the parent, got {line!r}")
 
 
 def device_config(args: argparse.Namespace, checkpoint: str, **keys: Any):
@@ -300,46 +344,86 @@ def device_config(args: argparse.Namespace, checkpoint: str, **keys: Any):
                                     "log_level": "WARNING", "intra_op_threads": 1, **keys}, source="e2e")
 
 
-def static_choice(args: argparse.Namespace, profile, block_times: dict, rate_bit_s: int):
-    """The scheduler's decision for the first phase's link (rate, ``--rtt-ms``) with the device's block times as
-    measured on the limited CPU (so that the fixed choice fits this device, not the profiling machine)."""
-    from device.scheduler import Conditions, Objective, choose
+def objective_keys(args: argparse.Namespace) -> dict:
+    """The objective of the scheduler and of every fixed choice, as device config keys."""
+    return {"objective": args.objective, **({"latency_bound_ms": args.latency_bound_ms}
+                                            if args.latency_bound_ms > 0 else {})}
+
+
+def static_choice(args: argparse.Namespace, profile, objective, block_times: dict, rate_bit_s: int, codecs: dict,
+                  splits=None):
+    """The scheduler's decision for a steady link (rate, ``--rtt-ms``) with the device's block times as measured
+    on the limited CPU (so that the fixed choice fits this device, not the profiling machine) and the codec the
+    cloud announces per split (``codecs``); ``splits``: only those."""
+    from device.scheduler import Conditions, choose
 
     conditions = Conditions.from_link(bandwidth_bit_s=float(rate_bit_s), rtt_ms=args.rtt_ms)
     if block_times.get("block_ms"):
         conditions.device_block_ms = dict(block_times["block_ms"])
     if block_times.get("exit_ms"):
         conditions.device_exit_ms = dict(block_times["exit_ms"])
-    return choose(profile, conditions, Objective(kind="max_accuracy", latency_ms=args.latency_bound_ms))
+    return choose(profile, conditions, objective, codecs, splits)
 
 
-def build_runtimes(args: argparse.Namespace, checkpoint: str, profile, images: list, first: Phase):
-    """The runtimes of ``args.strategies`` and the static decision (device-only is always built and warmed up
-    first: its block times feed the static choice, which is also the scheduler's starting pair)."""
+def fixed_pairs(args: argparse.Namespace, profile, objective, block_times: dict, codecs: dict,
+                phases: list) -> dict:
+    """``{strategy name: decision}`` for the other fixed pairs: the plan's choice for each phase's link, and the
+    best pair at each split whose codec is the learned bottleneck, each once (and not the first phase's)."""
+    first = static_choice(args, profile, objective, block_times, phases[0].rate_bit_s, codecs)
+    seen, out = {(first.split_point, first.threshold)}, {}
+    candidates = [static_choice(args, profile, objective, block_times, p.rate_bit_s, codecs)
+                  for p in phases if p.cloud_up]
+    slowest = min(p.rate_bit_s for p in phases)
+    candidates += [static_choice(args, profile, objective, block_times, slowest, codecs, [s])
+                   for s, name in sorted(codecs.items()) if name.startswith("learned")]
+    for d in candidates:
+        if (d.split_point, d.threshold) not in seen:
+            seen.add((d.split_point, d.threshold))
+            out[f"fixed {d.split_point}/{d.threshold:g}"] = d
+    return out
+
+
+def build_runtimes(args: argparse.Namespace, checkpoint: str, profile, images: list, phases: list):
+    """The runtimes of ``args.strategies`` (``fixed`` expanded into its pairs) and the static decision.
+    Device-only is built first: it calibrates the device's speed, and its block times feed the fixed choices
+    (the first phase's is also the scheduler's starting pair); cloud-only is next, connected, so the codec the
+    cloud announces per split is known to the plans."""
     from device.runtime import DeviceRuntime
     from models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    n = ckpt.model.num_blocks
-    device_only = DeviceRuntime(device_config(args, checkpoint, split_point=n, z_confidence_threshold=1.0,
-                                              fallback="final"), ckpt, None, None)
-    runtimes = {"device-only": device_only}
-    warm_up(device_only, images, max(args.warmup, 10))  # enough for the block-time averages to settle
-    decision = static_choice(args, profile, device_only.block_times.snapshot(), first.rate_bit_s)
+    device_only = DeviceRuntime(device_config(args, checkpoint, split_point=ckpt.model.num_blocks,
+                                              z_confidence_threshold=1.0, fallback="final"), ckpt, None, None)
+    warm_up(device_only, images, max(args.warmup, 10))
+    calibrate_driver(device_only, images)
+    warm_up(device_only, images, 20)  # the block-time averages follow the calibrated speed
+    cloud_only = DeviceRuntime.start(device_config(args, checkpoint, split_point=0, input_codec="jpeg"))
+    codecs = cloud_only.codec_names()
+    times = device_only.block_times.snapshot()
+    objective = device_config(args, checkpoint, **objective_keys(args)).objective_spec(profile.final_accuracy)
+    decision = static_choice(args, profile, objective, times, phases[0].rate_bit_s, codecs)
     log.warning("static choice: split %d threshold %.2f (%s)", decision.split_point, decision.threshold,
                 decision.reason)
-    keys = {"cloud-only": {"split_point": 0, "input_codec": "jpeg"},
-            "static": {"split_point": decision.split_point, "z_confidence_threshold": decision.threshold},
+    keys = {"static": {"split_point": decision.split_point, "z_confidence_threshold": decision.threshold},
             "scheduler": {"split_point": decision.split_point, "z_confidence_threshold": decision.threshold,
-                          "scheduler": True, "profile": str(args.profile), "objective": "max_accuracy",
-                          "latency_bound_ms": args.latency_bound_ms,
+                          "scheduler": True, "profile": str(args.profile), **objective_keys(args),
                           # it starts from what the static choice was told about the first phase's link
-                          "initial_bandwidth_mbit": first.rate_bit_s / 1e6, "initial_rtt_ms": args.rtt_ms}}
-    for name in args.strategies:
-        if name != "device-only":
+                          "initial_bandwidth_mbit": phases[0].rate_bit_s / 1e6, "initial_rtt_ms": args.rtt_ms}}
+    if FIXED in args.strategies:
+        for name, d in fixed_pairs(args, profile, objective, times, codecs, phases).items():
+            keys[name] = {"split_point": d.split_point, "z_confidence_threshold": d.threshold}
+    runtimes = {"device-only": device_only, "cloud-only": cloud_only}
+    for name in expand(args.strategies, keys):
+        if name not in runtimes:
             runtimes[name] = DeviceRuntime.start(device_config(args, checkpoint, **keys[name]))
-            warm_up(runtimes[name], images, args.warmup)
-    return runtimes, decision
+        warm_up(runtimes[name], images, args.warmup)
+    return {name: runtimes[name] for name in expand(args.strategies, keys)}, decision
+
+
+def expand(strategies: list[str], keys: dict) -> list[str]:
+    """The strategies in order, ``fixed`` replaced by the fixed pairs' names."""
+    fixed = [k for k in keys if k.startswith(FIXED + " ")]
+    return [n for s in strategies for n in (fixed if s == FIXED else [s])]
 
 
 def warm_up(runtime, images: list, count: int) -> None:
@@ -382,6 +466,7 @@ def classify(runtime, strategy: str, phase: int, x, label: int, t0: float) -> di
     if last is not None:
         row["predicted"] = jsonable(dict(last.predicted))
         row["choice"] = [int(last.split_point), float(last.threshold)]
+        row["reason"] = last.reason
     return row
 
 
@@ -436,7 +521,8 @@ def drive(args: argparse.Namespace, app_args: list[str], phases: list[Phase]) ->
     checkpoint = str(app.checkpoint_path())
     _, batches = load(app, args.images_per_phase)
     images = [(x, int(y)) for xs, ys in batches for x, y in zip(xs, ys)][:args.images_per_phase]
-    runtimes, decision = build_runtimes(args, checkpoint, load_profile(args.profile), images, phases[0])
+    runtimes, decision = build_runtimes(args, checkpoint, load_profile(args.profile), images, phases)
+    names = list(runtimes)
     rows: list[dict] = []
     marks = []
     try:
@@ -444,7 +530,7 @@ def drive(args: argparse.Namespace, app_args: list[str], phases: list[Phase]) ->
         for i in range(len(phases)):
             say(f"READY {i}")
             wait_go(i, GO_TIMEOUT_S)
-            marks.append(run_phase(i, args.strategies, runtimes, images, t0, rows))
+            marks.append(run_phase(i, names, runtimes, images, t0, rows))
         static = {"split_point": decision.split_point, "threshold": decision.threshold,
                   "feasible": decision.feasible, "predicted": jsonable(dict(decision.predicted)),
                   "reason": decision.reason}
@@ -454,7 +540,9 @@ def drive(args: argparse.Namespace, app_args: list[str], phases: list[Phase]) ->
             "cpu_ms_own_turns": sum(m.get("scheduler_cpu_ms", 0.0) for m in marks),
             "requests": sum(1 for r in rows if r["strategy"] == "scheduler"),
             "request_ms_mean": float(np.mean([r["latency_ms"] for r in rows if r["strategy"] == "scheduler"]))}
-        Path(args.out).write_text(json.dumps({"rows": rows, "marks": marks, "static": static,
+        num_blocks = runtimes["device-only"].active.model.num_blocks
+        Path(args.out).write_text(json.dumps({"rows": rows, "marks": marks, "static": static, "strategies": names,
+                                              "num_blocks": num_blocks,
                                               "images": len(images), "scheduler_cost": cost}))
         say("FINISHED")
     finally:
@@ -488,6 +576,14 @@ def summarize_cell(rows: list[dict], wall_s: float) -> dict:
             out["prediction_error"] = (out["predicted_p50_ms"] - out["p50_ms"]) / out["p50_ms"]
         choices = Counter(tuple(r["choice"]) for r in rows if r.get("choice"))
         out["choices"] = [{"split_point": s, "threshold": t, "requests": c} for (s, t), c in choices.most_common()]
+        if choices:
+            most = choices.most_common(1)[0][0]
+            top = next(r for r in reversed(rows) if r.get("choice") and tuple(r["choice"]) == most)
+            q = top["predicted"]
+            out["why"] = (f"split {q['split_point']}/{q['threshold']:g} {q['codec']}: predicted p95 "
+                          f"{q['latency_p95_ms']:.0f} ms, {q['bytes_per_image']:.0f} B/image, accuracy "
+                          f"{q['accuracy']:.3f} (lower bound {q.get('accuracy_low', q['accuracy']):.3f}); "
+                          f"{top.get('reason', '')}")
     return out
 
 
@@ -537,11 +633,39 @@ def checks(summary: list[dict]) -> list[dict]:
             add("cloud down: scheduler accuracy >= device-only - 1 point, nothing lost", p,
                 sched["accuracy"] >= local["accuracy"] - 0.01 and sched["lost"] == 0,
                 f"accuracy {sched['accuracy']:.3f} vs {local['accuracy']:.3f}, lost {sched['lost']}")
+        best = best_fixed(s)
+        if best is not None:
+            name, cell = best
+            add("scheduler p95 <= 1.1 x the best fixed strategy's, accuracy >= its - 1 point", p,
+                sched["p95_ms"] <= 1.1 * cell["p95_ms"] and sched["accuracy"] >= cell["accuracy"] - 0.01,
+                f"best fixed: {name} (p95 {cell['p95_ms']:.0f} ms, accuracy {cell['accuracy']:.3f}); scheduler p95 "
+                f"{sched['p95_ms']:.0f} ms (x{sched['p95_ms'] / cell['p95_ms']:.2f}), accuracy {sched['accuracy']:.3f}")
         err = sched.get("prediction_error")
         add("predicted p50 within 25 % of measured", p, err is not None and abs(err) <= 0.25,
             "no prediction recorded" if err is None else
             f"predicted {sched['predicted_p50_ms']:.0f} ms vs measured {sched['p50_ms']:.0f} ms ({100 * err:+.0f} %)")
     return out
+
+
+def best_fixed(cells: dict) -> Optional[tuple[str, dict]]:
+    """The phase's best fixed strategy: the smallest p95 among the fixed strategies (all but the scheduler)
+    within 1 point of the most accurate of them; None when none answered."""
+    fixed = {k: v for k, v in cells.items() if k != "scheduler" and v["p95_ms"] is not None}
+    if not fixed:
+        return None
+    top = max(v["accuracy"] for v in fixed.values())
+    return min(((k, v) for k, v in fixed.items() if v["accuracy"] >= top - 0.01), key=lambda kv: kv[1]["p95_ms"])
+
+
+def learned_choices(rows: list[dict], num_blocks: Optional[int]) -> list[dict]:
+    """The scheduler's requests served at an intermediate split with a learned codec, per phase."""
+    out = Counter()
+    for r in rows:
+        p = r.get("predicted") or {}
+        if r["strategy"] == "scheduler" and str(p.get("codec", "")).startswith("learned") \
+                and r.get("split_point") not in (0, num_blocks, None):
+            out[(r["phase"], r["split_point"], p["codec"])] += 1
+    return [{"phase": ph, "split_point": sp, "codec": c, "requests": n} for (ph, sp, c), n in sorted(out.items())]
 
 
 def fmt(value: Optional[float], spec: str = ".0f", unit: str = "") -> str:
@@ -557,11 +681,13 @@ def setup_text(result: dict) -> str:
     return (f"Device and cloud as separate processes in two network namespaces over a veth pair shaped with "
             f"`tc tbf` each way (rate per phase below). RTT: {a['rtt_ms']:g} ms added by a user-space TCP proxy "
             f"(bench/delay_proxy.py, {a['rtt_ms'] / 2:g} ms each way; netem does not exist on this machine) on "
-            f"top of the veth's own; {pacing}. Device CPU limited to {a['device_cpu']:g} of one core by the CFS "
+            f"top of the veth's own; {pacing}. The device's speed: {result['calibration_text']}; the CFS "
             f"quota of a cgroup (bench/slow_device.py; throttled in {cpu.get('nr_throttled', 0)} of "
             f"{cpu.get('nr_periods', 0)} periods), one torch thread; the cloud has one intra-op thread and no CPU "
             f"limit. {a['images']} validation images per phase, the same for every strategy and phase; per-request "
-            f"deadline {a['deadline_ms']:g} ms; latency bound {a['latency_bound_ms']:g} ms.")
+            f"deadline {a['deadline_ms']:g} ms; objective {a['objective']}"
+            + (f", latency bound {a['latency_bound_ms']:g} ms." if a["latency_bound_ms"] > 0 else
+               " (the fastest pair within 1 point of the model's accuracy, judged at its lower bound)."))
 
 
 def table(result: dict) -> list[str]:
@@ -604,6 +730,13 @@ def markdown(result: dict) -> str:
                   f" %** of its mean request latency ({cost['request_ms_mean']:.0f} ms); over the whole run "
                   f"({cost['rounds']} rounds, {cost['decisions']} switches, also while the other strategies had their "
                   f"turns) {whole:.2f} ms per request ({100 * whole / cost['request_ms_mean']:.2f} %)."]
+    learned = result.get("learned_choices") or []
+    lines += ["", "Learned codec at an intermediate split, scheduler requests per phase: " + (
+        "; ".join(f"{summary[c['phase']]['label']}: split {c['split_point']} {c['codec']}: {c['requests']}"
+                  for c in learned) or "none")]
+    lines += ["", "Why, per phase (the scheduler's most used decision: its reason and prediction): " + "; ".join(
+        f"{p['label']}: {p['strategies']['scheduler'].get('why', '-')}" for p in summary
+        if "scheduler" in p["strategies"])]
     lines += ["", "Scheduler choices per phase (split/threshold: requests): " + "; ".join(
         f"{p['label']}: " + ", ".join(f"{c['split_point']}/{c['threshold']:g}: {c['requests']}"
                                       for c in p["strategies"].get("scheduler", {}).get("choices", []))
@@ -612,8 +745,12 @@ def markdown(result: dict) -> str:
         "threshold 1.0: the final classifier answers); **cloud-only** uploads every input as a JPEG (split point "
         "0) and the cloud runs the whole network; **static** is the scheduler's own choice for the first phase's "
         f"link and this device's measured block times, then fixed (split {st['split_point']}, threshold "
-        f"{st['threshold']:g}: {st['reason']}); **scheduler** re-plans from its live measurements "
-        "(`scheduler: true`, objective max_accuracy under the latency bound). Accuracy counts a lost answer as "
+        f"{st['threshold']:g}: {st['reason']}); **fixed s/t** are the other pairs the plan picks for some phase's "
+        "link, and the best pair at the learned codec's split for the slowest link, each fixed through every "
+        "phase (every pair the profile lists would be hundreds of runs: these are the ones any phase could want); "
+        "**scheduler** re-plans from its live measurements (`scheduler: true`, the same objective). The best fixed "
+        "strategy of a phase is the fastest (p95) of those within 1 point of the most accurate of them. "
+        "Accuracy counts a lost answer as "
         "wrong; latency is the device's wall time per request; img/s is sequential requests over the strategy's "
         "wall time in the phase; *degraded* answers were meant for the cloud and answered on the device.", ""]
     return "\n".join(lines)
@@ -669,10 +806,17 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=None, help="the offline profile (or profile=PATH)")
     parser.add_argument("--rtt-ms", type=float, default=40.0, help="round-trip time added by the proxy, ms")
-    parser.add_argument("--device-cpu", type=float, default=0.25, help="device CPU, fraction of one core")
+    parser.add_argument("--device-p50-ms", type=float, default=250.0,
+                        help="calibrate the device's CFS quota until its device-only p50 is this (ms); 0: use "
+                             "--device-cpu as it is")
+    parser.add_argument("--device-cpu", type=float, default=0.35,
+                        help="device CPU, fraction of one core (the calibration's starting point)")
+    parser.add_argument("--objective", default="min_latency",
+                        help="the scheduler's and the fixed choices' objective (device config 'objective')")
     parser.add_argument("--images-per-phase", type=int, default=60)
     parser.add_argument("--phases", default="20,5,1,0.25,down,20", help="Mbit/s each way, or 'down'")
-    parser.add_argument("--latency-bound-ms", type=float, default=300.0)
+    parser.add_argument("--latency-bound-ms", type=float, default=0.0,
+                        help="p95 bound, ms (needed by max_accuracy; 0: none)")
     parser.add_argument("--deadline-ms", type=float, default=3000.0, help="the device's per-request deadline")
     parser.add_argument("--tbf-only", action="store_true",
                         help="the proxy only delays: serialisation left to tc tbf (whose 4 KB burst hides it)")
@@ -700,13 +844,22 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
     summary = summarize(raw, phases)
     result = {"command": "python bench/e2e.py " + " ".join(sys.argv[1:]),
               "setup": {"name": args.name, "rtt_ms": args.rtt_ms, "device_cpu": args.device_cpu,
+                        "device_p50_ms": args.device_p50_ms, "objective": args.objective,
                         "images": raw["images"], "deadline_ms": args.deadline_ms,
                         "latency_bound_ms": args.latency_bound_ms, "phases": [asdict(p) for p in phases],
-                        "strategies": args.strategies, "tbf_only": args.tbf_only,
+                        "strategies": raw.get("strategies", args.strategies), "tbf_only": args.tbf_only,
                         "profile": str(args.profile)},
               "static": raw["static"], "cpu_stat": raw.get("cpu_stat", {}), "summary": summary,
               "scheduler_cost": raw.get("scheduler_cost"),
-              "checks": checks(summary), "marks": raw["marks"], "rows": raw["rows"]}
+              "checks": checks(summary), "marks": raw["marks"], "rows": raw["rows"],
+              "calibration": raw.get("calibration"),
+              "learned_choices": learned_choices(raw["rows"], raw.get("num_blocks"))}
+    calibration = raw.get("calibration")
+    result["calibration_text"] = (device_speed.Calibration(**calibration).summary() if calibration else
+                                  f"{args.device_cpu:g} of one core, not calibrated")
+    if calibration and not calibration["converged"]:
+        result["checks"].append({"check": "device speed calibrated", "phase": "-", "passed": False,
+                                 "detail": result["calibration_text"]})
     result["passed"] = all(c["passed"] for c in result["checks"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"e2e_{args.name}"

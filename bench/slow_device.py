@@ -132,6 +132,14 @@ def create(fraction: float, name: str) -> CpuGroup:
     return CpuGroup(name, path, version, fraction, period, quota)
 
 
+def resize(group: CpuGroup, fraction: float) -> None:
+    """Change the group's limit to ``fraction`` of one core, its processes staying inside (bench/device_speed.py
+    calibrates the device this way). Raises ValueError for a fraction too small, OSError when the kernel refuses."""
+    period, quota = period_quota(fraction)
+    _set_limit(group.path, group.version, period, quota)
+    group.fraction, group.period_us, group.quota_us = fraction, period, quota
+
+
 def remove(group: CpuGroup, timeout_s: float = 5.0) -> None:
     """Move the group's processes back to the root group, then delete it; retries until ``timeout_s`` seconds
     (a process may be exiting, or fork, meanwhile). Logs a warning when the group is left behind."""

@@ -271,3 +271,44 @@ def test_quarter_core_group_is_clearly_slower():
     assert not group.path.exists()
     assert limited / free > 2.0, (free, limited)
     assert throttled > 0
+
+
+def test_calibration_steps_the_share_inversely_to_the_latency():
+    """bench/device_speed.py on a device whose p50 is its work over its share (CPU-bound, as a throttled process
+    is): from 0.5 of a core at 80 ms it reaches a 250 ms device in one step, and stops when within tolerance."""
+    from bench import device_speed
+
+    assert device_speed.next_share(0.5, 80.0, 250.0) == pytest.approx(0.16)
+    assert device_speed.next_share(0.5, 1.0, 10_000.0) == device_speed.MIN_SHARE  # clamped
+    with pytest.raises(ValueError):
+        device_speed.next_share(0.5, 0.0, 250.0)
+    shares = []
+    result = device_speed.calibrate(0.5, 250.0, lambda: 40.0 / (shares or [0.5])[-1], shares.append)
+    assert result.converged and result.share == pytest.approx(0.16) and len(result.rounds) == 2
+    stuck = device_speed.calibrate(0.5, 250.0, lambda: 80.0, lambda share: None, max_rounds=3)
+    assert not stuck.converged and len(stuck.rounds) == 3 and "NOT within" in stuck.summary()
+
+
+def test_a_cpu_group_is_resized_in_place():
+    """``slow_device.resize`` (what the calibration turns) rewrites the kernel's limit of a live group: the
+    quota read back from the cgroup files is the new fraction's, and its process stays inside."""
+    reason = slow_device.why_not()
+    if reason:
+        pytest.skip(reason)
+    with slow_device.cpu_share(0.9, f"spinn-test-resize-{os.getpid()}") as group:
+        sleeper = subprocess.Popen([*group.command_prefix(), "sleep", "30"])
+        try:
+            deadline = time.monotonic() + 10
+            while sleeper.pid not in group.pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            slow_device.resize(group, 0.3)
+            if group.version == "v2":
+                quota, period = (group.path / "cpu.max").read_text().split()
+            else:
+                quota = (group.path / "cpu.cfs_quota_us").read_text().strip()
+                period = (group.path / "cpu.cfs_period_us").read_text().strip()
+            assert (int(quota), int(period)) == (3_000, 10_000) == (group.quota_us, group.period_us)
+            assert sleeper.pid in group.pids()
+        finally:
+            sleeper.kill()
+            sleeper.wait(10)
