@@ -1,10 +1,9 @@
-"""End-to-end SPINN on real sockets: four strategies side by side through a bandwidth schedule and a cloud outage.
+"""End-to-end SPINN on real sockets: fixed strategies and the scheduler side by side through a bandwidth schedule and a cloud outage.
 
-    python test.py app:apps/cars_dev_test.yml checkpoint=../shared/models/cars_dev_joint20.pt split_point=all \
-        log_dir=runs/cars_dev_e2e                         # the offline profile: runs/cars_dev_e2e/profile.json
-    sudo python bench/e2e.py app:apps/cars_dev_test.yml checkpoint=../shared/models/cars_dev_joint20.pt \
-        profile=runs/cars_dev_e2e/profile.json [--rtt-ms 40] [--device-cpu 0.25] [--images-per-phase 60] \
-        [--phases 20,5,1,0.25,down,20] [--latency-bound-ms 300] [--strategies ...] [--tbf-only] [--name cars_dev]
+    python test.py app:apps/cars_dev_test.yml checkpoint=CKPT split_point=all   # writes profile.json beside CKPT
+    sudo python bench/e2e.py app:apps/cars_dev_test.yml checkpoint=CKPT [profile=PATH] [--rtt-ms 40] \
+        [--device-p50-ms 250] [--device-cpu 0.35] [--images-per-phase 60] [--phases 20,5,1,0.25,down,20] \
+        [--objective min_latency] [--latency-bound-ms 0] [--strategies ...] [--tbf-only] [--name cars_dev]
 
 Setup. The cloud (``python -m cloud``, one intra-op thread) and a device driver run as separate processes in two
 network namespaces joined by a veth pair shaped with ``tc tbf`` each way (bench/netns.py). ``tc netem`` does not
@@ -14,10 +13,13 @@ connects to it on 127.0.0.1 and it forwards to the cloud's veth address, so ever
 shaped veth and gets the delay. The proxy also serialises each direction at the phase's rate (unless
 ``--tbf-only``): tbf lets a message that fits its 4 KB token bucket through at line rate, so without it a 1.3 KB
 upload at 0.25 Mbit/s would cost nothing instead of 41 ms (measured: the same p50 at 20 and 0.25 Mbit/s). The
-driver runs inside a cgroup whose CFS quota gives it ``--device-cpu`` of one core (bench/slow_device.py; the
-proxy and the cloud are outside it) with ``torch.set_num_threads(1)``; the driver is pinned to CPU 0 and the cloud
-and the proxy to CPU 1 (``taskset``), so that the two sides never compete for one core (measured without the
-pinning: the device-only p50 of one run moved between 111 and 227 ms from phase to phase).
+driver runs inside a cgroup whose CFS quota sets the device's speed (bench/slow_device.py; the proxy and the
+cloud are outside it) with ``torch.set_num_threads(1)``. The speed is calibrated, not given: starting from
+``--device-cpu`` of one core, the quota is scaled until the whole model's device-only p50 is ``--device-p50-ms``
+(250 ms, a Raspberry-Pi-class device; bench/device_speed.py), so the run means the same on a fast and a slow
+machine; the report states the rounds (``--device-p50-ms 0`` keeps ``--device-cpu``). The driver is pinned to
+CPU 0 and the cloud and the proxy to CPU 1 (``taskset``), so that the two sides never compete for one core
+(measured without the pinning: the device-only p50 of one run moved between 111 and 227 ms from phase to phase).
 
 Phases (``--phases``: link rates in Mbit/s, ``down`` = the cloud process terminated, a rate after ``down`` = the
 cloud restarted and SERVING again). Before each phase the parent sets the rate (``tc qdisc change``) or stops /
@@ -28,8 +30,12 @@ In each phase every strategy classifies the same ``--images-per-phase`` validati
 - ``device-only``: the whole model on the device, no link (split = number of blocks, threshold 1.0, answered
   by the final classifier unless an exit is exactly certain);
 - ``cloud-only``: split point 0, the input uploaded as a JPEG, the cloud runs the whole network;
-- ``static``: the scheduler's choice of <split, threshold> for the first phase's link and the device's measured
-  block times, then kept fixed;
+- ``static``: the plan's <split, threshold> for the first phase's link and the device's measured block times
+  (with the codec the cloud announces for each split, the learned bottleneck where the checkpoint has one),
+  then kept fixed;
+- ``fixed s/t``: every other pair the plan picks for some phase's link, and the best pair at each split with a
+  learned codec for the slowest link, each kept fixed for the whole run (so each phase has the best fixed
+  strategy to compare with, not only the first phase's);
 - ``scheduler``: the device's scheduler (``scheduler: true``) re-plans from its live measurements.
 
 The static pair is also where the scheduler starts, and the scheduler is told the first phase's rate and RTT as
@@ -39,11 +45,15 @@ thread) share the device's CPU quota; the report gives the driver's CPU use per 
 
 Per phase and strategy: accuracy (a lost answer counts as wrong), p50/p95 latency, bytes per image, answers lost
 (a classify call that raised), throughput (images/s over the strategy's wall time in the phase); for the
-scheduler its predicted p50 vs the measured one. Checks: in the phases at <= 1 Mbit/s the scheduler's p95 is at
-most half the static choice's at equal or better accuracy; while the cloud is down the scheduler's accuracy is
-within 1 point of device-only and nothing is lost; the predicted p50 is within 25 % of the measured p50 in every
-phase; no strategy loses an answer. Writes ``bench/results/e2e_<name>.{json,md,png}``. Needs root (namespaces,
-cgroup): exits 2 with the reason otherwise.
+scheduler its predicted p50 vs the measured one. Checks: in every phase the scheduler's p95 is within 10 % of
+the best fixed strategy's (the fastest of those within 1 point of the most accurate) at accuracy within 1 point
+of it; in the phases at <= 1 Mbit/s its p95 is
+at most half the static choice's at equal or better accuracy; while the cloud is down its accuracy is within
+1 point of device-only; the predicted p50 is within 25 % of the measured p50 in every phase; no strategy loses
+an answer; the calibration converged. The report lists the phases in which the scheduler served requests at an
+intermediate split with the learned codec, and per phase why it chose what it chose (its predicted numbers).
+Writes ``bench/results/e2e_<name>.{json,md,png}``. Needs root (namespaces, cgroup): exits 2 with the reason
+otherwise.
 """
 
 from __future__ import annotations
