@@ -1,4 +1,4 @@
-"""End-to-end SPINN on real sockets: fixed strategies and the scheduler side by side through a bandwidth schedule and a cloud outage.
+"""End-to-end SPINN on real sockets: fixed strategies and the scheduler through a bandwidth schedule and an outage.
 
     python test.py app:apps/cars_dev_test.yml checkpoint=CKPT split_point=all   # writes profile.json beside CKPT
     sudo python bench/e2e.py app:apps/cars_dev_test.yml checkpoint=CKPT [profile=PATH] [--rtt-ms 40] \
@@ -31,11 +31,9 @@ In each phase every strategy classifies the same ``--images-per-phase`` validati
   by the final classifier unless an exit is exactly certain);
 - ``cloud-only``: split point 0, the input uploaded as a JPEG, the cloud runs the whole network;
 - ``static``: the plan's <split, threshold> for the first phase's link and the device's measured block times
-  (with the codec the cloud announces for each split, the learned bottleneck where the checkpoint has one),
-  then kept fixed;
-- ``fixed s/t``: every other pair the plan picks for some phase's link, and the best pair at each split with a
-  learned codec for the slowest link, each kept fixed for the whole run (so each phase has the best fixed
-  strategy to compare with, not only the first phase's);
+  (with the codec the cloud announces for each split), then kept fixed;
+- ``fixed s/t``: every other pair the plan picks for some phase's link, each kept fixed for the whole run (so
+  each phase has the best fixed strategy to compare with, not only the first phase's);
 - ``scheduler``: the device's scheduler (``scheduler: true``) re-plans from its live measurements.
 
 The static pair is also where the scheduler starts, and the scheduler is told the first phase's rate and RTT as
@@ -47,13 +45,11 @@ Per phase and strategy: accuracy (a lost answer counts as wrong), p50/p95 latenc
 (a classify call that raised), throughput (images/s over the strategy's wall time in the phase); for the
 scheduler its predicted p50 vs the measured one. Checks: in every phase the scheduler's p95 is within 10 % of
 the best fixed strategy's (the fastest of those within 1 point of the most accurate) at accuracy within 1 point
-of it; in the phases at <= 1 Mbit/s its p95 is
-at most half the static choice's at equal or better accuracy; while the cloud is down its accuracy is within
-1 point of device-only; the predicted p50 is within 25 % of the measured p50 in every phase; no strategy loses
-an answer; the calibration converged. The report lists the phases in which the scheduler served requests at an
-intermediate split with the learned codec, and per phase why it chose what it chose (its predicted numbers).
-Writes ``bench/results/e2e_<name>.{json,md,png}``. Needs root (namespaces, cgroup): exits 2 with the reason
-otherwise.
+of it; in the phases at <= 1 Mbit/s its p95 is at most half the static choice's at equal or better accuracy;
+while the cloud is down its accuracy is within 1 point of device-only; the predicted p50 is within 25 % of the
+measured p50 in every phase; no strategy loses an answer; the calibration converged. The report says per phase
+why the scheduler chose what it chose (its predicted numbers). Writes ``bench/results/e2e_<name>.{json,md,png}``.
+Needs root (namespaces, cgroup): exits 2 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -360,11 +356,10 @@ def objective_keys(args: argparse.Namespace) -> dict:
                                             if args.latency_bound_ms > 0 else {})}
 
 
-def static_choice(args: argparse.Namespace, profile, objective, block_times: dict, rate_bit_s: int, codecs: dict,
-                  splits=None):
+def static_choice(args: argparse.Namespace, profile, objective, block_times: dict, rate_bit_s: int, codecs: dict):
     """The scheduler's decision for a steady link (rate, ``--rtt-ms``) with the device's block times as measured
     on the limited CPU (so that the fixed choice fits this device, not the profiling machine) and the codec the
-    cloud announces per split (``codecs``); ``splits``: only those."""
+    cloud announces per split (``codecs``)."""
     from device.scheduler import Conditions, choose
 
     conditions = Conditions.from_link(bandwidth_bit_s=float(rate_bit_s), rtt_ms=args.rtt_ms)
@@ -372,20 +367,17 @@ def static_choice(args: argparse.Namespace, profile, objective, block_times: dic
         conditions.device_block_ms = dict(block_times["block_ms"])
     if block_times.get("exit_ms"):
         conditions.device_exit_ms = dict(block_times["exit_ms"])
-    return choose(profile, conditions, objective, codecs, splits)
+    return choose(profile, conditions, objective, codecs)
 
 
 def fixed_pairs(args: argparse.Namespace, profile, objective, block_times: dict, codecs: dict,
                 phases: list) -> dict:
-    """``{strategy name: decision}`` for the other fixed pairs: the plan's choice for each phase's link, and the
-    best pair at each split whose codec is the learned bottleneck, each once (and not the first phase's)."""
+    """``{strategy name: decision}`` for the other fixed pairs: the plan's choice for each phase's link with the
+    cloud up, each once (and not the first phase's, which is ``static``)."""
     first = static_choice(args, profile, objective, block_times, phases[0].rate_bit_s, codecs)
     seen, out = {(first.split_point, first.threshold)}, {}
     candidates = [static_choice(args, profile, objective, block_times, p.rate_bit_s, codecs)
                   for p in phases if p.cloud_up]
-    slowest = min(p.rate_bit_s for p in phases)
-    candidates += [static_choice(args, profile, objective, block_times, slowest, codecs, [s])
-                   for s, name in sorted(codecs.items()) if name.startswith("learned")]
     for d in candidates:
         if (d.split_point, d.threshold) not in seen:
             seen.add((d.split_point, d.threshold))
@@ -667,17 +659,6 @@ def best_fixed(cells: dict) -> Optional[tuple[str, dict]]:
     return min(((k, v) for k, v in fixed.items() if v["accuracy"] >= top - 0.01), key=lambda kv: kv[1]["p95_ms"])
 
 
-def learned_choices(rows: list[dict], num_blocks: Optional[int]) -> list[dict]:
-    """The scheduler's requests served at an intermediate split with a learned codec, per phase."""
-    out = Counter()
-    for r in rows:
-        p = r.get("predicted") or {}
-        if r["strategy"] == "scheduler" and str(p.get("codec", "")).startswith("learned") \
-                and r.get("split_point") not in (0, num_blocks, None):
-            out[(r["phase"], r["split_point"], p["codec"])] += 1
-    return [{"phase": ph, "split_point": sp, "codec": c, "requests": n} for (ph, sp, c), n in sorted(out.items())]
-
-
 def fmt(value: Optional[float], spec: str = ".0f", unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
@@ -740,10 +721,6 @@ def markdown(result: dict) -> str:
                   f" %** of its mean request latency ({cost['request_ms_mean']:.0f} ms); over the whole run "
                   f"({cost['rounds']} rounds, {cost['decisions']} switches, also while the other strategies had their "
                   f"turns) {whole:.2f} ms per request ({100 * whole / cost['request_ms_mean']:.2f} %)."]
-    learned = result.get("learned_choices") or []
-    lines += ["", "Learned codec at an intermediate split, scheduler requests per phase: " + (
-        "; ".join(f"{summary[c['phase']]['label']}: split {c['split_point']} {c['codec']}: {c['requests']}"
-                  for c in learned) or "none")]
     lines += ["", "Why, per phase (the scheduler's most used decision: its reason and prediction): " + "; ".join(
         f"{p['label']}: {p['strategies']['scheduler'].get('why', '-')}" for p in summary
         if "scheduler" in p["strategies"])]
@@ -756,8 +733,7 @@ def markdown(result: dict) -> str:
         "0) and the cloud runs the whole network; **static** is the scheduler's own choice for the first phase's "
         f"link and this device's measured block times, then fixed (split {st['split_point']}, threshold "
         f"{st['threshold']:g}: {st['reason']}); **fixed s/t** are the other pairs the plan picks for some phase's "
-        "link, and the best pair at the learned codec's split for the slowest link, each fixed through every "
-        "phase (every pair the profile lists would be hundreds of runs: these are the ones any phase could want); "
+        "link, each fixed through every phase (every pair the profile lists would be hundreds of runs: these are the ones any phase could want); "
         "**scheduler** re-plans from its live measurements (`scheduler: true`, the same objective). The best fixed "
         "strategy of a phase is the fastest (p95) of those within 1 point of the most accurate of them. "
         "Accuracy counts a lost answer as "
@@ -862,8 +838,7 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
               "static": raw["static"], "cpu_stat": raw.get("cpu_stat", {}), "summary": summary,
               "scheduler_cost": raw.get("scheduler_cost"),
               "checks": checks(summary), "marks": raw["marks"], "rows": raw["rows"],
-              "calibration": raw.get("calibration"),
-              "learned_choices": learned_choices(raw["rows"], raw.get("num_blocks"))}
+              "calibration": raw.get("calibration")}
     calibration = raw.get("calibration")
     result["calibration_text"] = (device_speed.Calibration(**calibration).summary() if calibration else
                                   f"{args.device_cpu:g} of one core, not calibrated")

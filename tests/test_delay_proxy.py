@@ -312,3 +312,24 @@ def test_a_cpu_group_is_resized_in_place():
         finally:
             sleeper.kill()
             sleeper.wait(10)
+
+
+def test_e2e_compares_the_scheduler_with_the_best_fixed_strategy_of_the_phase():
+    """bench/e2e.py: the best fixed strategy is the fastest of those within 1 point of the most accurate (a
+    faster but less accurate one does not count), and the scheduler passes within 1.1x of its p95 only."""
+    from bench import e2e
+
+    def cell(p95, accuracy):
+        return {"p95_ms": p95, "accuracy": accuracy, "lost": 0}
+
+    def phase(scheduler_p95):
+        return {"label": "20 Mbit/s", "cloud_up": True, "rate_bit_s": 20_000_000, "strategies": {
+            "device-only": cell(300, 0.60), "cloud-only": cell(80, 0.60), "static": cell(60, 0.58),
+            "scheduler": {**cell(scheduler_p95, 0.60), "predicted_p50_ms": 70.0, "p50_ms": 70.0,
+                          "prediction_error": 0.0}}}
+
+    name, best = e2e.best_fixed(phase(85)["strategies"])
+    assert (name, best["p95_ms"]) == ("cloud-only", 80)
+    verdicts = {p95: {c["check"]: c["passed"] for c in e2e.checks([phase(p95)])} for p95 in (85, 95)}
+    key = next(k for k in verdicts[85] if k.startswith("scheduler p95 <= 1.1 x"))
+    assert verdicts[85][key] and not verdicts[95][key]
