@@ -72,8 +72,8 @@ def format_plan(decision, rows: list[Candidate], cond: Conditions, objective=Non
     lines += [head, "-" * len(head)]
     for c in rows:
         mark = " <-" if (c.split_point, c.threshold) == (decision.split_point, decision.threshold) else ""
-        lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.accuracy_low:8.4f} {c.uploading_rate:6.3f} "
-                     f"{c.bytes_per_image:8.0f} {c.latency_p50_ms:8.1f} {c.latency_p95_ms:8.1f} "
+        lines.append(f"{c.split_point:5d} {c.threshold:5.2f} {c.codec:>12} {c.accuracy:8.4f} {c.accuracy_low:8.4f} "
+                     f"{c.uploading_rate:6.3f} {c.bytes_per_image:8.0f} {c.latency_p50_ms:8.1f} {c.latency_p95_ms:8.1f} "
                      f"{c.throughput_per_s:7.1f}{mark}")
     lines.append("(per split point the pair the objective ranks first; acc-low: the accuracy less 1.645 standard "
                  "errors of its difference to the final classifier, what the objective compares; device times from "

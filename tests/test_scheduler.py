@@ -459,7 +459,8 @@ def test_plan_needs_only_the_link_after_the_profile_is_written(checkpoint, real_
     plan = json.loads(ok.stdout)
     floor = real_profile[0].final_accuracy - 0.01
     assert plan["objective"] == {"kind": "min_latency", "latency_ms": None, "accuracy": pytest.approx(floor)}
-    feasible = [c for c in predict(real_profile[0], Conditions.from_link(2e6, 40.0)) if c.accuracy >= floor - 1e-9]
+    feasible = [c for c in predict(real_profile[0], Conditions.from_link(2e6, 40.0))
+                if c.accuracy_low >= floor - 1e-9]  # the rule: a pair is judged at its lower bound
     assert plan["decision"]["feasible"]
     assert plan["decision"]["predicted"]["latency_p95_ms"] == pytest.approx(min(c.latency_p95_ms for c in feasible),
                                                                            abs=1e-3)
