@@ -16,7 +16,7 @@ from models.exit_policy import confidence
 from models.hardware import follow
 from models.partition import Tail, activation_shapes, tail
 from proto import spinn_v1_pb2 as pb
-from proto.codec import CodecError, decode, decode_jpeg
+from proto.codec import CodecError, decode, decode_code_message, decode_jpeg
 
 DEFAULT_TOP_K = 5
 
@@ -106,6 +106,8 @@ def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int
     if not 0.0 <= req.cloud_exit_threshold <= 1.0:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"cloud_exit_threshold must be in [0, 1], got {req.cloud_exit_threshold}")
+    if req.features.codec.quantization == pb.Codec.LEARNED:
+        return decode_learned(req, served, max_batch)
     want = served.activation_shapes[req.split_point]
     shape = tuple(req.features.shape)
     if len(shape) != 4 or shape[1:] != tuple(want) or not 1 <= shape[0] <= max_batch:
@@ -123,6 +125,33 @@ def validate_request(req: pb.FeatureRequest, served: ServedModel, max_batch: int
         return decode(req.features, "features")
     except CodecError as err:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+
+
+@torch.no_grad()
+def decode_learned(req: pb.FeatureRequest, served: ServedModel, max_batch: int) -> torch.Tensor:
+    """The activation ``(B, C, H, W)`` float32 (CPU) a LEARNED request's code ``(B, c, H, W)`` restores through the
+    decoder of the bottleneck at its split point. RequestError: FAILED_PRECONDITION when the served model has no
+    bottleneck there, INVALID_ARGUMENT naming the field for a shape or payload that does not fit it."""
+    split = served.tails[req.split_point]
+    bottleneck = served.model.bottleneck
+    if split.decoder is None or bottleneck is None:
+        where = "none" if bottleneck is None else f"one at split point {bottleneck.config.split_point}"
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"features.codec.quantization: LEARNED needs the model's bottleneck at split point "
+                           f"{req.split_point}; version {served.model_version} has {where}")
+    _, h, w = served.activation_shapes[req.split_point]
+    want = (bottleneck.config.channels, h, w)
+    shape = tuple(req.features.shape)
+    if len(shape) != 4 or shape[1:] != want or not 1 <= shape[0] <= max_batch:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"features.shape: the bottleneck's code at split point {req.split_point} is (B, "
+            f"{', '.join(map(str, want))}) with 1 <= B <= {max_batch}, got {list(shape)}")
+    try:
+        code = decode_code_message(req.features, bottleneck.code_counts, "features")
+    except CodecError as err:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+    return split.decode(follow(code, served.model)).float().cpu()
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ SPARE_RPC_THREADS = 4
 #: gRPC's own bound on calls in the server (running or queued for a thread), per RPC thread.
 QUEUED_PER_THREAD = 4
 DEFAULT_CODEC = CodecSpec("int8", "zstd")
+LEARNED_CODEC = CodecSpec("learned", "ans")
 
 
 def load_codec_table(path: str | None) -> dict[int, CodecSpec]:
@@ -69,6 +70,26 @@ def load_codec_table(path: str | None) -> dict[int, CodecSpec]:
         return {int(k): CodecSpec.from_name(v) for k, v in defaults.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"config key 'codec_table': {path!r} is not a bench/codec.py result ({err})") from None
+
+
+def default_codec(served: ServedModel, split_point: int, table: dict[int, CodecSpec]) -> CodecSpec:
+    """The codec a device should send at ``split_point``: the configured table's, else ``learned+ans`` where
+    ``served`` has its bottleneck (hundreds of bytes where int8+zstd takes kilobytes), else int8+zstd."""
+    if split_point in table:
+        return table[split_point]
+    bottleneck = served.model.bottleneck
+    if bottleneck is not None and bottleneck.config.split_point == split_point:
+        return LEARNED_CODEC
+    return DEFAULT_CODEC
+
+
+def code_shape(served: ServedModel, split_point: int) -> list[int]:
+    """``(c, H, W)`` of the bottleneck's code when ``served`` has its bottleneck at ``split_point``, else []."""
+    bottleneck = served.model.bottleneck
+    if bottleneck is None or bottleneck.config.split_point != split_point:
+        return []
+    _, h, w = served.activation_shapes[split_point]
+    return [bottleneck.config.channels, h, w]
 
 
 @dataclass
@@ -349,11 +370,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             split_points=[
                 pb.SplitPointInfo(split_point=k, activation_shape=list(shape),
                                   device_exits=[e for e in s.model.exit_points if e <= k],
-                                  default_codec=self.default_codecs.get(k, DEFAULT_CODEC).message())
+                                  default_codec=default_codec(s, k, self.default_codecs).message(),
+                                  code_shape=code_shape(s, k))
                 for k, shape in sorted(s.activation_shapes.items())
             ],
-            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4, Q.JPEG],
-            compressions=[C.NONE, C.ZLIB, C.ZSTD],
+            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4, Q.JPEG, Q.LEARNED],
+            compressions=[C.NONE, C.ZLIB, C.ZSTD, C.ANS],
             resize_size=s.metadata["preprocess"]["resize_size"], mean=s.metadata["preprocess"]["mean"],
             std=s.metadata["preprocess"]["std"],
         )

@@ -209,9 +209,11 @@ class DeviceConfig:
             raise ConfigError(f"config key 'codec': {err}") from None
         if self.input_codec != "jpeg":
             try:
-                CodecSpec.from_name(self.input_codec)
+                learned = CodecSpec.from_name(self.input_codec).learned
             except ValueError as err:
                 raise ConfigError(f"config key 'input_codec': jpeg or {err}") from None
+            if learned:  # a bottleneck sits after a block, never on the input
+                raise ConfigError(f"config key 'input_codec': the input cannot take {self.input_codec}")
         if not 0 <= self.stream_nice <= 19:
             raise ConfigError(f"config key 'stream_nice': must be in 0..19, got {self.stream_nice}")
         if not 1 <= self.jpeg_quality <= 95:

@@ -64,7 +64,7 @@ def blank_state(manifest: Manifest) -> dict[str, torch.Tensor]:
     so that a layer whose statistics have not arrived passes its input through instead of exploding."""
     state = {}
     for t in manifest.tensors:
-        dtype = torch.int64 if t.dtype == "int64" else torch.float32
+        dtype = getattr(torch, t.dtype)  # float32, int64 or int32: proto/manifest.py admits no other
         one = t.kind == "raw" and (t.name.endswith("running_var") or (t.name.endswith(".weight") and
                                                                        len(t.shape) == 1))
         state[t.name] = (torch.ones if one else torch.zeros)(t.shape, dtype=dtype)

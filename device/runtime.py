@@ -35,7 +35,7 @@ from models.hardware import follow, resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.partition import Head, check_split_point, head
 from proto import spinn_v1_pb2 as pb
-from proto.codec import CodecSpec, encode, encode_jpeg
+from proto.codec import CodecSpec, encode, encode_code_message, encode_jpeg
 from serving.admission import Admission
 from serving.heap import freeze_heap
 from serving.signing import Verifier
@@ -66,6 +66,7 @@ class ClassifyResult:
     split_point: int = 0
     weights_fraction: float = 1.0  # share of the model's weight bits the device holds
     head_bits: float = 32.0  # mean bits per weight of the head (32: a float32 checkpoint)
+    codec: str = ""  # what the features were sent as (int8+zstd, learned+ans, jpeg, ...); "" when nothing was sent
 
     def to_json(self, image: Optional[str] = None) -> dict:
         """The JSON object of ``python -m device classify --json`` (``image`` first when given)."""
@@ -128,6 +129,20 @@ def split_codecs(info: pb.ModelInfo) -> dict[int, CodecSpec]:
     return out
 
 
+def wire_codec_name(features: pb.Tensor) -> str:
+    """The name of the codec a feature message carries (``jpeg`` for an input JPEG)."""
+    if features.codec.quantization == pb.Codec.JPEG:
+        return JPEG
+    return CodecSpec.from_message(features.codec, per_channel=len(features.codec.scale) > 1).name
+
+
+def has_encoder(active: Optional[ActiveModel], split_point: int) -> bool:
+    """Whether the model ``active`` runs has its bottleneck at ``split_point`` (so it can send a learned code)."""
+    if active is None or active.model is None or active.model.bottleneck is None:
+        return False
+    return active.model.bottleneck.config.split_point == split_point
+
+
 def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, float]]:
     probs = torch.softmax(logits.float(), dim=-1)
     values, ids = probs.topk(min(k, probs.shape[-1]))
@@ -181,6 +196,7 @@ class DeviceRuntime:
         self.streamed: Optional[StreamedModel] = None
         if checkpoint is not None:
             self._check_split(checkpoint.model)
+            self._check_codec(checkpoint.model)
             ref = pb.ModelRef(model_id=cfg.model_id, model_version=cfg.model_version or short_digest(checkpoint.digest),
                               digest=checkpoint.digest)
             model = checkpoint.model.eval().to(self.torch_device)
@@ -319,6 +335,15 @@ class DeviceRuntime:
         except ValueError as err:
             raise ConfigError(f"config key 'split_point': {err}") from None
 
+    def _check_codec(self, model: EarlyExitMobileNetV2) -> None:
+        """ConfigError naming ``codec`` when it is learned and ``model`` has no bottleneck at ``split_point``."""
+        spec, split = self.cfg.codec_spec(), self.cfg.split_point
+        bottleneck = model.bottleneck
+        if spec is not None and spec.learned and (bottleneck is None or bottleneck.config.split_point != split):
+            has = "none" if bottleneck is None else f"one at split point {bottleneck.config.split_point}"
+            raise ConfigError(f"config key 'codec': {spec.name} needs the checkpoint's bottleneck at split_point "
+                              f"{split}; it has {has}")
+
     def install(self, snapshot: Snapshot) -> None:
         """Serve ``snapshot`` from the next request on: at the configured split point once its head is usable,
         before that at split point 0 (the cloud runs the whole network on the input)."""
@@ -440,11 +465,19 @@ class DeviceRuntime:
             return self.codec
         return self.cfg.codec_spec() or self.split_codecs.get(split_point, OFFLINE_CODEC)
 
+    def sendable_codec(self, active: Optional[ActiveModel], split_point: int) -> CodecSpec:
+        """``codec_for(split_point)``, except that a learned codec needs the bottleneck's encoder at that split
+        in the model ``active`` runs: without it (another version, a split elsewhere) int8+zstd."""
+        spec = self.codec_for(split_point)
+        if spec.learned and not has_encoder(active, split_point):
+            return OFFLINE_CODEC
+        return spec
+
     def codec_names(self) -> dict[int, str]:
         """Per split point, the name of what an offload there sends ("jpeg" for a JPEG of the input)."""
         active = self.active
         n = active.model.num_blocks if active is not None and active.model is not None else 0
-        names = {s: self.codec_for(s).name for s in range(1, n + 1)}
+        names = {s: self.sendable_codec(active, s).name for s in range(1, n + 1)}
         if self._jpeg_input():
             names[0] = JPEG
         else:
@@ -572,10 +605,15 @@ class DeviceRuntime:
         skew = self.skew.blocked(active.ref)
         if skew is not None:  # the cloud refused this version a moment ago: do not pay a round trip per image
             return self._fallback(active, activation, deepest, k, started, skew, bytes_sent=0)
-        request = pb.FeatureRequest(
-            request_id=uuid.uuid4().hex, model=active.wire_ref, split_point=active.split_point,
-            features=self._encode(active, activation), top_k=k,
-        )
+        features = self._encode(active, activation)
+        result = self._send(active, activation, deepest, k, started, features)
+        return dataclasses.replace(result, codec=wire_codec_name(features))
+
+    def _send(self, active: ActiveModel, activation: Tensor, deepest: Optional[tuple[int, Tensor]], k: int,
+              started: float, features: pb.Tensor) -> ClassifyResult:
+        """One Infer call with ``features``; the cloud's answer, or on any failure the device's own."""
+        request = pb.FeatureRequest(request_id=uuid.uuid4().hex, model=active.wire_ref,
+                                    split_point=active.split_point, features=features, top_k=k)
         size = request.ByteSize()
         with self._calls_lock:
             self.rpc_calls += 1
@@ -615,7 +653,16 @@ class DeviceRuntime:
     def _encode(self, active: ActiveModel, activation: Tensor) -> pb.Tensor:
         split = active.split_point
         if split != 0 or (self.cfg.split_point == 0 and self.cfg.codec):
-            return encode(activation, self.codec_for(split))
+            spec = self.sendable_codec(active, split)
+            if spec.learned:
+                assert active.head is not None and active.head.encoder is not None and active.model is not None
+                try:
+                    code = active.head.encoder.code(activation)
+                    return encode_code_message(code, spec, active.model.bottleneck.code_counts)
+                except ValueError as err:  # a frequency table not (fully) received yet: send what needs none
+                    log.warning("cannot send a learned code (%s); sending %s", err, OFFLINE_CODEC.name)
+                    spec = OFFLINE_CODEC
+            return encode(activation, spec)
         if self._jpeg_input():
             pre = active.preprocess
             return encode_jpeg(activation, pre.mean, pre.std, self.cfg.jpeg_quality)

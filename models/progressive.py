@@ -76,7 +76,9 @@ DEFAULT_CORRECTED_PLANES = 6  # 8 made the quickstart stream 1.003x the plain 16
 
 _SECTION = struct.Struct("<BI")  # flag (0 raw, 1 zstd), payload length
 _RAW, _ZSTD = 0, 1
-_DTYPES = {"float32": (torch.float32, np.float32), "int64": (torch.int64, np.int64)}
+_DTYPES = {"float32": (torch.float32, np.float32), "int64": (torch.int64, np.int64),
+           "int32": (torch.int32, np.int32)}
+_INT_CODES = {"int64": "<i8", "int32": "<i4"}  # raw integer tensors (counters, a bottleneck's frequency table)
 _HALF_MIDDLE = np.uint16(0x8000)  # the middle of the interval the missing low half of a float32 spans
 
 
@@ -314,24 +316,29 @@ def join_halves(high: np.ndarray, low: Optional[np.ndarray]) -> np.ndarray:
 # -- building a package ---------------------------------------------------------------------------------------
 
 
-def tensor_part(name: str, split_point: int, exit_points: list[int]) -> str:
-    """``head`` for blocks before ``split_point`` and the exits at boundaries <= it, else ``rest``."""
+def tensor_part(name: str, split_point: int, exit_points: list[int], bottleneck_split: Optional[int] = None) -> str:
+    """``head`` for blocks before ``split_point``, the exits at boundaries <= it and, when the bottleneck sits at
+    ``bottleneck_split`` <= it, the bottleneck's encoder, prior and frequency table (all a device needs to send its
+    code); else ``rest`` (the bottleneck's decoder always: only the cloud runs it)."""
     parts = name.split(".")
     if parts[0] == "features" and int(parts[1]) < split_point:
         return "head"
     if parts[0] == "exits" and exit_points[int(parts[1])] <= split_point:
         return "head"
+    if parts[0] == "bottleneck" and parts[1] != "decoder" and bottleneck_split is not None \
+            and bottleneck_split <= split_point:
+        return "head"
     return "rest"
 
 
 def describe_tensors(state: dict[str, torch.Tensor], split_point: int, exit_points: list[int],
-                     scales: dict[str, np.ndarray]) -> list[TensorInfo]:
+                     scales: dict[str, np.ndarray], bottleneck_split: Optional[int] = None) -> list[TensorInfo]:
     """TensorInfo for every state-dict entry: floating tensors of >= 2 dims are ``planes``, the rest ``raw``
     and grouped with the planes tensor before them (in state-dict order)."""
     kinds = []
     for name, t in state.items():
-        if t.dtype not in (torch.float32, torch.int64):
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not float32 or int64")
+        if t.dtype not in (torch.float32, torch.int64, torch.int32):
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not float32, int64 or int32")
         kinds.append("planes" if t.dtype == torch.float32 and t.dim() >= 2 else "raw")
     if "planes" not in kinds:
         raise ValueError("the state dict has no conv/linear weight to code")
@@ -340,7 +347,7 @@ def describe_tensors(state: dict[str, torch.Tensor], split_point: int, exit_poin
     for i, ((name, t), kind) in enumerate(zip(state.items(), kinds)):
         group = i if kind == "planes" else group
         infos.append(TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), kind, group,
-                                tensor_part(name, split_point, exit_points), scales.get(name)))
+                                tensor_part(name, split_point, exit_points, bottleneck_split), scales.get(name)))
     return infos
 
 
@@ -427,7 +434,7 @@ def _code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo
 
 
 def _raw_sections(tensors: list[torch.Tensor], infos: list[TensorInfo]) -> dict[int, tuple[bytes, bytes]]:
-    """Per group, the sections its raw tensors add to its first plane (int64 tensors whole, float32 high
+    """Per group, the sections its raw tensors add to its first plane (integer tensors whole, float32 high
     halves) and to its ``raw_low_plane`` (float32 low halves), in tensor order."""
     out: dict[int, tuple[bytes, bytes]] = {}
     for t, info in zip(tensors, infos):
@@ -541,7 +548,8 @@ def build_package(
     if corrected_planes < 0:
         raise ValueError(f"corrected_planes must be >= 0, got {corrected_planes}")
     corrected_planes = min(corrected_planes, bits - 2) if bias else 0  # the last plane never carries a shift
-    infos = describe_tensors(state, split_point, exit_points, {})
+    bottleneck = (metadata.get("model_config") or {}).get("bottleneck")
+    infos = describe_tensors(state, split_point, exit_points, {}, bottleneck["split_point"] if bottleneck else None)
     units = _code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes)
     chunks, payloads = _pack_chunks(_stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
@@ -696,10 +704,10 @@ class Decoder:
 
     def _read_first(self, r: int, buf: io.BytesIO, index: int,
                     high: dict[int, np.ndarray]) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
-        """Raw tensor ``r`` from its first piece: int64 whole, float32 high halves (low ones to come)."""
+        """Raw tensor ``r`` from its first piece: integers whole, float32 high halves (low ones to come)."""
         info = self.manifest.tensors[r]
-        if info.dtype == "int64":
-            return torch.from_numpy(self._read_array(info, buf, index, "<i8").reshape(info.shape)), high
+        if info.dtype in _INT_CODES:
+            return torch.from_numpy(self._read_array(info, buf, index, _INT_CODES[info.dtype]).reshape(info.shape)), high
         high_half = self._read_array(info, buf, index, "<u2")
         return torch.from_numpy(join_halves(high_half, None).reshape(info.shape)), {**high, r: high_half}
 

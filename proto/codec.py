@@ -3,6 +3,10 @@
 Encoding is quantisation (float32 / float16 / affine int8 / affine int4, per tensor or per channel) followed
 by lossless compression (none / zlib / zstd). Decoding validates everything a client could get wrong and
 raises ``CodecError`` naming the offending field, so a server can answer INVALID_ARGUMENT with that text.
+
+A learned bottleneck's code (``learned+ans`` / ``learned+zstd``) is not an activation: the device's encoder made
+it and only the model's decoder restores the activation. ``encode_code_message`` / ``decode_code_message`` carry
+it (the payload coder is ``models.bottleneck_codec``); ``decode`` refuses it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import zstandard
 from PIL import Image
 
+from models.bottleneck_codec import CodeError, decode_code, encode_code
 from proto import spinn_v1_pb2 as pb
 
 Q = pb.Codec.Quantization
@@ -25,6 +30,7 @@ C = pb.Codec.Compression
 MAX_DECODED_BYTES = 256 * 1024 * 1024
 
 _LEVELS = {Q.INT8: 255, Q.INT4: 15}
+LEARNED_CODERS = ("ans", "zstd")
 
 
 class CodecError(ValueError):
@@ -33,17 +39,28 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """A codec choice: ``quantization`` in float32/float16/int8/int4, ``compression`` in none/zlib/zstd."""
+    """A codec choice: ``quantization`` in float32/float16/int8/int4, ``compression`` in none/zlib/zstd; or
+    ``learned`` (a bottleneck's code) with ``ans`` or ``zstd``."""
 
     quantization: str = "int8"
     compression: str = "zstd"
     per_channel: bool = False
 
     def __post_init__(self) -> None:
+        if self.quantization == "learned":
+            if self.compression not in LEARNED_CODERS or self.per_channel:
+                raise ValueError(f"codec learned takes compression ans/zstd (no -pc), got {self.name!r}")
+            return
         if self.quantization not in ("float32", "float16", "int8", "int4"):
-            raise ValueError(f"codec quantization must be float32/float16/int8/int4, got {self.quantization!r}")
+            raise ValueError(f"codec quantization must be float32/float16/int8/int4/learned, got "
+                             f"{self.quantization!r}")
         if self.compression not in ("none", "zlib", "zstd"):
             raise ValueError(f"codec compression must be none/zlib/zstd, got {self.compression!r}")
+
+    @property
+    def learned(self) -> bool:
+        """A bottleneck's code: needs the head's encoder to make it and the tail's decoder to read it."""
+        return self.quantization == "learned"
 
     @property
     def name(self) -> str:
@@ -108,6 +125,8 @@ def _decompress(data: bytes, compression: int, expected: int, field: str) -> byt
 
 def encode(x: torch.Tensor, spec: CodecSpec) -> pb.Tensor:
     """Encode a float activation ``x`` of shape ``(B, C, H, W)`` (any float dtype/device) into a message."""
+    if spec.learned:
+        raise ValueError("codec learned encodes a bottleneck's code: use encode_code_message")
     a = x.detach().to("cpu", torch.float32).contiguous().numpy()
     if a.ndim != 4 and spec.per_channel:
         raise ValueError(f"per-channel quantisation needs a (B, C, H, W) tensor, got shape {a.shape}")
@@ -155,6 +174,8 @@ def decode(msg: pb.Tensor, field: str = "features", max_bytes: int = MAX_DECODED
     bytes_per = {Q.FLOAT32: 4.0, Q.FLOAT16: 2.0, Q.INT8: 1.0, Q.INT4: 0.5}.get(codec.quantization)
     if codec.quantization == Q.JPEG:
         raise CodecError(f"{field}.codec.quantization: JPEG is for the input at split point 0 only")
+    if codec.quantization == Q.LEARNED:
+        raise CodecError(f"{field}.codec.quantization: LEARNED is a bottleneck's code, not an activation")
     if bytes_per is None:
         raise CodecError(f"{field}.codec.quantization: unknown quantization {codec.quantization}")
     expected = int(np.ceil(n * bytes_per))
@@ -218,6 +239,33 @@ def decode_jpeg(msg: pb.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
     x = (torch.from_numpy(rgb).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None,
                                                                                                          None]
     return x.unsqueeze(0).contiguous()
+
+
+def encode_code_message(code: torch.Tensor, spec: CodecSpec, counts: torch.Tensor) -> pb.Tensor:
+    """A bottleneck's integer code ``(B, c, H, W)`` (``BottleneckEncoder.code``) as a LEARNED message coded with
+    ``spec.compression`` (``ans`` under the frequency table ``counts`` ``(c, 2 * code_max + 1)``, or ``zstd``)."""
+    if not spec.learned:
+        raise ValueError(f"encode_code_message needs a learned codec, got {spec.name!r}")
+    payload = encode_code(code, spec.compression, counts)  # type: ignore[arg-type]
+    return pb.Tensor(shape=list(code.shape), dtype="int8", data=payload, codec=spec.message())
+
+
+def decode_code_message(msg: pb.Tensor, counts: torch.Tensor, field: str = "features") -> torch.Tensor:
+    """The integer code ``(B, c, H, W)`` int32 of a LEARNED message, under the frequency table ``counts``
+    ``(c, 2 * code_max + 1)`` (its ``c`` is the only channel count accepted). The caller checks B, H and W
+    against the split. Raises CodecError naming the field; bounded in time and memory by ``shape``."""
+    if msg.codec.quantization != Q.LEARNED:
+        raise CodecError(f"{field}.codec.quantization: a bottleneck code is LEARNED, got {msg.codec.quantization}")
+    coder = {C.ANS: "ans", C.ZSTD: "zstd"}.get(msg.codec.compression)
+    if coder is None:
+        raise CodecError(f"{field}.codec.compression: LEARNED takes ANS or ZSTD, got {msg.codec.compression}")
+    if msg.dtype != "int8":
+        raise CodecError(f"{field}.dtype: a LEARNED code is 'int8', got {msg.dtype!r}")
+    try:
+        return decode_code(msg.data, tuple(int(d) for d in msg.shape), coder, counts)  # type: ignore[arg-type]
+    except CodeError as err:  # it names ``shape`` or ``payload``, which travels as ``data``
+        text = str(err)
+        raise CodecError(f"{field}.{'data' + text[7:] if text.startswith('payload') else text}") from None
 
 
 def encoded_size(msg: pb.Tensor) -> int:

@@ -87,7 +87,7 @@ def manifest_message(m: Manifest) -> pb.Manifest:
 
 def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
     where = f"manifest.tensors[{i}]"
-    if t.dtype not in ("float32", "int64") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
+    if t.dtype not in ("float32", "int64", "int32") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
         raise ProgressiveError(f"{where}: bad dtype, shape or group ({t.name!r})")
     scales = offsets = None
     if t.planes:
@@ -258,6 +258,6 @@ def _expected_state(model_config: dict) -> tuple[dict[str, tuple[tuple[int, ...]
     config = from_dict(ModelConfig, model_config, source="manifest model_config")
     with torch.device("meta"):
         model = EarlyExitMobileNetV2(config, exit_points=[int(k) for k in config.exits])
-    state = {name: (tuple(t.shape), "int64" if t.dtype == torch.int64 else "float32")
+    state = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
              for name, t in model.state_dict().items()}
     return state, model.num_blocks

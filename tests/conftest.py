@@ -17,11 +17,14 @@ sys.path.insert(0, str(ROOT))  # train.py / test.py live at the repo root
 from models.checkpoint import checkpoint_metadata, save_checkpoint  # noqa: E402
 from models.identity import model_digest  # noqa: E402
 from models.datasets import Preprocess  # noqa: E402
+from models.bottleneck import BottleneckConfig  # noqa: E402
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig  # noqa: E402
 
 SIZE = 32  # input size of the small test checkpoint
 NAMES = [f"c{i}" for i in range(10)]
 PREPROCESS = Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3)  # the small test checkpoint's
+BOTTLENECK_SPLIT = 8  # small_model at 32 px: activation (24, 2, 2) here
+BOTTLENECK = BottleneckConfig(split_point=BOTTLENECK_SPLIT, channels=4, hidden=8, code_max=15)
 
 
 def digest_of(model: EarlyExitMobileNetV2, names: list[str] = NAMES, preprocess: Preprocess = PREPROCESS) -> str:
@@ -40,6 +43,20 @@ def small_model() -> EarlyExitMobileNetV2:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def with_bottleneck(model: EarlyExitMobileNetV2, config: BottleneckConfig = BOTTLENECK) -> EarlyExitMobileNetV2:
+    """``model`` with a bottleneck whose BN statistics are random (so eval mode is not the identity)."""
+    torch.manual_seed(1)
+    model.attach_bottleneck(config)
+    for m in model.bottleneck.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    # A wider encoder output than at init, so that codes take many values, some clamped.
+    with torch.no_grad():
+        model.bottleneck.encoder[1].weight.mul_(20)
     return model.eval()
 
 

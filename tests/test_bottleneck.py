@@ -18,24 +18,10 @@ from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
 from models.partition import head, profile, tail
 
-from conftest import NAMES, SIZE
+from conftest import BOTTLENECK, BOTTLENECK_SPLIT, NAMES, SIZE, with_bottleneck
 
-SPLIT = 8  # small_model at 32 px: activation (24, 2, 2) here
-CONFIG = BottleneckConfig(split_point=SPLIT, channels=4, hidden=8, code_max=15)
-
-
-def with_bottleneck(model: EarlyExitMobileNetV2, config: BottleneckConfig = CONFIG) -> EarlyExitMobileNetV2:
-    """``model`` with a bottleneck whose BN statistics are random (so eval mode is not the identity)."""
-    torch.manual_seed(1)
-    model.attach_bottleneck(config)
-    for m in model.bottleneck.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    # A wider encoder output than at init, so that codes take many values, some clamped.
-    with torch.no_grad():
-        model.bottleneck.encoder[1].weight.mul_(20)
-    return model.eval()
+SPLIT = BOTTLENECK_SPLIT
+CONFIG = BOTTLENECK
 
 
 def laplace_counts(channels: int, code_max: int, scale: float = 2.0) -> torch.Tensor:
