@@ -262,7 +262,7 @@ def predict(profile: OfflineProfile, cond: Conditions, codecs: Optional[dict[int
         codec = codecs.get(s, JPEG if s == 0 and JPEG in entry.bytes else "int8+zstd")
         cost = _split_cost(profile, entry, codec, cond, prefix, exits, final_ms, local_final)
         seen = set()  # thresholds with the same outcome (no exit reaches them) are one candidate
-        for row in entry.rows:
+        for row in entry.rows_for(codec):
             key = (row.uploading_rate, row.accuracy, tuple(row.exit_rates))
             if key not in seen:
                 seen.add(key)

@@ -60,10 +60,13 @@ class CachedOutputs:
     exit_points: list[int] = field(default_factory=list)
 
 
-def evaluate_threshold(cache: CachedOutputs, threshold: float, upload_bytes: float) -> ThresholdRow:
+def evaluate_threshold(cache: CachedOutputs, threshold: float, upload_bytes: float,
+                       reference: Tensor | None = None) -> ThresholdRow:
     """Apply the first-confident-exit policy at ``threshold`` to ``cache``.
 
-    ``upload_bytes``: bytes sent for one uploaded image (the encoded split activation).
+    ``upload_bytes``: bytes sent for one uploaded image (the encoded split activation). ``reference``: ``(N,)``
+    bool correctness that ``changed`` counts differences from (default ``cache.final_correct``; a lossy upload
+    path, e.g. a learned bottleneck, is compared with the model's own final classifier).
     """
     n = cache.final_correct.numel()
     e = cache.device_confidence.shape[0]
@@ -87,7 +90,7 @@ def evaluate_threshold(cache: CachedOutputs, threshold: float, upload_bytes: flo
         exit_accuracies=accs,
         cloud_accuracy=float(cache.final_correct[undecided].float().mean()) if uploaded else None,
         upload_bytes_per_image=upload_bytes * uploaded / n,
-        changed=int((correct != cache.final_correct).sum()),
+        changed=int((correct != (cache.final_correct if reference is None else reference)).sum()),
     )
 
 

@@ -4,6 +4,10 @@ For every split point 0..N and every threshold of the grid: uploading rate, accu
 evaluation set; per split point the encoded bytes of one offload with each codec (mean and p95 over the set),
 device and cloud FLOPs; per block and exit head the compute time of one image on the profiling machine. A device
 scales those times by what it measures itself, so a profile made on a workstation still plans on a phone.
+
+A model with a learned bottleneck also gets, at the bottleneck's split, the bytes of its code (``learned+ans``,
+``learned+zstd``) and ``learned_rows``: the same thresholds with the uploads answered by the final classifier
+after the bottleneck's decoder (the code is lossy; the other codecs' rows assume float32 features).
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.early_exit import EarlyExitMobileNetV2
+from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.exit_policy import CachedOutputs, confidence, evaluate_threshold
 from models.hardware import follow
 from models.partition import profile as split_profiles
-from proto.codec import CodecSpec, encode, encode_jpeg, encoded_size
+from proto.codec import CodecSpec, encode, encode_code_message, encode_jpeg, encoded_size
 
 PROFILE_VERSION = 2  # 2: rows carry ``changed``
 DEFAULT_CODECS = ("float32+none", "float16+zstd", "int8+zstd", "int4+zstd", "int8-pc+zstd", "int4-pc+zstd")
 JPEG = "jpeg"  # the input itself at split point 0, as a JPEG (device config ``input_codec: jpeg``)
+LEARNED_CODECS = ("learned+ans", "learned+zstd")  # measured at a bottleneck's split
 
 
 class ProfileError(ValueError):
@@ -72,10 +77,16 @@ class SplitEntry:
     cloud_flops: int
     bytes: dict[str, BytesStats]  # codec name (or "jpeg" at split 0) -> size of one offload
     rows: list[ThresholdOutcome]
+    # at a bottleneck's split: the uploads answered through its decoder (module docstring); else empty
+    learned_rows: list[ThresholdOutcome] = field(default_factory=list)
 
     def row(self, threshold: float) -> ThresholdOutcome:
         """The outcome at ``threshold`` (the nearest threshold of the grid)."""
         return min(self.rows, key=lambda r: abs(r.threshold - threshold))
+
+    def rows_for(self, codec: str) -> list[ThresholdOutcome]:
+        """The rows of offloads sent with ``codec``: ``learned_rows`` for a learned codec where measured."""
+        return self.learned_rows if codec.startswith("learned") and self.learned_rows else self.rows
 
 
 @dataclass
@@ -126,8 +137,7 @@ def profile_from_json(data: dict) -> OfflineProfile:
         activation_shape=[int(v) for v in s["activation_shape"]], device_flops=int(s["device_flops"]),
         cloud_flops=int(s["cloud_flops"]), bytes={k: BytesStats(float(v["mean"]), float(v["p95"]))
                                                   for k, v in s["bytes"].items()},
-        rows=[ThresholdOutcome(float(r["threshold"]), float(r["uploading_rate"]), float(r["accuracy"]),
-                               [float(x) for x in r["exit_rates"]], int(r["changed"])) for r in s["rows"]])
+        rows=_rows(s["rows"]), learned_rows=_rows(s.get("learned_rows", [])))
         for s in data["splits"]]
     out = OfflineProfile(
         checkpoint=str(data["checkpoint"]), confidence=str(data["confidence"]), num_images=int(data["num_images"]),
@@ -149,13 +159,20 @@ def profile_from_json(data: dict) -> OfflineProfile:
     return out
 
 
+def _rows(data: list) -> list[ThresholdOutcome]:
+    return [ThresholdOutcome(float(r["threshold"]), float(r["uploading_rate"]), float(r["accuracy"]),
+                             [float(x) for x in r["exit_rates"]], int(r["changed"])) for r in data]
+
+
 def _check_split(s: SplitEntry, num_images: int) -> None:
     """ValueError naming the split and field of an entry no planner can use."""
     if not s.rows:
         raise ValueError(f"split {s.split_point} has no threshold rows")
     if not s.bytes or any(not (b.mean > 0 and b.p95 >= 0) for b in s.bytes.values()):
         raise ValueError(f"split {s.split_point}: bytes must list at least one codec with sizes > 0")
-    for r in s.rows:
+    if s.learned_rows and [r.threshold for r in s.learned_rows] != [r.threshold for r in s.rows]:
+        raise ValueError(f"split {s.split_point}: learned_rows must have the thresholds of rows")
+    for r in s.rows + s.learned_rows:
         if len(r.exit_rates) != len(s.device_exits):
             raise ValueError(f"split {s.split_point}: exit_rates do not match device_exits")
         shares = [r.uploading_rate, *r.exit_rates]
@@ -174,6 +191,7 @@ class _Pass:
 
     confidence: list[Tensor] = field(default_factory=list)  # per batch (outputs, B)
     correct: list[Tensor] = field(default_factory=list)
+    learned_correct: list[Tensor] = field(default_factory=list)  # per batch (B,): final after the bottleneck
     sizes: dict[tuple[int, str], list[int]] = field(default_factory=dict)
     sized: int = 0
 
@@ -198,11 +216,30 @@ def _evaluate(model: EarlyExitMobileNetV2, loader: DataLoader, kind: str, codecs
                 outputs.append(exits[k + 1](x))
             if size_now:
                 _record_sizes(seen, k + 1, x, codecs, None)
+            if model.bottleneck is not None and model.bottleneck.config.split_point == k + 1:
+                _learned_pass(model, x, labels, seen, size_now)
         outputs.append(model.final(x))
         seen.sized += len(labels) if size_now else 0
         seen.confidence.append(torch.stack([confidence(o, kind) for o in outputs]).cpu())
         seen.correct.append(torch.stack([o.argmax(1) == labels for o in outputs]).cpu())
     return seen
+
+
+def _learned_pass(model: EarlyExitMobileNetV2, x: Tensor, labels: Tensor, seen: _Pass, size_now: bool) -> None:
+    """What the cloud answers from the bottleneck's code of the split activation ``x`` ``(B, C, H, W)``: the
+    final classifier's correctness after the decoder, and (``size_now``) the code's message size per image."""
+    bottleneck = model.bottleneck
+    assert bottleneck is not None
+    s = bottleneck.config.split_point
+    code = bottleneck.encode(x)
+    y, _ = run_segment(model.features, {}, bottleneck.decode(code), s, model.num_blocks)
+    seen.learned_correct.append((model.final(y).argmax(1) == labels).cpu())
+    if size_now:
+        for name in LEARNED_CODECS:
+            spec = CodecSpec.from_name(name)
+            for i in range(code.shape[0]):
+                message = encode_code_message(code[i:i + 1], spec, bottleneck.code_counts)
+                seen.sizes.setdefault((s, name), []).append(encoded_size(message))
 
 
 def _record_sizes(seen: _Pass, boundary: int, x: Tensor, codecs: list[CodecSpec],
@@ -214,6 +251,16 @@ def _record_sizes(seen: _Pass, boundary: int, x: Tensor, codecs: list[CodecSpec]
         if jpeg is not None:
             mean, std, quality = jpeg
             seen.sizes.setdefault((boundary, JPEG), []).append(encoded_size(encode_jpeg(one, mean, std, quality)))
+
+
+def _threshold_rows(cache: CachedOutputs, thresholds: list[float], reference: Optional[Tensor] = None
+                    ) -> list[ThresholdOutcome]:
+    """One row per threshold; ``changed`` counts differences from ``reference`` (default the cache's final)."""
+    rows = []
+    for t in thresholds:
+        r = evaluate_threshold(cache, t, 0.0, reference)
+        rows.append(ThresholdOutcome(t, r.uploading_rate, r.accuracy, r.exit_rates, r.changed))
+    return rows
 
 
 @torch.no_grad()
@@ -258,15 +305,16 @@ def build_profile(model: EarlyExitMobileNetV2, loader: DataLoader, input_size: i
     splits = []
     for sp in static:
         idx = [i for i, k in enumerate(model.exit_points) if k <= sp.split_point]
-        cache = CachedOutputs(conf[idx], correct[idx], correct[-1], [model.exit_points[i] for i in idx])
-        rows = []
-        for t in thresholds:
-            r = evaluate_threshold(cache, t, 0.0)
-            rows.append(ThresholdOutcome(t, r.uploading_rate, r.accuracy, r.exit_rates, r.changed))
+        exit_points = [model.exit_points[i] for i in idx]
+        rows = _threshold_rows(CachedOutputs(conf[idx], correct[idx], correct[-1], exit_points), thresholds)
+        learned_rows = []
+        if model.bottleneck is not None and model.bottleneck.config.split_point == sp.split_point:
+            learned = CachedOutputs(conf[idx], correct[idx], torch.cat(seen.learned_correct), exit_points)
+            learned_rows = _threshold_rows(learned, thresholds, reference=correct[-1])
         sizes = {name: BytesStats(float(np.mean(v)), float(np.percentile(v, 95)))
                  for (b, name), v in seen.sizes.items() if b == sp.split_point}
         splits.append(SplitEntry(sp.split_point, list(sp.device_exits), list(sp.activation_shape), sp.device_flops,
-                                 sp.cloud_flops, sizes, rows))
+                                 sp.cloud_flops, sizes, rows, learned_rows))
     return OfflineProfile(
         checkpoint=checkpoint, confidence=kind, num_images=int(correct.shape[1]), num_blocks=model.num_blocks,
         exit_points=list(model.exit_points), thresholds=list(thresholds),
