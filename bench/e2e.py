@@ -3,7 +3,8 @@
     python test.py app:apps/cars_dev_test.yml checkpoint=CKPT split_point=all   # writes profile.json beside CKPT
     sudo python bench/e2e.py app:apps/cars_dev_test.yml checkpoint=CKPT [profile=PATH] [--rtt-ms 40] \
         [--device-p50-ms 250] [--device-cpu 0.35] [--images-per-phase 60] [--phases 20,5,1,0.25,down,20] \
-        [--objective min_latency] [--latency-bound-ms 0] [--strategies ...] [--tbf-only] [--name cars_dev]
+        [--objective min_latency] [--latency-bound-ms 0] [--accuracy-tolerance 0.01] [--strategies ...] \
+        [--tbf-only] [--name cars_dev]
 
 Setup. The cloud (``python -m cloud``, one intra-op thread) and a device driver run as separate processes in two
 network namespaces joined by a veth pair shaped with ``tc tbf`` each way (bench/netns.py). ``tc netem`` does not
@@ -352,8 +353,8 @@ def device_config(args: argparse.Namespace, checkpoint: str, **keys: Any):
 
 def objective_keys(args: argparse.Namespace) -> dict:
     """The objective of the scheduler and of every fixed choice, as device config keys."""
-    return {"objective": args.objective, **({"latency_bound_ms": args.latency_bound_ms}
-                                            if args.latency_bound_ms > 0 else {})}
+    return {"objective": args.objective, "accuracy_tolerance": args.accuracy_tolerance,
+            **({"latency_bound_ms": args.latency_bound_ms} if args.latency_bound_ms > 0 else {})}
 
 
 def static_choice(args: argparse.Namespace, profile, objective, block_times: dict, rate_bit_s: int, codecs: dict):
@@ -462,7 +463,7 @@ def classify(runtime, strategy: str, phase: int, x, label: int, t0: float) -> di
         return row
     row.update(lost=False, latency_ms=result.latency_ms, correct=result.class_id == label,
                bytes_sent=result.bytes_sent, answered_by=result.answered_by, split_point=result.split_point,
-               degraded=result.degraded)
+               degraded=result.degraded, codec=result.codec)
     # the decision in force after this request (the scheduler re-plans on a thread of its own, between requests)
     last = getattr(getattr(runtime, "adaptive", None), "last", None)
     if last is not None:
@@ -542,9 +543,10 @@ def drive(args: argparse.Namespace, app_args: list[str], phases: list[Phase]) ->
             "cpu_ms_own_turns": sum(m.get("scheduler_cpu_ms", 0.0) for m in marks),
             "requests": sum(1 for r in rows if r["strategy"] == "scheduler"),
             "request_ms_mean": float(np.mean([r["latency_ms"] for r in rows if r["strategy"] == "scheduler"]))}
-        num_blocks = runtimes["device-only"].active.model.num_blocks
+        model = runtimes["device-only"].active.model
+        learned_split = None if model.bottleneck is None else model.bottleneck.config.split_point
         Path(args.out).write_text(json.dumps({"rows": rows, "marks": marks, "static": static, "strategies": names,
-                                              "num_blocks": num_blocks,
+                                              "num_blocks": model.num_blocks, "learned_split": learned_split,
                                               "images": len(images), "scheduler_cost": cost}))
         say("FINISHED")
     finally:
@@ -569,7 +571,8 @@ def summarize_cell(rows: list[dict], wall_s: float) -> dict:
            "lost": len(rows) - len(answered), "degraded": sum(r["degraded"] for r in answered),
            "device_answered": sum(r["answered_by"].startswith("device") for r in answered),
            "throughput_per_s": len(rows) / wall_s if wall_s > 0 else None,
-           "splits": dict(Counter(str(r["split_point"]) for r in answered))}
+           "splits": dict(Counter(str(r["split_point"]) for r in answered)),
+           "codecs": dict(Counter(r["codec"] for r in answered if r.get("codec")))}
     predicted = [r["predicted"]["latency_p50_ms"] for r in rows
                  if isinstance(r.get("predicted"), dict) and r["predicted"].get("latency_p50_ms") is not None]
     if predicted:
@@ -649,6 +652,22 @@ def checks(summary: list[dict]) -> list[dict]:
     return out
 
 
+def learned_check(summary: list[dict]) -> Optional[dict]:
+    """Whether the scheduler sent its bottleneck's code (a learned codec: only ever at the bottleneck's split, an
+    intermediate one) in some phase; None without a scheduler."""
+    used = []
+    for p in summary:
+        cell = p["strategies"].get("scheduler")
+        if cell is None:
+            return None
+        learned = {name: n for name, n in cell.get("codecs", {}).items() if name.startswith("learned")}
+        if learned:
+            used.append(f"{p['label']}: " + ", ".join(f"{n} of {cell['n']} sent as {name}"
+                                                      for name, n in learned.items()))
+    return {"check": "the scheduler sends the learned codec (an intermediate split) in some phase", "phase": "-",
+            "passed": bool(used), "detail": "; ".join(used) or "in no phase"}
+
+
 def best_fixed(cells: dict) -> Optional[tuple[str, dict]]:
     """The phase's best fixed strategy: the smallest p95 among the fixed strategies (all but the scheduler)
     within 1 point of the most accurate of them; None when none answered."""
@@ -678,24 +697,32 @@ def setup_text(result: dict) -> str:
             f"limit. {a['images']} validation images per phase, the same for every strategy and phase; per-request "
             f"deadline {a['deadline_ms']:g} ms; objective {a['objective']}"
             + (f", latency bound {a['latency_bound_ms']:g} ms." if a["latency_bound_ms"] > 0 else
-               " (the fastest pair within 1 point of the model's accuracy, judged at its lower bound)."))
+               f" (the fastest pair within {100 * a.get('accuracy_tolerance', 0.01):g} point(s) of the model's "
+               "accuracy, judged at its lower bound)."))
 
 
 def table(result: dict) -> list[str]:
     """One row per phase x strategy."""
-    lines = ["| phase | strategy | accuracy | p50 ms | p95 ms | bytes/img | lost | degraded | on device | img/s |"
-             " driver CPU | of it background | predicted p50 ms |", "|---" * 13 + "|"]
+    lines = ["| phase | strategy | accuracy | p50 ms | p95 ms | bytes/img | sent as | lost | degraded | on device |"
+             " img/s | driver CPU | of it background | predicted p50 ms |", "|---" * 14 + "|"]
     for p in result["summary"]:
         for name in result["setup"]["strategies"]:
             c = p["strategies"][name]
             pred = "" if "predicted_p50_ms" not in c else \
                 f"{c['predicted_p50_ms']:.0f} ({100 * c.get('prediction_error', 0):+.0f} %)"
             lines.append(f"| {p['label']} | {name} | {fmt(c['accuracy'], '.3f')} | {fmt(c['p50_ms'])} | "
-                         f"{fmt(c['p95_ms'])} | {fmt(c['bytes_per_image'])} | {c['lost']} | {c['degraded']} | "
+                         f"{fmt(c['p95_ms'])} | {fmt(c['bytes_per_image'])} | {sent_as(c)} | {c['lost']} | "
+                         f"{c['degraded']} | "
                          f"{c['device_answered']}/{c['n']} | {fmt(c['throughput_per_s'], '.1f')} | "
                          f"{fmt(c.get('driver_cpu_share'), '.2f')} | {fmt(c.get('background_cpu_share'), '.2f')} | "
                          f"{pred} |")
     return lines
+
+
+def sent_as(cell: dict) -> str:
+    """The codecs a cell's uploads used, most used first (``-`` when nothing was sent)."""
+    codecs = sorted(cell.get("codecs", {}).items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {n}" for name, n in codecs) or "-"
 
 
 def markdown(result: dict) -> str:
@@ -803,6 +830,8 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--phases", default="20,5,1,0.25,down,20", help="Mbit/s each way, or 'down'")
     parser.add_argument("--latency-bound-ms", type=float, default=0.0,
                         help="p95 bound, ms (needed by max_accuracy; 0: none)")
+    parser.add_argument("--accuracy-tolerance", type=float, default=0.01,
+                        help="min_latency's accuracy floor below the model's (device config 'accuracy_tolerance')")
     parser.add_argument("--deadline-ms", type=float, default=3000.0, help="the device's per-request deadline")
     parser.add_argument("--tbf-only", action="store_true",
                         help="the proxy only delays: serialisation left to tc tbf (whose 4 KB burst hides it)")
@@ -832,7 +861,8 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
               "setup": {"name": args.name, "rtt_ms": args.rtt_ms, "device_cpu": args.device_cpu,
                         "device_p50_ms": args.device_p50_ms, "objective": args.objective,
                         "images": raw["images"], "deadline_ms": args.deadline_ms,
-                        "latency_bound_ms": args.latency_bound_ms, "phases": [asdict(p) for p in phases],
+                        "latency_bound_ms": args.latency_bound_ms, "accuracy_tolerance": args.accuracy_tolerance,
+                        "phases": [asdict(p) for p in phases],
                         "strategies": raw.get("strategies", args.strategies), "tbf_only": args.tbf_only,
                         "profile": str(args.profile)},
               "static": raw["static"], "cpu_stat": raw.get("cpu_stat", {}), "summary": summary,
@@ -842,6 +872,9 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
     calibration = raw.get("calibration")
     result["calibration_text"] = (device_speed.Calibration(**calibration).summary() if calibration else
                                   f"{args.device_cpu:g} of one core, not calibrated")
+    learned = learned_check(summary)
+    if learned is not None and raw.get("learned_split") is not None:  # a model with a bottleneck
+        result["checks"].append(learned)
     if calibration and not calibration["converged"]:
         result["checks"].append({"check": "device speed calibrated", "phase": "-", "passed": False,
                                  "detail": result["calibration_text"]})

@@ -7,7 +7,8 @@ random model when no checkpoint is given: the fuzz is about the wire, not about 
 
 - ``--requests`` requests, each a valid request for a random served split point with one mutation (every field
   of FeatureRequest: model, split point, shape, dtype, codec enums and affine parameters, data truncated /
-  extended / random / a compression bomb, top_k, cloud_exit_threshold, JPEG where it does not belong), or the
+  extended / random / a compression bomb, top_k, cloud_exit_threshold, JPEG where it does not belong, a learned
+  code where there is no bottleneck or one with a corrupt ANS / zstd payload), or the
   serialised request with random bytes flipped, sent raw;
 - ``--images`` hostile images to the device's Classify API: bombs by aspect ratio, pixel count and bytes,
   truncated and corrupt JPEG/PNG/GIF/TIFF, odd modes (1, L, LA, P, I;16, I, F, CMYK, RGBA), empty and random
@@ -59,13 +60,29 @@ DEVICE_CODES = {OK, BAD, BUSY}
 
 
 def valid_request(info: pb.ModelInfo, rng: random.Random) -> pb.FeatureRequest:
-    """A well-formed request for a random split point of the served model (random activation)."""
+    """A well-formed request for a random split point of the served model (random activation); at a split with a
+    bottleneck (``code_shape`` announced) half of them a random learned+zstd code instead."""
     split = rng.choice(list(info.split_points))
-    x = torch.randn(rng.randint(1, 2), *split.activation_shape)
-    spec = rng.choice([CodecSpec("float32", "none"), CodecSpec("int8", "zstd"), CodecSpec("float16", "zlib"),
-                       CodecSpec("int4", "zstd", per_channel=True)])
+    batch = rng.randint(1, 2)
+    if split.code_shape and rng.random() < 0.5:
+        features = learned_features(batch, tuple(split.code_shape), rng)
+    else:
+        spec = rng.choice([CodecSpec("float32", "none"), CodecSpec("int8", "zstd"), CodecSpec("float16", "zlib"),
+                           CodecSpec("int4", "zstd", per_channel=True)])
+        features = encode(torch.randn(batch, *split.activation_shape), spec)
     return pb.FeatureRequest(request_id=f"f{rng.randrange(1 << 30)}", model=info.model,
-                             split_point=split.split_point, features=encode(x, spec), top_k=rng.randint(0, 5))
+                             split_point=split.split_point, features=features, top_k=rng.randint(0, 5))
+
+
+def learned_features(batch: int, code_shape: tuple[int, ...], rng: random.Random) -> pb.Tensor:
+    """A valid learned+zstd code of ``(batch, *code_shape)`` (int8 values in [-1, 1]: inside any code_max) as the
+    ``Tensor`` a device sends; zstd needs no frequency table, so the fuzzer needs no checkpoint."""
+    import zstandard
+
+    n = batch * int(np.prod(code_shape))
+    values = np.array([rng.randint(-1, 1) for _ in range(n)], dtype=np.int8)
+    return pb.Tensor(shape=[batch, *code_shape], dtype="int8", data=zstandard.ZstdCompressor().compress(
+        values.tobytes()), codec=pb.Codec(quantization=pb.Codec.LEARNED, compression=pb.Codec.ZSTD))
 
 
 def _bomb(n: int) -> bytes:
@@ -99,6 +116,12 @@ MUTATIONS: dict[str, Callable[[pb.FeatureRequest, random.Random], None]] = {
     "top_k": lambda r, g: setattr(r, "top_k", g.choice([-1, -2**31, 2**31 - 1, 10**6])),
     "cloud_exit_threshold": lambda r, g: setattr(r, "cloud_exit_threshold", g.choice([float("nan"), -0.5, 1.5,
                                                                                       float("inf")])),
+    # a code where there is none or of another coder: ANS words that are random, ZSTD of values out of range
+    "learned": lambda r, g: (setattr(r.features.codec, "quantization", pb.Codec.LEARNED),
+                             setattr(r.features, "dtype", "int8"),
+                             setattr(r.features.codec, "compression", g.choice([pb.Codec.ANS, pb.Codec.ZSTD])),
+                             setattr(r.features, "data", g.choice([b"", g.randbytes(4 * g.randint(1, 64)),
+                                                                   _bomb(g.choice([64, 10**6]))]))),
     "jpeg": lambda r, g: (setattr(r.features.codec, "quantization", pb.Codec.JPEG),
                           setattr(r.features, "data", g.choice([b"", b"\xff\xd8\xff\xe0" + g.randbytes(200),
                                                                 r.features.data]))),
@@ -225,13 +248,16 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def small_checkpoint(folder: Path) -> Path:
-    """A narrow random 10-class model at 32 px: what the wire sees is the same as for a trained one."""
+    """A narrow random 10-class model at 32 px with a bottleneck at split 9 (learned codes on the wire too): what
+    the wire sees is the same as for a trained one."""
+    from models.bottleneck import BottleneckConfig
     from models.checkpoint import save_checkpoint
     from models.datasets import Preprocess
     from models.early_exit import EarlyExitMobileNetV2, ModelConfig
 
     torch.manual_seed(0)
-    model = EarlyExitMobileNetV2(ModelConfig(width_mult=0.35, num_classes=10, exits=[3, 9], exit_channels=16))
+    model = EarlyExitMobileNetV2(ModelConfig(width_mult=0.35, num_classes=10, exits=[3, 9], exit_channels=16,
+                                             bottleneck=BottleneckConfig(split_point=9, channels=4, hidden=8)))
     path = folder / "fuzz_model.pt"
     save_checkpoint(path, model.eval(), [f"c{i}" for i in range(10)], Preprocess(32, 32, (0.5,) * 3, (0.25,) * 3))
     return path

@@ -333,3 +333,20 @@ def test_e2e_compares_the_scheduler_with_the_best_fixed_strategy_of_the_phase():
     verdicts = {p95: {c["check"]: c["passed"] for c in e2e.checks([phase(p95)])} for p95 in (85, 95)}
     key = next(k for k in verdicts[85] if k.startswith("scheduler p95 <= 1.1 x"))
     assert verdicts[85][key] and not verdicts[95][key]
+
+
+def test_e2e_learned_check_counts_what_the_scheduler_sent():
+    """bench/e2e.py's learned-codec check reads the codec each upload was sent as, not the plan's intent."""
+    from bench import e2e
+
+    rows = [{"lost": False, "latency_ms": 100.0, "correct": True, "bytes_sent": 260, "answered_by": "cloud",
+             "degraded": False, "split_point": 9, "codec": codec} for codec in ("learned+ans", "jpeg", "")]
+
+    def summary(codecs):
+        cell = e2e.summarize_cell([r for r in rows if r["codec"] in codecs], 1.0)
+        return [{"label": "0.25 Mbit/s", "strategies": {"scheduler": cell}}]
+
+    sent = e2e.learned_check(summary({"learned+ans", ""}))
+    assert sent["passed"] and "1 of 2 sent as learned+ans" in sent["detail"]
+    assert not e2e.learned_check(summary({"jpeg", ""}))["passed"]
+    assert e2e.learned_check([{"label": "x", "strategies": {}}]) is None

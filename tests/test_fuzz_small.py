@@ -1,6 +1,8 @@
 """The fuzz harness (bench/fuzz.py) at a small size against real daemons built in this process: every answer is
 OK or a documented status, and both daemons still answer afterwards. The full-size run is the benchmark."""
 
+import copy
+
 import pytest
 
 from bench.fuzz import fuzz_cloud, fuzz_device, hostile_image, IMAGE_KINDS, MUTATIONS, serving
@@ -9,15 +11,26 @@ from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.runtime import DeviceRuntime
 from device.server import build_server as build_device_server
+from models.checkpoint import save_checkpoint
 from models.config import ConfigError, from_dict
+from tests.conftest import BOTTLENECK_SPLIT, NAMES, PREPROCESS, with_bottleneck
 
 
-def test_fuzzing_both_daemons_gets_only_documented_answers(checkpoint):
+@pytest.fixture
+def bottleneck_checkpoint(small_model, tmp_path):
+    """small_model with a bottleneck at BOTTLENECK_SPLIT: learned codes cross the wire too."""
+    path = tmp_path / "bottleneck.pt"
+    save_checkpoint(path, with_bottleneck(copy.deepcopy(small_model)), NAMES, PREPROCESS)
+    return path
+
+
+def test_fuzzing_both_daemons_gets_only_documented_answers(bottleneck_checkpoint):
+    checkpoint = bottleneck_checkpoint
     cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING")
     cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
     dcfg = from_dict(DeviceConfig, {"checkpoint": str(checkpoint), "cloud": f"127.0.0.1:{cloud.port}",
-                                    "listen": "127.0.0.1:0", "split_point": 9, "max_image_bytes": 1 << 20,
-                                    "log_level": "WARNING"})
+                                    "listen": "127.0.0.1:0", "split_point": BOTTLENECK_SPLIT,
+                                    "max_image_bytes": 1 << 20, "log_level": "WARNING"})
     device = build_device_server(dcfg, DeviceRuntime.start(dcfg))
     try:
         requests = fuzz_cloud(f"127.0.0.1:{cloud.port}", 4 * (len(MUTATIONS) + 1), seed=1)
@@ -29,6 +42,7 @@ def test_fuzzing_both_daemons_gets_only_documented_answers(checkpoint):
     assert requests["unexpected"] == [] and images["unexpected"] == []
     assert set(requests["by_mutation"]) == {*MUTATIONS, "raw_bytes"}
     assert requests["by_mutation"]["dtype"] == {"INVALID_ARGUMENT": 4}
+    assert set(requests["by_mutation"]["learned"]) <= {"INVALID_ARGUMENT", "FAILED_PRECONDITION"}
     # an empty id or label is harmless (the digest names the model); another one is refused
     assert set(requests["by_mutation"]["model"]) <= {"FAILED_PRECONDITION", "OK"}
     assert set(requests["by_mutation"]["digest"]) <= {"FAILED_PRECONDITION", "INVALID_ARGUMENT"}
