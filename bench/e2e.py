@@ -465,9 +465,11 @@ def classify(runtime, strategy: str, phase: int, x, label: int, t0: float) -> di
                bytes_sent=result.bytes_sent, answered_by=result.answered_by, split_point=result.split_point,
                degraded=result.degraded, codec=result.codec)
     # the decision in force after this request (the scheduler re-plans on a thread of its own, between requests)
-    last = getattr(getattr(runtime, "adaptive", None), "last", None)
+    adaptive = getattr(runtime, "adaptive", None)
+    last = getattr(adaptive, "last", None)
     if last is not None:
         row["predicted"] = jsonable(dict(last.predicted))
+        row["link"] = jsonable(adaptive.link.summary())  # the estimates it planned with
         row["choice"] = [int(last.split_point), float(last.threshold)]
         row["reason"] = last.reason
     return row
@@ -585,9 +587,13 @@ def summarize_cell(rows: list[dict], wall_s: float) -> dict:
             most = choices.most_common(1)[0][0]
             top = next(r for r in reversed(rows) if r.get("choice") and tuple(r["choice"]) == most)
             q = top["predicted"]
+            link = top.get("link") or {}
+            planned = "" if not link else (
+                f" (link as estimated: {link['bandwidth_bit_s'] / 1e6:.2f} Mbit/s, p05 "
+                f"{link['bandwidth_p05_bit_s'] / 1e6:.2f}; RTT {link['rtt_ms']:.0f} ms, p95 {link['rtt_p95_ms']:.0f})")
             out["why"] = (f"split {q['split_point']}/{q['threshold']:g} {q['codec']}: predicted p95 "
                           f"{q['latency_p95_ms']:.0f} ms, {q['bytes_per_image']:.0f} B/image, accuracy "
-                          f"{q['accuracy']:.3f} (lower bound {q.get('accuracy_low', q['accuracy']):.3f}); "
+                          f"{q['accuracy']:.3f} (lower bound {q.get('accuracy_low', q['accuracy']):.3f}){planned}; "
                           f"{top.get('reason', '')}")
     return out
 

@@ -29,7 +29,10 @@ WINDOW_S = 10.0  # samples older than this do not describe the link any more
 MAX_SAMPLES = 16  # the newest offloads a bandwidth estimate uses
 PING_TIMEOUT_S = 1.0
 DOWN_AFTER_PINGS = 2  # failed health pings in a row that mean the cloud is gone
-CENSORED_RAMP = 4.0  # a transfer too short to time raises the bandwidth estimate at most this much per round
+MIN_RATE_BYTES = 2048  # an upload smaller than this is all per-call overhead: it bounds the bandwidth, no more
+# A transfer too short to time says only that the link is at least bytes / resolution fast. Taken as a rate it
+# pulled a 20 Mbit/s estimate down to 1.9 (6 KB JPEGs, pings 25 ms apart on a throttled device): the e2e
+# predicted 97 ms for a 69 ms upload. So it is a lower bound: it raises a lower estimate and never lowers one.
 
 
 def fresh_calls(calls: list, now: float) -> list:
@@ -39,12 +42,19 @@ def fresh_calls(calls: list, now: float) -> list:
 
 class LinkEstimate:
     """Upload bandwidth (bytes/s, mean and 5th percentile) and RTT (ms, mean and p95) from the runtime's
-    sample windows, keeping the last estimate while no fresh sample arrives."""
+    sample windows, keeping the last estimate while no fresh sample arrives.
+
+    The RTT is the health pings' mean, but never more than the fastest answered offload's network time (an
+    offload's round trip bounds the bare one from above; the bound is kept while no offload is fresh): on a
+    throttled device pings waited for the CPU behind other work and read 70-108 ms on a 40 ms link whose
+    offloads took 54 (bench/e2e.py), which made every upload look 30 ms slower than it was."""
 
     def __init__(self, initial_bandwidth_bit_s: float, initial_rtt_ms: float) -> None:
         self.bandwidth = initial_bandwidth_bit_s / 8.0
         self.bandwidth_p05 = self.bandwidth
         self.rtt, self.rtt_p95 = initial_rtt_ms, initial_rtt_ms
+        self.rtt_bound = float("inf")  # the fastest fresh offload's network time, ms
+        self.censored = False  # the fresh offloads were all too small to time: only a probe can tell more
 
     def summary(self) -> dict:
         """The estimate in bit/s and ms."""
@@ -52,22 +62,32 @@ class LinkEstimate:
                 "rtt_ms": round(self.rtt, 2), "rtt_p95_ms": round(self.rtt_p95, 2)}
 
     def update(self, calls: list, pings: list[tuple[float, float]], now: float) -> None:
+        fresh = fresh_calls(calls, now)
+        if fresh:
+            self.rtt_bound = min(c.network_ms for c in fresh)
         fresh_pings = [ms for t, ms in pings if now - t <= WINDOW_S]
         if fresh_pings:
-            self.rtt = float(np.mean(fresh_pings))
-            self.rtt_p95 = float(np.percentile(fresh_pings, 95)) if len(fresh_pings) >= 3 else max(fresh_pings)
-        fresh = fresh_calls(calls, now)
+            mean = float(np.mean(fresh_pings))
+            p95 = float(np.percentile(fresh_pings, 95)) if len(fresh_pings) >= 3 else max(fresh_pings)
+            self.rtt = min(mean, max(self.rtt_bound, 0.0))
+            self.rtt_p95 = self.rtt + (p95 - mean)  # the pings' spread, around the bounded mean
         resolution_ms = max(0.5, self.rtt_p95 - self.rtt)  # transfers shorter than the RTT's spread are noise
-        rates = []
+        rates, bounds = [], []
         for c in fresh:
             transfer_ms = c.network_ms - self.rtt
-            if transfer_ms >= resolution_ms:
+            if transfer_ms >= resolution_ms and c.bytes_sent >= MIN_RATE_BYTES:
                 rates.append(c.bytes_sent / (transfer_ms / 1000.0))
-            else:  # the link is faster than this sample can tell: ramp a stale low estimate up, bounded
-                rates.append(min(c.bytes_sent / (resolution_ms / 1000.0), CENSORED_RAMP * self.bandwidth))
+            else:  # too short or too small to time: the link is at least this fast, maybe much faster
+                bounds.append(c.bytes_sent / (max(transfer_ms, resolution_ms) / 1000.0))
+        self.censored = bool(fresh) and not rates
+        floor = max(bounds, default=0.0)
         if rates:
-            self.bandwidth = float(len(rates) / np.sum(1.0 / np.array(rates)))  # harmonic: time-weighted
-            self.bandwidth_p05 = float(np.percentile(rates, 5)) if len(rates) >= 5 else min(rates)
+            self.bandwidth = max(float(len(rates) / np.sum(1.0 / np.array(rates))), floor)  # harmonic: by time
+            self.bandwidth_p05 = min(self.bandwidth, float(np.percentile(rates, 5)) if len(rates) >= 5
+                                     else min(rates))
+        elif bounds:  # only bounds: a lower estimate (left from a slower phase) rises to them, none falls
+            self.bandwidth = max(self.bandwidth, floor)
+            self.bandwidth_p05 = max(self.bandwidth_p05, floor)
 
 
 class Adaptive:
@@ -121,14 +141,18 @@ class Adaptive:
         return max(1.0, self.runtime.cfg.deadline_ms / 1000.0)
 
     def ping(self) -> None:
-        """One health check: its round trip is an RTT sample; failures in a row mark the cloud down."""
+        """One health check: its round trip is an RTT sample unless a request was computing meanwhile (then it
+        also waited for the CPU, which an upload after the compute does not); failures in a row mark the cloud
+        down."""
         link = self.runtime.link
         if link is None:
             self.failed_pings = DOWN_AFTER_PINGS
             return
+        idle = not self.runtime.busy
         started = time.perf_counter()
         if link.healthy(timeout_s=PING_TIMEOUT_S):
-            self.runtime.link_stats.record_ping((time.perf_counter() - started) * 1000.0)
+            if idle and not self.runtime.busy:
+                self.runtime.link_stats.record_ping((time.perf_counter() - started) * 1000.0)
             self.failed_pings = 0
         else:
             self.failed_pings += 1
@@ -170,14 +194,16 @@ class Adaptive:
         return decision
 
     def probe_due(self) -> bool:
-        """True (at most once per ``probe_interval_s``) when no offload has measured the link lately, the cloud
-        is up and the device served a request in the last ``WINDOW_S``."""
+        """True (at most once per ``probe_interval_s``) when no offload has measured the link lately (none, or
+        all too small to time: a learned code of 300 B says nothing of a 20 Mbit/s link, and a low estimate
+        left from a slow phase would keep the plan on it), the cloud is up and the device served a request in
+        the last ``WINDOW_S``."""
         now = time.monotonic()
         if self.failed_pings >= DOWN_AFTER_PINGS or self.runtime.breaker.is_open:
             return False
         if now - self.runtime.last_request_t > WINDOW_S:  # an idle device does not spend its link on probes
             return False
-        last_call = self.runtime.link_stats.last_call_t()
+        last_call = float("-inf") if self.link.censored else self.runtime.link_stats.last_call_t()
         if now - max(last_call, self._last_probe) < self.probe_interval_s:
             return False
         self._last_probe = now

@@ -219,6 +219,7 @@ class DeviceRuntime:
         self.skew = SkewGate(cfg.skew_retry_seconds)
         self._refetching = threading.Lock()  # one download of the cloud's checkpoint at a time (checkpoint: cloud)
         self.rpc_calls = 0  # Infer calls actually attempted (tests count them)
+        self._running = 0  # classify calls in progress (``busy``)
         self._calls_lock = threading.Lock()
         self.admission = Admission(cfg.max_in_flight, "max_in_flight", "classify calls")
         self.metrics = DeviceMetrics(lambda: self.active.weights_fraction if self.active else 0.0,
@@ -538,8 +539,23 @@ class DeviceRuntime:
                                       threshold=self.threshold)
         log.info("switched to the cloud's %s (digest %s)", ref.model_version, ref.digest)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a classify call is running now (a health ping meanwhile waits for the CPU too)."""
+        return self._running > 0
+
     def _classify(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
                   started: Optional[float]) -> ClassifyResult:
+        with self._calls_lock:
+            self._running += 1
+        try:
+            return self._classify_running(active, x, top_k, started)
+        finally:
+            with self._calls_lock:
+                self._running -= 1
+
+    def _classify_running(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
+                          started: Optional[float]) -> ClassifyResult:
         started = time.perf_counter() if started is None else started
         k = top_k or self.cfg.top_k
         x = x.unsqueeze(0) if x.dim() == 3 else x
@@ -580,14 +596,18 @@ class DeviceRuntime:
 
     def probe_link(self, timeout_s: float) -> bool:
         """Offload the last activation the head computed and drop the answer: a bandwidth sample for a device
-        whose plan uploads nothing (run by the scheduler's thread, never on a request's path). True when the
-        cloud answered."""
+        whose plan uploads nothing or too little to time (run by the scheduler's thread, never on a request's
+        path). A learned code (a few hundred bytes) goes as int8+zstd instead: it is the bytes that measure.
+        True when the cloud answered."""
         last, current = self._last_activation, self.active
         if last is None or self.link is None or current is None or last[0] is not current:
             return False
         active, activation = last
+        features = self._encode(active, activation)
+        if features.codec.quantization == pb.Codec.LEARNED:
+            features = encode(activation, OFFLINE_CODEC)
         request = pb.FeatureRequest(request_id="probe-" + uuid.uuid4().hex, model=active.wire_ref,
-                                    split_point=active.split_point, features=self._encode(active, activation), top_k=1)
+                                    split_point=active.split_point, features=features, top_k=1)
         try:
             reply, total_ms = self.link.infer(request, timeout_s)
         except grpc.RpcError:

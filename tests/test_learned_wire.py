@@ -252,3 +252,37 @@ def test_the_package_carries_the_encoder_in_the_head_and_the_decoder_in_the_rest
     assert {p for n, p in here.items() if n.startswith("bottleneck.decoder.")} == {"rest"}
     before = parts[BOTTLENECK_SPLIT - 1]  # a head that ends before the bottleneck cannot send its code
     assert {p for n, p in before.items() if n.startswith("bottleneck.")} == {"rest"}
+
+
+def test_the_profile_measures_the_learned_path_and_the_scheduler_plans_with_it(sharp_bottleneck_checkpoint):
+    """At the bottleneck's split the profile has the learned codes' sizes and rows whose uploads are answered
+    through the decoder (the model's own forward); the other codecs' rows answer them without it; a learned
+    codec is planned with the learned rows."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from device.scheduler import Conditions, predict
+    from models.offline_profile import build_profile
+
+    model = load_checkpoint(sharp_bottleneck_checkpoint).model
+    torch.manual_seed(4)
+    x, y = torch.randn(40, 3, SIZE, SIZE), torch.randint(0, 10, (40,))
+    with torch.no_grad():  # every label one of the two paths' answers, so that they score differently
+        through = model(x)[-1].argmax(1)
+        plain = tail(model, BOTTLENECK_SPLIT)(head(model, BOTTLENECK_SPLIT)(x).activation)[-1].argmax(1)
+    y = torch.where(torch.arange(40) % 2 == 0, through, plain)
+    prof = build_profile(model, DataLoader(TensorDataset(x, y), batch_size=16), SIZE, "top1", [0.0, 1.0],
+                         "m.pt", (0.5,) * 3, (0.25,) * 3, bytes_images=8)
+    entry = prof.split(BOTTLENECK_SPLIT)
+    assert {"learned+ans", "learned+zstd"} <= set(entry.bytes)
+    assert entry.bytes["learned+ans"].mean < entry.bytes["int8+zstd"].mean
+    assert all(not s.learned_rows for s in prof.splits if s.split_point != BOTTLENECK_SPLIT)
+    last, learned = entry.rows[-1], entry.learned_rows[-1]  # threshold 1.0: every image uploaded
+    assert learned.accuracy == pytest.approx(float((through == y).float().mean()))
+    assert last.accuracy == pytest.approx(float((plain == y).float().mean()))
+    assert learned.changed == int(((through == y) != (plain == y)).sum())  # against the model's own final
+    assert learned.accuracy != last.accuracy
+    cond = Conditions.from_link(1e6, 40.0)
+    for codec, row in (("learned+ans", learned), ("int8+zstd", last)):
+        pair = next(c for c in predict(prof, cond, {BOTTLENECK_SPLIT: codec}, [BOTTLENECK_SPLIT])
+                    if c.threshold == 1.0)
+        assert pair.accuracy == pytest.approx(row.accuracy)

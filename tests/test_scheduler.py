@@ -17,8 +17,9 @@ from device.scheduler import Conditions, Objective, Scheduler, choose, predict
 from models.config import ConfigError, from_dict
 from models.offline_profile import (BytesStats, OfflineProfile, ProfileError, SplitEntry, ThresholdOutcome,
                                     build_profile, load_profile)
-from tests.conftest import ROOT, SIZE
+from tests.conftest import BOTTLENECK_SPLIT, ROOT, SIZE
 from tests.test_device import image_bytes, start_cloud
+from tests.test_learned_wire import sharp_bottleneck_checkpoint  # noqa: F401 (a fixture)
 
 THRESHOLDS = [0.0, 0.5, 0.9, 1.0]
 
@@ -469,3 +470,98 @@ def test_plan_needs_only_the_link_after_the_profile_is_written(checkpoint, real_
 def test_the_missing_profile_message_names_the_quickstart_command(tmp_path):
     cfg = DeviceConfig()  # the default checkpoint: the quickstart's
     assert "python test.py app:apps/quickstart_test.yml split_point=all" in str(cfg.missing_profile())
+
+
+def test_a_transfer_too_short_to_time_never_lowers_the_bandwidth_estimate():
+    """A sample whose network time is within the RTT's spread only bounds the bandwidth from below: it raises a
+    lower estimate to the bound and leaves a higher one alone; a timed one sets it (not below the bounds)."""
+    from device.adaptive import LinkEstimate
+    from device.stats import CallSample
+
+    pings = [(0.0, ms) for ms in (40, 40, 40, 40, 65)]  # RTT 45 ms mean, 60 p95: 15 ms resolution
+    short = [CallSample(0.1, 50.0, 6000, 0.0, 5.0, 0)]  # 5 ms above the RTT: censored, bound 400 KB/s
+    fast = LinkEstimate(20e6, 40.0)
+    fast.update(short, pings, now=1.0)
+    assert fast.bandwidth == pytest.approx(20e6 / 8) and fast.censored
+    slow = LinkEstimate(0.25e6, 40.0)  # 31 KB/s: stale from a slow phase
+    slow.update(short, pings, now=1.0)
+    assert slow.bandwidth == pytest.approx(400_000) and slow.bandwidth_p05 == pytest.approx(400_000)
+    timed = LinkEstimate(20e6, 40.0)
+    timed.update([CallSample(0.1, 245.0, 6000, 0.0, 5.0, 0)], pings, now=1.0)  # 200 ms for 6 KB: 30 KB/s
+    assert timed.bandwidth == pytest.approx(30_000) and not timed.censored
+
+
+def test_the_rtt_is_bounded_by_the_fastest_offload_and_the_bound_outlives_its_window():
+    """Pings slowed by a busy CPU do not make the RTT longer than an answered offload's whole round trip; while
+    no offload is fresh the last bound still holds."""
+    from device.adaptive import WINDOW_S, LinkEstimate
+    from device.stats import CallSample
+
+    slow_pings = [(0.0, ms) for ms in (70, 80, 90, 100, 110)]  # mean 90, p95 108
+    link = LinkEstimate(20e6, 40.0)
+    link.update([CallSample(0.1, 55.0, 300, 0.0, 5.0, 9), CallSample(0.2, 60.0, 300, 0.0, 5.0, 9)], slow_pings,
+                now=1.0)
+    assert link.rtt == pytest.approx(55.0) and link.rtt_p95 == pytest.approx(55.0 + 108.0 - 90.0)
+    later = [(WINDOW_S + 5.0, ms) for ms in (70, 80, 90, 100, 110)]
+    link.update([], later, now=WINDOW_S + 6.0)  # the offloads are stale: their bound stays
+    assert link.rtt == pytest.approx(55.0)
+    fast_pings = [(WINDOW_S + 7.0, 42.0)] * 3
+    link.update([], fast_pings, now=WINDOW_S + 8.0)  # pings below the bound are the RTT
+    assert link.rtt == pytest.approx(42.0)
+
+
+def test_uploads_too_small_to_time_get_a_probe_with_bytes_that_can(sharp_bottleneck_checkpoint, real_profile):
+    """A learned code is a few dozen bytes: its network time says nothing of the bandwidth, so the scheduler
+    probes although offloads are fresh, and the probe carries the activation as int8+zstd, not the code."""
+    cloud = start_cloud(sharp_bottleneck_checkpoint)
+    runtime = sched_device(sharp_bottleneck_checkpoint, cloud.port, real_profile[1], probe_interval_seconds=0.2,
+                           scheduler_interval_seconds=3600, split_point=BOTTLENECK_SPLIT)
+    try:
+        runtime.set_plan(BOTTLENECK_SPLIT, 1.0)  # every image uploads its code
+        sent = [runtime.classify_bytes(image_bytes(i)) for i in range(3)]
+        for ms in (1.0, 1.0, 1.0, 30.0, 30.0):  # pings as jittery as on a throttled device: 15+ ms resolution
+            runtime.link_stats.record_ping(ms)
+        runtime.adaptive.conditions()  # the estimate reads the fresh offloads
+        censored = runtime.adaptive.link.censored
+        time.sleep(0.25)
+        due = runtime.adaptive.probe_due()
+        probed = runtime.probe_link(timeout_s=5.0)
+    finally:
+        runtime.close()
+        cloud.stop()
+    assert {r.codec for r in sent} == {"learned+ans"}
+    assert censored and due and probed
+    assert runtime.probe_bytes > max(r.bytes_sent for r in sent)  # int8 of the activation, not the code
+
+
+def test_small_uploads_only_bound_the_bandwidth_and_pings_while_busy_are_not_rtt_samples(checkpoint,
+                                                                                         real_profile):
+    """A 300 B upload that took 40 ms more than the RTT is per-call overhead, not a 60 kbit/s link; a ping taken
+    while the device computes also waited for the CPU and is no RTT sample."""
+    from device.adaptive import MIN_RATE_BYTES, LinkEstimate
+    from device.stats import CallSample
+
+    pings = [(0.0, 40.0)] * 5
+    link = LinkEstimate(20e6, 40.0)
+    link.update([CallSample(0.1, 80.0, MIN_RATE_BYTES - 1, 0.0, 5.0, 9)], pings, now=1.0)
+    assert link.bandwidth == pytest.approx(20e6 / 8) and link.censored
+    slow = LinkEstimate(0.01e6, 40.0)  # below what the small upload proves: raised to its bound, no further
+    slow.update([CallSample(0.1, 80.0, MIN_RATE_BYTES - 1, 0.0, 5.0, 9)], pings, now=1.0)
+    assert slow.bandwidth == pytest.approx((MIN_RATE_BYTES - 1) / 0.040)
+    link.update([CallSample(0.2, 80.0, 4 * MIN_RATE_BYTES, 0.0, 5.0, 9)], pings, now=1.0)
+    assert link.bandwidth == pytest.approx(4 * MIN_RATE_BYTES / 0.040)  # a timed one of enough bytes sets it
+
+    cloud = start_cloud(checkpoint)
+    runtime = sched_device(checkpoint, cloud.port, real_profile[1], scheduler_interval_seconds=3600)
+    try:
+        pinged = len(runtime.link_stats.recent()[1])
+        runtime._running += 1  # a classify call computing
+        runtime.adaptive.ping()
+        busy = len(runtime.link_stats.recent()[1])
+        runtime._running -= 1
+        runtime.adaptive.ping()
+        idle = len(runtime.link_stats.recent()[1])
+    finally:
+        runtime.close()
+        cloud.stop()
+    assert busy == pinged and idle == pinged + 1 and runtime.adaptive.failed_pings == 0
