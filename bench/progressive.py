@@ -4,7 +4,15 @@
     python bench/progressive.py app:apps/cars_dev_test.yml checkpoint=../shared/models/cars_dev_joint20.pt \
         image_size=128 resize_size=128 --threshold 0.5 --name cars_dev
 
-Any app config works (its checkpoint, dataset and ``split_point``). Curves, per scheme:
+Any app config works (its checkpoint, dataset and ``split_point``); or ``--imagenet DIR WEIGHTS``: the torchvision
+MobileNetV2 weights WEIGHTS (imported as an exit-less checkpoint) on the images of DIR (``labels.csv``:
+``filename,imagenet_index``, e.g. ``../shared/data/imagenet_dev_500``), torchvision's preprocessing, split
+``--imagenet-split``:
+
+    python bench/progressive.py --imagenet ../shared/data/imagenet_dev_500 \
+        ../shared/weights/mobilenet_v2_imagenet_tflite.pth --plane-coders zstd context --name imagenet_coders
+
+Curves, per scheme:
 
 - *system at the split*: the device runs its head and exits at the app's split point with the weights received
   so far and answers when an exit reaches ``--threshold``; the other images go to the cloud, which finishes at
@@ -15,7 +23,8 @@ Any app config works (its checkpoint, dataset and ``split_point``). Curves, per 
 Schemes: ours (models/progressive.py) in the ``split``, ``value`` and ``whole`` orders, the ``value`` order
 without the output-bias correction, and the anchor (bench/progressivenet.py: per-tensor range, 2-bit slices,
 layer order). ``--device-only``: just the ``value`` (with and without bias correction) and ``whole`` curves,
-device-only (cheap enough for a whole test set). Bytes are cumulative chunk payloads (ours) or part sizes
+device-only (cheap enough for a whole test set). ``--plane-coders zstd context``: every scheme of ours once per
+plane coder (``models/progressive`` ``PLANE_CODERS``), side by side. Bytes are cumulative chunk payloads (ours) or part sizes
 (anchor), as a fraction of the float32 size of the weights. Writes
 ``bench/results/progressive_<name>.{json,md,png}``.
 """
@@ -23,6 +32,7 @@ device-only (cheap enough for a whole test set). Bytes are cumulative chunk payl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -46,7 +56,8 @@ from models.datasets import build_datasets  # noqa: E402
 from models.exit_policy import CachedOutputs, confidence, evaluate_threshold  # noqa: E402
 from models.partition import Head, tail  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
-from models.progressive import DEFAULT_CORRECTED_PLANES, ORDERS, Decoder, build_package, updated_model  # noqa: E402
+from models.progressive import (DEFAULT_CORRECTED_PLANES, ORDERS, PLANE_CODERS, Decoder, build_package,  # noqa
+                                updated_model)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -107,8 +118,10 @@ def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, wit
     ``with_system`` is False) at ``max_points`` points and at every chunk ending within ``dense`` (a range of
     shares of the float32 bytes); also times decode + swap per chunk."""
     meta = checkpoint_metadata(ckpt.model, ckpt.class_names, ckpt.preprocess)
+    started = time.perf_counter()
     package = build_package(ckpt.model.state_dict(), meta, "bench", "1", ev.split_point, ckpt.model.exit_points,
                             order, **package_args)
+    build_s = time.perf_counter() - started
     m = package.manifest
     head_names = {t.name for t in m.tensors if t.part == "head"}
     decoder = Decoder(m)
@@ -134,7 +147,8 @@ def ours_curve(ckpt: Checkpoint, ev: Evaluator, order: str, max_points: int, wit
                            "device_accuracy": ev.device_final(model) if i in wanted else None})
     return {"order": order, "chunks": len(m.chunks), "total_bytes": m.total_bytes,
             "usable_chunk": m.usable_chunk, "usable_bytes": sum(c.size for c in m.chunks[:m.usable_chunk + 1]),
-            "swap_ms_mean": sum(swap_ms) / len(swap_ms), "swap_ms_max": max(swap_ms), "points": points}
+            "swap_ms_mean": sum(swap_ms) / len(swap_ms), "swap_ms_max": max(swap_ms), "build_s": build_s,
+            "plane_coder": m.plane_coder, "points": points}
 
 
 def anchor_curve(ckpt: Checkpoint, ev: Evaluator) -> dict:
@@ -172,6 +186,28 @@ def plain_package_bytes(state: dict[str, torch.Tensor], bits: int) -> int:
         coded = t.dtype == torch.float32 and t.dim() >= 2
         total += (t.numel() * bits + 7) // 8 + 4 * t.shape[0] if coded else t.numel() * t.element_size()
     return total
+
+
+def load_imagenet(folder: str, weights: str, limit: int | None, batch_size: int = 50
+                  ) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The torchvision MobileNetV2 ``weights`` as a checkpoint (no exits) and the images of ``folder`` listed in
+    its ``labels.csv`` (``filename,imagenet_index``) with torchvision's preprocessing, in batches."""
+    import csv
+    import tempfile
+
+    from PIL import Image
+
+    from models.import_torchvision import import_mobilenet_v2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        import_mobilenet_v2(weights, f"{tmp}/imagenet.pt")
+        ckpt = load_checkpoint(f"{tmp}/imagenet.pt")
+    transform = ckpt.preprocess.eval_transform()
+    with open(Path(folder) / "labels.csv") as f:
+        rows = list(csv.DictReader(f))[:limit]
+    xs = [transform(Image.open(Path(folder) / r["filename"]).convert("RGB")) for r in rows]
+    ys = torch.tensor([int(r["imagenet_index"]) for r in rows])
+    return ckpt, [(torch.stack(xs[i:i + batch_size]), ys[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
 
 
 def load(cfg: AppConfig, limit: int | None) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -256,11 +292,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="also evaluate after every chunk ending between LO and HI percent of the float32 bytes")
     parser.add_argument("--corrected-planes", type=int, default=DEFAULT_CORRECTED_PLANES,
                         help="planes per layer that carry its output-bias correction (0: none)")
+    parser.add_argument("--plane-coders", nargs="+", choices=PLANE_CODERS, default=["zstd"],
+                        help="run every scheme of ours with each of these plane coders")
+    parser.add_argument("--imagenet", nargs=2, metavar=("DIR", "WEIGHTS"), default=None,
+                        help="torchvision MobileNetV2 WEIGHTS on DIR/labels.csv instead of an app config")
+    parser.add_argument("--imagenet-split", type=int, default=9, help="with --imagenet: the split point")
     args, rest = parser.parse_known_args(argv)
     cfg = parse_app_argv(AppConfig, rest)
     torch.manual_seed(0)
-    ckpt, batches = load(cfg, args.limit)
-    split = cfg.split_point if cfg.split_point is not None else max(ckpt.model.exit_points)
+    if args.imagenet:
+        ckpt, batches = load_imagenet(*args.imagenet, args.limit)
+        split = args.imagenet_split
+    else:
+        ckpt, batches = load(cfg, args.limit)
+        split = cfg.split_point if cfg.split_point is not None else max(ckpt.model.exit_points)
     ev = Evaluator(ckpt.model, split, args.threshold, cfg.confidence, batches)
     system, upload = (None, None) if args.device_only else ev.system(ckpt.model)
     state = ckpt.model.state_dict()
@@ -274,15 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     bias = bias_inputs(ckpt.model, ckpt.preprocess.input_size)
     schemes = [("split order", "split", args.corrected_planes), ("value order", "value", args.corrected_planes),
                ("value order, no bias correction", "value", 0), ("whole order", "whole", args.corrected_planes)]
-    for name, order, corrected in schemes[1:] if args.device_only else schemes:
+    for (name, order, corrected), coder in itertools.product(schemes[1:] if args.device_only else schemes,
+                                                             args.plane_coders):
         if args.orders and order not in args.orders:
             continue
         dense = None if args.dense is None else (args.dense[0] / 100, args.dense[1] / 100)
         curve = ours_curve(ckpt, ev, order, args.max_points, not args.device_only, dense,
-                           usable_planes=args.usable_planes,
-                           chunk_bytes=args.chunk_bytes, bias=bias, corrected_planes=corrected)
-        result["schemes"][f"ours ({name})"] = curve
-        print(f"ours {name}: {len(curve['points'])} points", flush=True)
+                           usable_planes=args.usable_planes, chunk_bytes=args.chunk_bytes, bias=bias,
+                           corrected_planes=corrected, plane_coder=coder)
+        label = f"ours ({name}{'' if coder == 'zstd' else f', {coder} coder'})"
+        result["schemes"][label] = curve
+        print(f"{label}: {len(curve['points'])} points, {curve['total_bytes']:,} B, built in "
+              f"{curve['build_s']:.1f} s", flush=True)
     if not args.device_only:
         result["schemes"]["anchor (ProgressiveNet)"] = anchor_curve(ckpt, ev)
     for curve in result["schemes"].values():

@@ -55,8 +55,10 @@ class PackageCache:
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
                  usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1,
-                 signer: Optional[Signer] = None) -> None:
-        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned."""
+                 signer: Optional[Signer] = None, plane_coder: str = "zstd") -> None:
+        """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned.
+        ``plane_coder``: how the packages' planes are coded (``delivery_plane_coder``)."""
+        self.plane_coder = plane_coder
         self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
         self.signer = signer
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
@@ -137,7 +139,7 @@ class PackageCache:
         the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file is built
         in the caller's thread."""
         args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
-                self.chunk_bytes)
+                self.chunk_bytes, self.plane_coder)
         if served.checkpoint_bytes:
             context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
             with ProcessPoolExecutor(1, mp_context=context, initializer=become_background_child,
@@ -161,10 +163,10 @@ class PackageCache:
 
 
 def _build_from_model(served: ServedModel, model_id: str, version: str, split_point: int, order: str, bits: int,
-                      usable_planes: int, chunk_bytes: int) -> Package:
+                      usable_planes: int, chunk_bytes: int, plane_coder: str) -> Package:
     return build_package(served.model.state_dict(), served.metadata, model_id, version, split_point,
                          served.model.exit_points, order, bits, usable_planes, chunk_bytes,
-                         bias_inputs(served.model, served.input_size))
+                         bias_inputs(served.model, served.input_size), plane_coder=plane_coder)
 
 
 def _build_from_bytes(checkpoint: bytes, source: str, *args) -> Package:

@@ -33,9 +33,10 @@ from cloud.versions import ModelRegistry, VersionRefused, version_rank
 from cloud.worker import START_TIMEOUT_S, ForwardWorker, WorkerError
 from models.config import ConfigError, check_at_least, check_files, check_log_level, check_positive
 from models.hardware import resolve_device
+from models.partition import bottleneck_at
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from models.progressive import Package
+from models.progressive import PLANE_CODERS, Package
 from proto.codec import C, CodecSpec, Q
 from serving.admission import Admission, IdleCalls, Overloaded, pending_call_options
 from serving.heap import collection_paused, freeze_heap
@@ -77,16 +78,13 @@ def default_codec(served: ServedModel, split_point: int, table: dict[int, CodecS
     ``served`` has its bottleneck (hundreds of bytes where int8+zstd takes kilobytes), else int8+zstd."""
     if split_point in table:
         return table[split_point]
-    bottleneck = served.model.bottleneck
-    if bottleneck is not None and bottleneck.config.split_point == split_point:
-        return LEARNED_CODEC
-    return DEFAULT_CODEC
+    return LEARNED_CODEC if bottleneck_at(served.model, split_point) is not None else DEFAULT_CODEC
 
 
 def code_shape(served: ServedModel, split_point: int) -> list[int]:
     """``(c, H, W)`` of the bottleneck's code when ``served`` has its bottleneck at ``split_point``, else []."""
-    bottleneck = served.model.bottleneck
-    if bottleneck is None or bottleneck.config.split_point != split_point:
+    bottleneck = bottleneck_at(served.model, split_point)
+    if bottleneck is None:
         return []
     _, h, w = served.activation_shapes[split_point]
     return [bottleneck.config.channels, h, w]
@@ -133,6 +131,7 @@ class CloudConfig:
     forward_process: bool = False  # run the tail forward in a worker process (cloud/worker.py)
     # progressive weight delivery (models/progressive.py): packages are built on first request and cached
     delivery_bits: int = 16  # sign + 15 magnitude bit planes
+    delivery_plane_coder: str = "zstd"  # how each plane is coded: zstd, or context (models/progressive/context.py)
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
     delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing and resuming)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
@@ -210,6 +209,9 @@ class CloudConfig:
         if self.delivery_message_bytes > 1 << 20:
             raise ConfigError("config key 'delivery_message_bytes': at most 1 MiB (1048576), got "
                               f"{self.delivery_message_bytes}")
+        if self.delivery_plane_coder not in PLANE_CODERS:
+            raise ConfigError(f"config key 'delivery_plane_coder': one of {', '.join(PLANE_CODERS)}, got "
+                              f"{self.delivery_plane_coder!r}")
         if not 2 <= self.delivery_bits <= 24:
             raise ConfigError(f"config key 'delivery_bits': must be in 2..24, got {self.delivery_bits}")
         if self.delivery_usable_planes > self.delivery_bits - 1:
@@ -362,6 +364,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             s = self.models.resolve(request.model)
         except RequestError as err:
             abort(context, err)
+        learned = s.model.bottleneck is not None  # LEARNED is accepted at its split
         return pb.ModelInfo(
             model=s.ref, versions=[v.ref for v in self.models.versions()],
             class_names=s.class_names,
@@ -374,8 +377,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                   code_shape=code_shape(s, k))
                 for k, shape in sorted(s.activation_shapes.items())
             ],
-            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4, Q.JPEG, Q.LEARNED],
-            compressions=[C.NONE, C.ZLIB, C.ZSTD, C.ANS],
+            quantizations=[Q.FLOAT32, Q.FLOAT16, Q.INT8, Q.INT4, Q.JPEG] + ([Q.LEARNED] if learned else []),
+            compressions=[C.NONE, C.ZLIB, C.ZSTD] + ([C.ANS] if learned else []),
             resize_size=s.metadata["preprocess"]["resize_size"], mean=s.metadata["preprocess"]["mean"],
             std=s.metadata["preprocess"]["std"],
         )
@@ -635,7 +638,8 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     signer = Signer.from_file(cfg.delivery_signing_key) if cfg.delivery_signing_key else None
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
-                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer)
+                            cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer,
+                            cfg.delivery_plane_coder)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
     registry.on_unload = lambda unloaded: running.unloaded(unloaded)

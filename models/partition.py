@@ -38,7 +38,7 @@ class HeadOutput:
     code: Optional[Tensor] = None
 
 
-def _bottleneck_at(model: EarlyExitMobileNetV2, split_point: int) -> Optional[Bottleneck]:
+def bottleneck_at(model: EarlyExitMobileNetV2, split_point: int) -> Optional[Bottleneck]:
     """The model's bottleneck if it sits at ``split_point``, else None."""
     b = model.bottleneck
     return b if b is not None and b.config.split_point == split_point else None
@@ -57,7 +57,7 @@ class Head(nn.Module):
         self.blocks = model.features[:split_point]
         self.exit_points = [k for k in model.exit_points if k <= split_point]
         self.exits = nn.ModuleList(model.exit_map()[k] for k in self.exit_points)
-        bottleneck = _bottleneck_at(model, split_point)
+        bottleneck = bottleneck_at(model, split_point)
         self.encoder = bottleneck.encoder if bottleneck is not None else None  # only the device's half
 
     def forward(self, x: Tensor) -> HeadOutput:
@@ -102,7 +102,7 @@ class Tail(nn.Module):
         self.exit_points = [k for k in model.exit_points if k > split_point]
         self.exits = nn.ModuleList(model.exit_map()[k] for k in self.exit_points)
         self.final = model.final
-        bottleneck = _bottleneck_at(model, split_point)
+        bottleneck = bottleneck_at(model, split_point)
         self.decoder = bottleneck.decoder if bottleneck is not None else None  # only the cloud's half
 
     def decode(self, code: Tensor) -> Tensor:

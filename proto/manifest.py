@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from typing import Callable, Optional
 
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 
 from models.identity import check_digest
-from models.progressive import ORDERS, ChunkInfo, Manifest, ProgressiveError, TensorInfo
+from models.progressive import ORDERS, PLANE_CODERS, ChunkInfo, Manifest, ProgressiveError, TensorInfo
+from models.progressive.delta import DELTA_ORDER
 from proto import spinn_v1_pb2 as pb
 
 #: A model id or version label: what may name a model, never a path (no "/", no "..", no NUL, bounded).
@@ -82,6 +82,8 @@ def manifest_message(m: Manifest) -> pb.Manifest:
                               stage=c.stage)
                 for c in m.chunks],
         package_digest=m.package_digest, signature=m.signature,
+        plane_coder="" if m.plane_coder == "zstd" else m.plane_coder,  # empty: what packages before it used
+        base_sha256=m.base_sha256,
     )
 
 
@@ -149,11 +151,14 @@ def manifest_from_message(msg: pb.Manifest, max_package_bytes: int = DEFAULT_MAX
     if not -1 <= msg.usable_chunk < len(chunks):
         raise ProgressiveError(f"manifest.usable_chunk: {msg.usable_chunk} is outside -1..{len(chunks) - 1}")
     _check_against_config(metadata, tensors, msg.split_point)
+    plane_coder = msg.plane_coder or "zstd"
+    if plane_coder not in PLANE_CODERS:
+        raise ProgressiveError(f"manifest.plane_coder: {plane_coder[:40]!r} is not one of {', '.join(PLANE_CODERS)}")
     if msg.package_digest != package_digest_of(msg):
         raise ProgressiveError("manifest.package_digest: not the digest of this manifest")
     return Manifest(msg.model.model_id, msg.model.model_version, metadata, msg.bits, msg.order, msg.split_point,
                     msg.usable_planes, tensors, chunks, msg.final_sha256, msg.usable_chunk, msg.corrected_planes,
-                    msg.model.digest, msg.package_digest, msg.signature)
+                    msg.model.digest, msg.package_digest, msg.signature, plane_coder, msg.base_sha256)
 
 
 def _check_header(msg: pb.Manifest) -> None:
@@ -165,8 +170,15 @@ def _check_header(msg: pb.Manifest) -> None:
         check_digest(msg.package_digest, "manifest.package_digest")
     except ValueError as err:
         raise ProgressiveError(str(err)) from None
-    if msg.order not in ORDERS:
-        raise ProgressiveError(f"manifest.order: {msg.order[:80]!r} is not one of {ORDERS}")
+    if msg.order not in (*ORDERS, DELTA_ORDER):
+        raise ProgressiveError(f"manifest.order: {msg.order[:80]!r} is not one of {(*ORDERS, DELTA_ORDER)}")
+    if (msg.order == DELTA_ORDER) != bool(msg.base_sha256):
+        raise ProgressiveError("manifest.base_sha256: a delta package (order 'delta') names its base, no other does")
+    if msg.base_sha256:
+        try:
+            check_digest(msg.base_sha256, "manifest.base_sha256")
+        except ValueError as err:
+            raise ProgressiveError(str(err)) from None
     if not 2 <= msg.bits <= 24:
         raise ProgressiveError(f"manifest.bits: {msg.bits} is outside 2..24")
     if not 1 <= msg.usable_planes <= msg.bits - 1:

@@ -33,8 +33,8 @@ from models.bias_correction import bias_inputs, input_means
 from models.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from models.datasets import Preprocess
 from models.early_exit import EarlyExitMobileNetV2, ModelConfig
-from models.progressive import (DEFAULT_CORRECTED_PLANES, Decoder, ProgressiveError, _code_units, build_package,
-                                describe_tensors, quantize, updated_model)
+from models.progressive import (DEFAULT_CORRECTED_PLANES, PLANE_CODERS, Decoder, ProgressiveError, build_package,
+                                code_units, describe_tensors, quantize, updated_model)
 from models.config import from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -44,10 +44,11 @@ from tests.conftest import NAMES, SIZE, digest_of
 from tests.test_device import image_bytes, wait_until
 
 
-def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None):
+def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None,
+               plane_coder="zstd"):
     meta = checkpoint_metadata(model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
     package = build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
-                            usable_planes, chunk_bytes, bias)
+                            usable_planes, chunk_bytes, bias, plane_coder=plane_coder)
     seal(package.manifest)  # its package digest, as the cloud gives it
     return package
 
@@ -86,8 +87,10 @@ def half_reference(value: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(((bits & 0xFFFF0000) | low).view(np.float32))
 
 
-def test_every_prefix_equals_the_reference_quantisation_and_the_end_is_exact(small_model):
-    package = package_of(small_model)
+@pytest.mark.parametrize("plane_coder", PLANE_CODERS)
+def test_every_prefix_equals_the_reference_quantisation_and_the_end_is_exact(small_model, plane_coder):
+    package = package_of(small_model, plane_coder=plane_coder)
+    package = type(package)(manifest_from_message(manifest_message(package.manifest)), package.payloads)
     m = package.manifest
     state = small_model.state_dict()
     decoder = Decoder(m)
@@ -121,7 +124,7 @@ def test_offsets_are_the_mean_of_the_missing_bits():
     weight = torch.randn(1, 300) ** 3  # peaked near 0, as trained weights are: offsets below the middle
     model_state = {"w": weight}
     infos = describe_tensors(model_state, 1, [], {})
-    offsets = _code_units(model_state, infos, 8, 4).infos[0].offsets
+    offsets = code_units(model_state, infos, 8, 4).infos[0].offsets
     np.testing.assert_allclose(offsets[:7], reference_offsets(weight, 8), rtol=1e-6)
     assert all(offsets[k] < (2 ** (7 - k) - 1) / 2 for k in range(1, 7))
 
