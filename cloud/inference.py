@@ -14,7 +14,7 @@ from models.identity import model_digest, short_digest
 from models.early_exit import EarlyExitMobileNetV2
 from models.exit_policy import confidence
 from models.hardware import follow
-from models.partition import Tail, activation_shapes, tail
+from models.partition import Tail, activation_shapes, bottleneck_at, tail
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecError, decode, decode_code_message, decode_jpeg
 
@@ -133,9 +133,10 @@ def decode_learned(req: pb.FeatureRequest, served: ServedModel, max_batch: int) 
     decoder of the bottleneck at its split point. RequestError: FAILED_PRECONDITION when the served model has no
     bottleneck there, INVALID_ARGUMENT naming the field for a shape or payload that does not fit it."""
     split = served.tails[req.split_point]
-    bottleneck = served.model.bottleneck
+    bottleneck = bottleneck_at(served.model, req.split_point)
     if split.decoder is None or bottleneck is None:
-        where = "none" if bottleneck is None else f"one at split point {bottleneck.config.split_point}"
+        where = "none" if served.model.bottleneck is None else \
+            f"one at split point {served.model.bottleneck.config.split_point}"
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                            f"features.codec.quantization: LEARNED needs the model's bottleneck at split point "
                            f"{req.split_point}; version {served.model_version} has {where}")

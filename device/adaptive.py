@@ -2,10 +2,11 @@
 the ``Scheduler`` (device/scheduler.py) and applies its decision with ``DeviceRuntime.set_plan``.
 
 It also pings the cloud's health service every round, which gives the round trip without payload (an offload's
-network time minus it is the time its bytes took: a bandwidth sample), and when no bandwidth sample is fresh it
-sends a probe (the last activation the head computed, answer dropped) from its own thread: a device that
-stopped uploading because the link was slow would otherwise never learn that it got fast again, and a probe
-on a request's path would put its upload into that request's latency.
+network time minus it is the time its bytes took: a bandwidth sample), and when no bandwidth sample is fresh (no
+offload, or only ones too small or too short to time, such as a learned code) it sends a probe (the last
+activation the head computed, answer dropped) from its own thread: a device that stopped uploading because the
+link was slow would otherwise never learn that it got fast again, and a probe on a request's path would put its
+upload into that request's latency.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WINDOW_S = 10.0  # samples older than this do not describe the link any more
 MAX_SAMPLES = 16  # the newest offloads a bandwidth estimate uses
 PING_TIMEOUT_S = 1.0
 DOWN_AFTER_PINGS = 2  # failed health pings in a row that mean the cloud is gone
+RTT_BOUND_S = 60.0  # an offload's round trip bounds the RTT this long (a route may change)
 MIN_RATE_BYTES = 2048  # an upload smaller than this is all per-call overhead: it bounds the bandwidth, no more
 # A transfer too short to time says only that the link is at least bytes / resolution fast. Taken as a rate it
 # pulled a 20 Mbit/s estimate down to 1.9 (6 KB JPEGs, pings 25 ms apart on a throttled device): the e2e
@@ -45,15 +47,17 @@ class LinkEstimate:
     sample windows, keeping the last estimate while no fresh sample arrives.
 
     The RTT is the health pings' mean, but never more than the fastest answered offload's network time (an
-    offload's round trip bounds the bare one from above; the bound is kept while no offload is fresh): on a
-    throttled device pings waited for the CPU behind other work and read 70-108 ms on a 40 ms link whose
-    offloads took 54 (bench/e2e.py), which made every upload look 30 ms slower than it was."""
+    offload's round trip bounds the bare one from above; the bound is kept ``RTT_BOUND_S`` after the last
+    offload): on a throttled device pings waited for the CPU behind other work and read 70-108 ms on a 40 ms
+    link whose offloads took 54 (bench/e2e.py), which made every upload look 30 ms slower than it was."""
 
     def __init__(self, initial_bandwidth_bit_s: float, initial_rtt_ms: float) -> None:
         self.bandwidth = initial_bandwidth_bit_s / 8.0
         self.bandwidth_p05 = self.bandwidth
         self.rtt, self.rtt_p95 = initial_rtt_ms, initial_rtt_ms
-        self.rtt_bound = float("inf")  # the fastest fresh offload's network time, ms
+        self.rtt_bound = float("inf")  # the fastest recent offload's network time, ms
+        self._bound_t = float("-inf")
+        self._ping_rtt, self._spread = initial_rtt_ms, 0.0  # the pings' mean and p95 - mean, ms
         self.censored = False  # the fresh offloads were all too small to time: only a probe can tell more
 
     def summary(self) -> dict:
@@ -63,31 +67,40 @@ class LinkEstimate:
 
     def update(self, calls: list, pings: list[tuple[float, float]], now: float) -> None:
         fresh = fresh_calls(calls, now)
-        if fresh:
-            self.rtt_bound = min(c.network_ms for c in fresh)
         fresh_pings = [ms for t, ms in pings if now - t <= WINDOW_S]
-        if fresh_pings:
-            mean = float(np.mean(fresh_pings))
-            p95 = float(np.percentile(fresh_pings, 95)) if len(fresh_pings) >= 3 else max(fresh_pings)
-            self.rtt = min(mean, max(self.rtt_bound, 0.0))
-            self.rtt_p95 = self.rtt + (p95 - mean)  # the pings' spread, around the bounded mean
+        self._update_rtt(fresh, fresh_pings, now)
         resolution_ms = max(0.5, self.rtt_p95 - self.rtt)  # transfers shorter than the RTT's spread are noise
+        # the bounds take the fastest ping as the round trip: a mean inflated by a busy CPU would make them big
+        rtt_low = min([self.rtt, *fresh_pings])
         rates, bounds = [], []
         for c in fresh:
             transfer_ms = c.network_ms - self.rtt
             if transfer_ms >= resolution_ms and c.bytes_sent >= MIN_RATE_BYTES:
                 rates.append(c.bytes_sent / (transfer_ms / 1000.0))
-            else:  # too short or too small to time: the link is at least this fast, maybe much faster
-                bounds.append(c.bytes_sent / (max(transfer_ms, resolution_ms) / 1000.0))
+            else:  # too short or too small to time: the link is at least about this fast, maybe much faster
+                bounds.append(c.bytes_sent / (max(c.network_ms - rtt_low, resolution_ms) / 1000.0))
         self.censored = bool(fresh) and not rates
-        floor = max(bounds, default=0.0)
         if rates:
-            self.bandwidth = max(float(len(rates) / np.sum(1.0 / np.array(rates))), floor)  # harmonic: by time
-            self.bandwidth_p05 = min(self.bandwidth, float(np.percentile(rates, 5)) if len(rates) >= 5
-                                     else min(rates))
+            self.bandwidth = float(len(rates) / np.sum(1.0 / np.array(rates)))  # harmonic: time-weighted
+            self.bandwidth_p05 = float(np.percentile(rates, 5)) if len(rates) >= 5 else min(rates)
         elif bounds:  # only bounds: a lower estimate (left from a slower phase) rises to them, none falls
+            floor = max(bounds)
             self.bandwidth = max(self.bandwidth, floor)
-            self.bandwidth_p05 = max(self.bandwidth_p05, floor)
+            self.bandwidth_p05 = min(self.bandwidth, max(self.bandwidth_p05, floor))
+
+    def _update_rtt(self, fresh: list, fresh_pings: list[float], now: float) -> None:
+        """The pings' mean (their spread once there are 3), never above the bound of the fastest offload seen in
+        the last ``RTT_BOUND_S``."""
+        if fresh:
+            self.rtt_bound, self._bound_t = min(c.network_ms for c in fresh), now
+        elif now - self._bound_t > RTT_BOUND_S:
+            self.rtt_bound = float("inf")
+        if fresh_pings:
+            self._ping_rtt = float(np.mean(fresh_pings))
+        if len(fresh_pings) >= 3:
+            self._spread = max(0.0, float(np.percentile(fresh_pings, 95)) - self._ping_rtt)
+        self.rtt = min(self._ping_rtt, max(self.rtt_bound, 0.0))
+        self.rtt_p95 = self.rtt + self._spread
 
 
 class Adaptive:
@@ -141,9 +154,9 @@ class Adaptive:
         return max(1.0, self.runtime.cfg.deadline_ms / 1000.0)
 
     def ping(self) -> None:
-        """One health check: its round trip is an RTT sample unless a request was computing meanwhile (then it
-        also waited for the CPU, which an upload after the compute does not); failures in a row mark the cloud
-        down."""
+        """One health check: its round trip is an RTT sample unless a request's head was computing meanwhile
+        (then it also waited for the CPU, which the upload after the compute does not); failures in a row mark
+        the cloud down."""
         link = self.runtime.link
         if link is None:
             self.failed_pings = DOWN_AFTER_PINGS

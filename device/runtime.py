@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -9,7 +10,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import grpc
 import torch
@@ -33,7 +34,7 @@ from models.identity import short_digest
 from models.offline_profile import JPEG, ProfileError, load_profile
 from models.hardware import follow, resolve_device
 from models.early_exit import EarlyExitMobileNetV2, run_segment
-from models.partition import Head, check_split_point, head
+from models.partition import Head, bottleneck_at, check_split_point, head
 from proto import spinn_v1_pb2 as pb
 from proto.codec import CodecSpec, encode, encode_code_message, encode_jpeg
 from serving.admission import Admission
@@ -138,9 +139,7 @@ def wire_codec_name(features: pb.Tensor) -> str:
 
 def has_encoder(active: Optional[ActiveModel], split_point: int) -> bool:
     """Whether the model ``active`` runs has its bottleneck at ``split_point`` (so it can send a learned code)."""
-    if active is None or active.model is None or active.model.bottleneck is None:
-        return False
-    return active.model.bottleneck.config.split_point == split_point
+    return active is not None and active.model is not None and bottleneck_at(active.model, split_point) is not None
 
 
 def _top_k(logits: Tensor, names: list[str], k: int) -> list[tuple[int, str, float]]:
@@ -219,7 +218,7 @@ class DeviceRuntime:
         self.skew = SkewGate(cfg.skew_retry_seconds)
         self._refetching = threading.Lock()  # one download of the cloud's checkpoint at a time (checkpoint: cloud)
         self.rpc_calls = 0  # Infer calls actually attempted (tests count them)
-        self._running = 0  # classify calls in progress (``busy``)
+        self._computing = 0  # requests whose head is computing (``busy``)
         self._calls_lock = threading.Lock()
         self.admission = Admission(cfg.max_in_flight, "max_in_flight", "classify calls")
         self.metrics = DeviceMetrics(lambda: self.active.weights_fraction if self.active else 0.0,
@@ -339,9 +338,8 @@ class DeviceRuntime:
     def _check_codec(self, model: EarlyExitMobileNetV2) -> None:
         """ConfigError naming ``codec`` when it is learned and ``model`` has no bottleneck at ``split_point``."""
         spec, split = self.cfg.codec_spec(), self.cfg.split_point
-        bottleneck = model.bottleneck
-        if spec is not None and spec.learned and (bottleneck is None or bottleneck.config.split_point != split):
-            has = "none" if bottleneck is None else f"one at split point {bottleneck.config.split_point}"
+        if spec is not None and spec.learned and bottleneck_at(model, split) is None:
+            has = "none" if model.bottleneck is None else f"one at split point {model.bottleneck.config.split_point}"
             raise ConfigError(f"config key 'codec': {spec.name} needs the checkpoint's bottleneck at split_point "
                               f"{split}; it has {has}")
 
@@ -541,21 +539,22 @@ class DeviceRuntime:
 
     @property
     def busy(self) -> bool:
-        """Whether a classify call is running now (a health ping meanwhile waits for the CPU too)."""
-        return self._running > 0
+        """Whether a request's head is computing now (a health ping meanwhile waits for the CPU too; the upload
+        after the compute does not)."""
+        return self._computing > 0
+
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
+        with self._calls_lock:
+            self._computing += 1
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._computing -= 1
 
     def _classify(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
                   started: Optional[float]) -> ClassifyResult:
-        with self._calls_lock:
-            self._running += 1
-        try:
-            return self._classify_running(active, x, top_k, started)
-        finally:
-            with self._calls_lock:
-                self._running -= 1
-
-    def _classify_running(self, active: ActiveModel, x: Tensor, top_k: Optional[int],
-                          started: Optional[float]) -> ClassifyResult:
         started = time.perf_counter() if started is None else started
         k = top_k or self.cfg.top_k
         x = x.unsqueeze(0) if x.dim() == 3 else x
@@ -578,7 +577,7 @@ class DeviceRuntime:
             tick = now
 
         steps = active.head.steps(x, clock) if active.head is not None else ()
-        with torch.no_grad():
+        with torch.no_grad(), self._compute():
             for boundary, x, logits in steps:
                 if logits is None:
                     continue
@@ -603,9 +602,10 @@ class DeviceRuntime:
         if last is None or self.link is None or current is None or last[0] is not current:
             return False
         active, activation = last
-        features = self._encode(active, activation)
-        if features.codec.quantization == pb.Codec.LEARNED:
+        if self.sendable_codec(active, active.split_point).learned:
             features = encode(activation, OFFLINE_CODEC)
+        else:
+            features = self._encode(active, activation)
         request = pb.FeatureRequest(request_id="probe-" + uuid.uuid4().hex, model=active.wire_ref,
                                     split_point=active.split_point, features=features, top_k=1)
         try:
@@ -677,7 +677,8 @@ class DeviceRuntime:
             if spec.learned:
                 assert active.head is not None and active.head.encoder is not None and active.model is not None
                 try:
-                    code = active.head.encoder.code(activation)
+                    with torch.no_grad():
+                        code = active.head.encoder.code(activation)
                     return encode_code_message(code, spec, active.model.bottleneck.code_counts)
                 except ValueError as err:  # a frequency table not (fully) received yet: send what needs none
                     log.warning("cannot send a learned code (%s); sending %s", err, OFFLINE_CODEC.name)

@@ -69,6 +69,8 @@ def evaluate_threshold(cache: CachedOutputs, threshold: float, upload_bytes: flo
     path, e.g. a learned bottleneck, is compared with the model's own final classifier).
     """
     n = cache.final_correct.numel()
+    if reference is not None and reference.shape != cache.final_correct.shape:
+        raise ValueError(f"reference: shape {tuple(reference.shape)}, the cache has {n} images")
     e = cache.device_confidence.shape[0]
     undecided = torch.ones(n, dtype=torch.bool)
     correct = torch.zeros(n, dtype=torch.bool)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.early_exit import EarlyExitMobileNetV2, run_segment
 from models.exit_policy import CachedOutputs, confidence, evaluate_threshold
 from models.hardware import follow
-from models.partition import profile as split_profiles
+from models.partition import bottleneck_at, profile as split_profiles
 from proto.codec import CodecSpec, encode, encode_code_message, encode_jpeg, encoded_size
 
 PROFILE_VERSION = 2  # 2: rows carry ``changed``
@@ -47,13 +47,14 @@ class ThresholdOutcome:
 
     threshold: float
     uploading_rate: float
-    accuracy: float  # device exits + the cloud's final classifier for the uploads (float32 features)
+    accuracy: float  # device exits + the cloud's final classifier for the uploads (float32 features; in
+    # ``learned_rows``, after the bottleneck's decoder)
     exit_rates: list[float]  # per device exit of the split, boundary order
     changed: int = 0  # images whose correctness differs from the final classifier's alone (see accuracy_se)
 
     def accuracy_se(self, num_images: int, final_accuracy: float) -> float:
         """Standard error of ``accuracy - final_accuracy`` measured on ``num_images`` images (a fraction): the
-        per-image difference d is -1, 0 or +1, nonzero on the ``changed`` images; 0 when no exit answers."""
+        per-image difference d is -1, 0 or +1, nonzero on the ``changed`` images (0 when nothing differs)."""
         if num_images <= 0:
             return 0.0
         gap = self.accuracy - final_accuracy
@@ -216,7 +217,7 @@ def _evaluate(model: EarlyExitMobileNetV2, loader: DataLoader, kind: str, codecs
                 outputs.append(exits[k + 1](x))
             if size_now:
                 _record_sizes(seen, k + 1, x, codecs, None)
-            if model.bottleneck is not None and model.bottleneck.config.split_point == k + 1:
+            if bottleneck_at(model, k + 1) is not None:
                 _learned_pass(model, x, labels, seen, size_now)
         outputs.append(model.final(x))
         seen.sized += len(labels) if size_now else 0
@@ -308,7 +309,7 @@ def build_profile(model: EarlyExitMobileNetV2, loader: DataLoader, input_size: i
         exit_points = [model.exit_points[i] for i in idx]
         rows = _threshold_rows(CachedOutputs(conf[idx], correct[idx], correct[-1], exit_points), thresholds)
         learned_rows = []
-        if model.bottleneck is not None and model.bottleneck.config.split_point == sp.split_point:
+        if bottleneck_at(model, sp.split_point) is not None:
             learned = CachedOutputs(conf[idx], correct[idx], torch.cat(seen.learned_correct), exit_points)
             learned_rows = _threshold_rows(learned, thresholds, reference=correct[-1])
         sizes = {name: BytesStats(float(np.mean(v)), float(np.percentile(v, 95)))
