@@ -20,7 +20,7 @@ Curves, per scheme:
 - *device-only*: the final classifier of the whole model as received so far (what answers when the cloud is
   gone), after every chunk up to ``--max-points`` points spread over the bytes (every chunk for small models).
 
-Schemes: ours (models/progressive.py) in the ``split``, ``value`` and ``whole`` orders, the ``value`` order
+Schemes: ours (models/progressive/) in the ``split``, ``value`` and ``whole`` orders, the ``value`` order
 without the output-bias correction, and the anchor (bench/progressivenet.py: per-tensor range, 2-bit slices,
 layer order). ``--device-only``: just the ``value`` (with and without bias correction) and ``whole`` curves,
 device-only (cheap enough for a whole test set). ``--plane-coders zstd context``: every scheme of ours once per

@@ -1,5 +1,5 @@
 """The anchor: ProgressiveNet's weight coding, re-implemented from its source (github.com/Prev/progressivenet,
-``progressivenet/src/quantization.ts`` and ``converter/src/main.ts``) to compare against models/progressive.py.
+``progressivenet/src/quantization.ts`` and ``converter/src/main.ts``) to compare against models/progressive/.
 
 - Every float32 tensor (kernels, biases, BatchNorm parameters alike) gets ONE range ``[min, max]`` and 32-bit
   codes ``floor((w - min) / (max - min) * 2**32)`` (``w == max`` -> ``2**32 - 1``).

@@ -129,7 +129,7 @@ class CloudConfig:
     grace_seconds: float = 10.0
     torch_device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU
     forward_process: bool = False  # run the tail forward in a worker process (cloud/worker.py)
-    # progressive weight delivery (models/progressive.py): packages are built on first request and cached
+    # progressive weight delivery (models/progressive/): packages are built on first request and cached
     delivery_bits: int = 16  # sign + 15 magnitude bit planes
     delivery_plane_coder: str = "zstd"  # how each plane is coded: zstd, or context (models/progressive/context.py)
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes

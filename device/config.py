@@ -44,7 +44,7 @@ class DeviceConfig:
     fallback: str = "final"  # final | exit: what answers when the cloud fails (final: needs the whole model)
     # progressive delivery (checkpoint: stream)
     weights_cache: str = "runs/weights_cache"  # verified chunks persist here: a cut stream or restart resumes
-    stream_order: str = "split"  # split | value | whole (models/progressive.py)
+    stream_order: str = "split"  # split | value | whole (models/progressive/)
     stream_poll_seconds: float = 30.0  # how often the cloud is asked whether it serves a new model version
     stream_nice: int = 10  # the weight stream's thread runs this much nicer than serving (Linux), 0..19
     stream_decode_process: bool = True  # decode chunks in a child process (off: in the stream's thread)

@@ -1,4 +1,4 @@
-"""The progressive package's manifest <-> ``spinn.v1.Manifest`` (models/progressive.py holds the coding).
+"""The progressive package's manifest <-> ``spinn.v1.Manifest`` (models/progressive/ holds the coding).
 
 A manifest comes from the network, so the device validates all of it before it stores or builds anything
 (``manifest_from_message``): every field in range, names that can never become a path, metadata of bounded

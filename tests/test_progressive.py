@@ -1,4 +1,4 @@
-"""Progressive weight delivery: the bit-plane coder (models/progressive.py), the cloud's ModelDelivery stream
+"""Progressive weight delivery: the bit-plane coder (models/progressive/), the cloud's ModelDelivery stream
 and the device streaming its model, against a real cloud on loopback with real small models."""
 
 import gc
