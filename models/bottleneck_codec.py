@@ -22,6 +22,8 @@ import torch
 import zstandard
 from torch import Tensor
 
+from models.ans import AnsStreamError, decode_exactly
+
 Coder = Literal["ans", "zstd"]
 CODERS: tuple[str, ...] = ("ans", "zstd")
 
@@ -113,18 +115,11 @@ def decode_code(payload: bytes, shape: tuple[int, int, int, int], coder: Coder, 
                         f"{4 * (n + 2)} bytes for {n} values")
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
     try:
-        decoder = constriction.stream.stack.AnsCoder(words)
-        symbols = decoder.decode(constriction.stream.model.Categorical(perfect=False),
+        symbols = decode_exactly(words, constriction.stream.model.Categorical(perfect=False),
                                  _symbols_and_models(tuple(shape), probs))
-    except Exception as err:  # constriction's complaints about its input (ValueError, ...)
-        raise CodeError(f"payload: not an ANS stream of this code ({err})") from None
-    except BaseException as err:  # a Rust panic surfaces as pyo3's PanicException, a BaseException
-        if type(err).__name__ != "PanicException":
-            raise
-        raise CodeError(f"payload: not an ANS stream of this code ({err})") from None
-    if not decoder.is_empty():
-        raise CodeError(f"payload: corrupt ANS stream (data left after {n} values)")
-    values = np.asarray(symbols, dtype=np.int32) - code_max
+    except AnsStreamError as err:
+        raise CodeError(f"payload: corrupt ANS stream of this code ({err})") from None
+    values = symbols.astype(np.int32) - code_max
     return torch.from_numpy(values.reshape(shape).copy())
 
 

@@ -27,6 +27,7 @@ import struct
 
 import numpy as np
 
+from models.ans import AnsStreamError, decode_exactly
 from models.progressive.format import ProgressiveError
 
 P_ONE = 1 << 16  # probabilities of a one travel as k / P_ONE, 1 <= k < P_ONE
@@ -126,14 +127,7 @@ def decode_section(buf: io.BytesIO, contexts: np.ndarray, count: int, what: str)
     p[present] = table / P_ONE
     words = np.frombuffer(body[table_bytes:], "<u4").astype(np.uint32)
     try:
-        decoder = constriction.stream.stack.AnsCoder(words)
-        bits = decoder.decode(constriction.stream.model.Bernoulli(perfect=False), p[contexts])
-    except Exception as err:  # constriction's complaints about its input
-        raise ProgressiveError(f"{what}: not an ANS stream of {n} bits ({err})") from None
-    except BaseException as err:  # a Rust panic surfaces as pyo3's PanicException, a BaseException
-        if type(err).__name__ != "PanicException":
-            raise
-        raise ProgressiveError(f"{what}: not an ANS stream of {n} bits ({err})") from None
-    if not decoder.is_empty():
-        raise ProgressiveError(f"{what}: data left after {n} bits")
-    return np.asarray(bits).astype(bool)
+        bits = decode_exactly(words, constriction.stream.model.Bernoulli(perfect=False), p[contexts])
+    except AnsStreamError as err:
+        raise ProgressiveError(f"{what}: {err}") from None
+    return bits.astype(bool)
