@@ -316,6 +316,7 @@ def test_codec_table_sets_default_codecs(tmp_path):
     ({"tls_cert": "missing.pem", "tls_key": "missing.key"}, "tls_cert"),
     ({"codec_table": "missing.json"}, "codec_table"),
     ({"log_level": "LOUD"}, "log_level"),
+    ({"delivery_plane_coder": "lzma"}, "delivery_plane_coder"),
 ])
 def test_cloud_config_validation_names_the_key(overrides, key):
     from models.config import from_dict
@@ -483,3 +484,21 @@ def test_a_failing_forward_answers_internal_and_the_server_stays_up(cloud):
     assert running.servicer.counts["INTERNAL"] == 1
     running.servicer.forward = None
     assert len(stub.Infer(request(model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=30).images) == 1
+
+
+def test_the_delivery_plane_coder_reaches_the_packages_built(checkpoint):
+    """``delivery_plane_coder`` is what the cloud's packages are coded with (built from the checkpoint's bytes in
+    the build process), and the device side decodes them to the same weights as the default coder's."""
+    from cloud.delivery import PackageCache
+    from models.progressive import Decoder
+
+    served = ServedModel.from_file(str(checkpoint), "m")
+    finals = {}
+    for coder in ("zstd", "context"):
+        package = PackageCache(plane_coder=coder).get(served, 7, "split")
+        assert package.manifest.plane_coder == coder
+        decoder = Decoder(package.manifest)
+        for i, payload in enumerate(package.payloads):
+            decoder.apply(i, payload)
+        finals[coder] = decoder.digest()
+    assert finals["zstd"] == finals["context"]
