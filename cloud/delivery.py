@@ -1,5 +1,9 @@
 """Progressive weight delivery, free of gRPC: packages built once per (model, split point, order) and cached,
-manifests, and the stream of a package's chunks from any chunk on in messages of bounded size."""
+manifests, and the stream of a package's chunks from any chunk on in messages of bounded size.
+
+A device that holds another version's weights complete says so (ManifestRequest.held_sha256); when that version
+is still served and the delta from it is worth it (``DELTA_MAX_FRACTION``), it gets a delta package
+(models/progressive/delta.py) instead of the full one."""
 
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import torch
 from cloud.inference import RequestError, ServedModel
 from models.checkpoint import load_checkpoint_bytes
 from models.bias_correction import bias_inputs
+from models.identity import check_digest
 from models.progressive import DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, ORDERS, Package, \
     build_package
+from models.progressive.delta import DELTA_ORDER, build_delta_package, final_weights, weights_digest
 from proto.manifest import seal
 from serving.priority import become_background_child
 from serving.signing import Signer
@@ -36,6 +42,10 @@ MESSAGE_BYTES = 64 * 1024
 BUILD_NICE = 10
 #: The longest a package build may take (MobileNetV2 at width 1.0: about 3 s of a core).
 BUILD_TIMEOUT_S = 600.0
+#: A delta is offered only when its whole stream is at most this fraction of the full package's. From a version
+#: trained apart (not fine-tuned from the base) it is about as large as the full package, and the device keeps
+#: serving the old version until the delta's head is complete, later than a full package's head is usable.
+DELTA_MAX_FRACTION = 0.75
 
 
 class BuildsBusy(Exception):
@@ -66,6 +76,7 @@ class PackageCache:
         self._builds = 0  # builds running now
         self._entries: collections.OrderedDict[tuple, tuple[threading.Lock, list[Package]]] = \
             collections.OrderedDict()
+        self._weights_digests: dict[str, str] = {}  # version digest -> weights_digest of its packages
 
     @property
     def builds_running(self) -> int:
@@ -78,11 +89,23 @@ class PackageCache:
         with self._lock:
             return sum(_size(slot) for _, slot in self._entries.values())
 
-    def get(self, served: ServedModel, split_point: int, order: str) -> Package:
-        """The package of ``served`` for ``split_point`` and ``order`` (validated by the caller). Raises
-        BuildsBusy when it must be built and ``max_builds`` builds are running, BuildFailed when its build
-        failed."""
-        key = (served.digest, split_point, order)
+    def weights_digest(self, served: ServedModel) -> str:
+        """The ``final_sha256`` every package of ``served`` ends on (``models.progressive.delta.weights_digest``
+        at this cache's bits), computed once per version (a quantisation of the whole model: under a second)."""
+        with self._lock:
+            known = self._weights_digests.get(served.digest)
+        if known is None:
+            known = weights_digest(served.model.state_dict(), self.bits)
+            with self._lock:
+                self._weights_digests[served.digest] = known
+        return known
+
+    def get(self, served: ServedModel, split_point: int, order: str, base: Optional[ServedModel] = None
+            ) -> Package:
+        """The package of ``served`` for ``split_point`` and ``order`` (validated by the caller); with ``base``
+        (order ``delta``), the delta package from ``base``'s package weights to ``served``'s. Raises BuildsBusy
+        when it must be built and ``max_builds`` builds are running, BuildFailed when its build failed."""
+        key = (served.digest, split_point, order, base.digest if base is not None else "")
         with self._lock:
             entry = self._entries.get(key)
             builder = entry is None
@@ -97,7 +120,7 @@ class PackageCache:
         build_lock, slot = entry
         if builder:
             try:
-                self._build(served, split_point, order, key, slot)
+                self._build(served, split_point, order, key, slot, base)
             finally:
                 build_lock.release()
         else:
@@ -108,11 +131,12 @@ class PackageCache:
                               "cloud logged why)")
         return slot[0]
 
-    def _build(self, served: ServedModel, split_point: int, order: str, key: tuple, slot: list[Package]) -> None:
+    def _build(self, served: ServedModel, split_point: int, order: str, key: tuple, slot: list[Package],
+               base: Optional[ServedModel]) -> None:
         """Build into ``slot``; releases the build place ``get`` reserved."""
         started = time.monotonic()
         try:
-            slot.append(self._built(served, split_point, order))
+            slot.append(self._built(served, split_point, order, base))
         except Exception:
             log.exception("building the package for split point %d, order %s failed", split_point, order)
             with self._lock:
@@ -128,26 +152,29 @@ class PackageCache:
         self._evict(keep=key)
 
     def drop(self, digest: str) -> None:
-        """Forget every package of version ``digest`` (it was unloaded); streams in progress keep theirs."""
+        """Forget every package of version ``digest`` (it was unloaded), deltas from it included; streams in
+        progress keep theirs."""
         with self._lock:
-            for key in [k for k in self._entries if k[0] == digest]:
+            for key in [k for k in self._entries if digest in (k[0], k[3])]:
                 del self._entries[key]
+            self._weights_digests.pop(digest, None)
 
-    def _built(self, served: ServedModel, split_point: int, order: str) -> Package:
+    def _built(self, served: ServedModel, split_point: int, order: str, base: Optional[ServedModel]) -> Package:
         """Build the package in a process of its own at nice ``BUILD_NICE`` (from the checkpoint's bytes), then
         seal it here. A build is seconds of a core, mostly Python and numpy holding the GIL: on a thread it slowed
         the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file is built
         in the caller's thread."""
         args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
                 self.chunk_bytes, self.plane_coder)
-        if served.checkpoint_bytes:
+        models = [served] if base is None else [served, base]
+        if all(m.checkpoint_bytes for m in models):
             context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
+            files = [(m.checkpoint_bytes, m.source) for m in models]
             with ProcessPoolExecutor(1, mp_context=context, initializer=become_background_child,
                                      initargs=(BUILD_NICE,)) as pool:
-                package = pool.submit(_build_from_bytes, served.checkpoint_bytes, served.source, *args).result(
-                    BUILD_TIMEOUT_S)
+                package = pool.submit(_build_from_bytes, files, *args).result(BUILD_TIMEOUT_S)
         else:
-            package = _build_from_model(served, *args)
+            package = _build_from_model(models, *args)
         seal(package.manifest, self.signer.sign if self.signer is not None else None)
         return package
 
@@ -162,17 +189,26 @@ class PackageCache:
                     total -= _size(self._entries.pop(key)[1])
 
 
-def _build_from_model(served: ServedModel, model_id: str, version: str, split_point: int, order: str, bits: int,
-                      usable_planes: int, chunk_bytes: int, plane_coder: str) -> Package:
+def _build_from_model(models: list[ServedModel], model_id: str, version: str, split_point: int, order: str,
+                      bits: int, usable_planes: int, chunk_bytes: int, plane_coder: str) -> Package:
+    """The package of ``models[0]``: the full one, or with a second model (order ``delta``) the delta from its
+    package weights."""
+    served = models[0]
+    if len(models) == 2:
+        return build_delta_package(served.model.state_dict(), final_weights(models[1].model.state_dict(), bits),
+                                   served.metadata, model_id, version, split_point, served.model.exit_points, bits,
+                                   usable_planes, chunk_bytes, plane_coder)
     return build_package(served.model.state_dict(), served.metadata, model_id, version, split_point,
                          served.model.exit_points, order, bits, usable_planes, chunk_bytes,
                          bias_inputs(served.model, served.input_size), plane_coder=plane_coder)
 
 
-def _build_from_bytes(checkpoint: bytes, source: str, *args) -> Package:
-    """In the build process: the checkpoint's model, then its package (``_build_from_model``'s arguments)."""
+def _build_from_bytes(files: list[tuple[bytes, str]], *args) -> Package:
+    """In the build process: the checkpoints' models (checkpoint bytes, source), then the package
+    (``_build_from_model``'s arguments)."""
     torch.set_num_threads(1)
-    return _build_from_model(ServedModel.from_checkpoint(load_checkpoint_bytes(checkpoint, source), "", None), *args)
+    models = [ServedModel.from_checkpoint(load_checkpoint_bytes(data, source), "", None) for data, source in files]
+    return _build_from_model(models, *args)
 
 
 def _size(slot: list[Package]) -> int:
@@ -183,7 +219,8 @@ def check_package_request(served: ServedModel, split_point: int, order: str) -> 
     """Validate what names a package of ``served`` (the version the request named); returns the order (empty
     means ``split``).
 
-    Raises RequestError INVALID_ARGUMENT for a split point outside 0..N or an unknown order.
+    Raises RequestError INVALID_ARGUMENT for a split point outside 0..N or an unknown order (``delta`` is
+    streamed, never asked a manifest for: see ``offered_package``).
     """
     if not 0 <= split_point <= served.model.num_blocks:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -192,6 +229,40 @@ def check_package_request(served: ServedModel, split_point: int, order: str) -> 
     if order not in ORDERS:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"order must be one of {ORDERS}, got {order!r}")
     return order
+
+
+def held_base(packages: PackageCache, versions: list[ServedModel], served: ServedModel, held_sha256: str,
+              field: str) -> Optional[ServedModel]:
+    """The version among ``versions``, other than ``served`` and of its architecture, whose package weights are
+    ``held_sha256`` (the device's), or None. Raises RequestError INVALID_ARGUMENT naming ``field`` for a
+    malformed digest."""
+    try:
+        check_digest(held_sha256, field)
+    except ValueError as err:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+    for version in versions:
+        if version.digest != served.digest and version.architecture == served.architecture and \
+                packages.weights_digest(version) == held_sha256:
+            return version
+    return None
+
+
+def offered_package(packages: PackageCache, versions: list[ServedModel], served: ServedModel, split_point: int,
+                    order: str, held_sha256: str) -> Package:
+    """What a ManifestRequest gets: the delta from the weights the device holds (``held_sha256``; empty: none)
+    when they are another version served now and the delta's stream is at most ``DELTA_MAX_FRACTION`` of the
+    full package's; the full package otherwise. Raises RequestError as ``held_base``, BuildsBusy, BuildFailed."""
+    base = held_base(packages, versions, served, held_sha256, "held_sha256") if held_sha256 else None
+    full = packages.get(served, split_point, order)
+    if base is None:
+        return full
+    delta = packages.get(served, split_point, DELTA_ORDER, base)
+    if delta.manifest.total_bytes > DELTA_MAX_FRACTION * full.manifest.total_bytes:
+        log.info("no delta from version %s to %s at split point %d: %d bytes, %.2f of the full package",
+                 base.model_version, served.model_version, split_point, delta.manifest.total_bytes,
+                 delta.manifest.total_bytes / full.manifest.total_bytes)
+        return full
+    return delta
 
 
 def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESSAGE_BYTES,

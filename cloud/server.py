@@ -24,7 +24,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.delivery import BuildFailed, BuildsBusy, PackageCache, check_package_request, weight_messages
+from cloud.delivery import (BuildFailed, BuildsBusy, PackageCache, check_package_request, held_base, offered_package,
+                            weight_messages)
 from cloud.batcher import BatchResult, DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
 from cloud.metrics import CloudMetrics
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
@@ -37,6 +38,7 @@ from models.partition import bottleneck_at
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from models.progressive import PLANE_CODERS, Package
+from models.progressive.delta import DELTA_ORDER
 from proto.codec import C, CodecSpec, Q
 from serving.admission import Admission, IdleCalls, Overloaded, pending_call_options
 from serving.heap import collection_paused, freeze_heap
@@ -408,20 +410,33 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
         except RequestError as err:
             abort(context, err)
 
-    def _package(self, model: pb.ModelRef, split_point: int, order: str) -> Package:
+    def _package(self, model: pb.ModelRef, split_point: int, order: str, held_sha256: str = "") -> Package:
+        """The package a ManifestRequest gets (the full one, or a delta from ``held_sha256``)."""
         served = self.inference.models.resolve(model)
         order = check_package_request(served, split_point, order)
-        try:
-            return self.packages.get(served, split_point, order)
-        except BuildsBusy as err:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
-        except BuildFailed as err:
-            raise RequestError(grpc.StatusCode.INTERNAL, str(err)) from None
+        with _build_errors():
+            return offered_package(self.packages, self.inference.models.versions(), served, split_point, order,
+                                   held_sha256)
+
+    def _streamed(self, request: pb.WeightRequest) -> Package:
+        """The package a WeightRequest names: a delta (order ``delta``) by its base, else as ``_package``."""
+        if request.order != DELTA_ORDER:
+            return self._package(request.model, request.split_point, request.order)
+        served = self.inference.models.resolve(request.model)
+        check_package_request(served, request.split_point, "")
+        base = held_base(self.packages, self.inference.models.versions(), served, request.base_sha256,
+                         "base_sha256")
+        if base is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"base_sha256 {request.base_sha256[:12]}: the delta's base is no longer served (fetch "
+                               "the manifest again: the full package)")
+        with _build_errors():
+            return self.packages.get(served, request.split_point, DELTA_ORDER, base)
 
     def GetManifest(self, request: pb.ManifestRequest, context: grpc.ServicerContext) -> pb.Manifest:
         try:
             with self.calls.admit():
-                package = self._package(request.model, request.split_point, request.order)
+                package = self._package(request.model, request.split_point, request.order, request.held_sha256)
         except Overloaded as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except RequestError as err:
@@ -436,7 +451,7 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
             if not request.package_digest:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    "package_digest: required (the manifest's: it names the package streamed)")
-            package = self._package(request.model, request.split_point, request.order)
+            package = self._streamed(request)
             return weight_messages(package, request.from_chunk, self.message_bytes, request.package_digest)
 
         yield from self._stream(messages, context)
@@ -446,6 +461,17 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
             return iter(checkpoint_chunks(self.inference.models.resolve(request.model), CHUNK_BYTES))
 
         yield from self._stream(chunks, context)
+
+
+@contextlib.contextmanager
+def _build_errors() -> Iterator[None]:
+    """A package build's refusals as the statuses they get: BuildsBusy RESOURCE_EXHAUSTED, BuildFailed INTERNAL."""
+    try:
+        yield
+    except BuildsBusy as err:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
+    except BuildFailed as err:
+        raise RequestError(grpc.StatusCode.INTERNAL, str(err)) from None
 
 
 def abort(context: grpc.ServicerContext, err: RequestError) -> None:

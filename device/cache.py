@@ -2,7 +2,10 @@
 resumes where it was.
 
 Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>/manifest.pb`` and
-``chunks/<chunk SHA-256>.bin``. The model id has passed ``proto.manifest.check_name`` (never a path), the digest
+``chunks/<chunk SHA-256>.bin``; a delta package (order ``delta``) also keeps the weights it applies to,
+``base.bin`` (every tensor's little-endian bytes in manifest order, checked against the manifest's base_sha256 when
+loaded), so that it resumes after a restart without the base version's package, which is deleted once the delta
+is verified. The model id has passed ``proto.manifest.check_name`` (never a path), the digest
 is 64 hex characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by
 their hash, so a package cut again (another chunk size, a restarted cloud) keeps every chunk whose hash it still
 lists. Every write is atomic and durable (temp file, fsync, rename, fsync of the folder). One process holds the
@@ -24,7 +27,12 @@ from typing import Optional
 from google.protobuf.message import DecodeError
 
 from models.config import ConfigError
-from models.progressive import ORDERS, Manifest, ProgressiveError
+import numpy as np
+import torch
+
+from models.progressive import ORDERS, Decoder, Manifest, ProgressiveError
+from models.progressive.delta import DELTA_ORDER
+from models.progressive.sections import DTYPES, raw_bytes
 from proto import spinn_v1_pb2 as pb
 from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, check_name, manifest_from_message, manifest_message
 from serving.signing import SignatureError, Verifier
@@ -33,6 +41,7 @@ log = logging.getLogger("device")
 
 QUARANTINE = "quarantine"
 LOCK = ".lock"
+BASE = "base.bin"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -60,24 +69,51 @@ def package_dir(root: Path, model_id: str, model_digest: str, split_point: int, 
     check_name(model_id, "manifest.model.model_id")
     if len(model_digest) != 64 or any(c not in "0123456789abcdef" for c in model_digest):
         raise ProgressiveError("manifest.model.digest: not 64 hex characters")
-    if order not in ORDERS or not isinstance(split_point, int) or not 0 <= split_point <= 1024:
+    if order not in (*ORDERS, DELTA_ORDER) or not isinstance(split_point, int) or not 0 <= split_point <= 1024:
         raise ProgressiveError(f"manifest: split point {split_point!r} / order {order[:80]!r} out of range")
     return root / model_id / model_digest / f"split{split_point}-{order}"
 
 
 class ChunkStore:
     """Verified chunks of one package on disk (see the module docstring). Picklable: the decode process saves
-    through it too."""
+    through it too. ``base``: a delta's base weights by name, written beside it (before its manifest)."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    def __init__(self, root: Path, manifest: Manifest, base: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.dir = package_dir(root, manifest.model_id, manifest.model_digest, manifest.split_point, manifest.order)
         self.chunks = self.dir / "chunks"
         self.hashes = [c.sha256 for c in manifest.chunks]
+        self.tensors = [(t.name, t.shape, t.dtype) for t in manifest.tensors] if manifest.base_sha256 else []
         self.chunks.mkdir(parents=True, exist_ok=True)
+        if base is not None:
+            write_atomic(self.dir / BASE, b"".join(raw_bytes(base[name]) for name, _, _ in self.tensors))
         known = self.dir / "manifest.pb"
         data = manifest_message(manifest).SerializeToString(deterministic=True)
         if not known.is_file() or known.read_bytes() != data:
             write_atomic(known, data)
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """A delta's base weights, as written (the decoder checks their digest). Raises ProgressiveError when
+        ``base.bin`` is missing or not the size the manifest's tensors make."""
+        path = self.dir / BASE
+        sizes = [int(np.prod(shape)) * np.dtype(DTYPES[dtype][1]).itemsize for _, shape, dtype in self.tensors]
+        try:
+            data = path.read_bytes() if path.is_file() and path.stat().st_size == sum(sizes) else None
+        except OSError:
+            data = None
+        if data is None:
+            raise ProgressiveError(f"{path}: the delta's base weights are missing or not {sum(sizes)} bytes")
+        out, at = {}, 0
+        for (name, shape, dtype), size in zip(self.tensors, sizes):
+            kind = np.dtype(DTYPES[dtype][1])
+            array = np.frombuffer(data, kind.newbyteorder("<"), size // kind.itemsize, at).astype(kind)
+            out[name] = torch.from_numpy(array.reshape(shape))
+            at += size
+        return out
+
+    def decoder(self, manifest: Manifest) -> Decoder:
+        """A fresh decoder for this store's package: a delta's starts from ``base()`` (ProgressiveError when
+        that is missing or not the manifest's base)."""
+        return Decoder(manifest, self.base() if manifest.base_sha256 else None)
 
     def path(self, index: int) -> Path:
         return self.chunks / f"{self.hashes[index]}.bin"
@@ -99,6 +135,11 @@ class ChunkStore:
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
 
+    def drop_chunks(self) -> None:
+        """Delete every chunk (their decoded weights failed the final digest); the manifest and base stay."""
+        shutil.rmtree(self.chunks, ignore_errors=True)
+        self.chunks.mkdir(parents=True, exist_ok=True)
+
     def drop_all(self) -> None:
         """Delete the whole package (its final digest did not match: nothing of it is trusted)."""
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -106,10 +147,11 @@ class ChunkStore:
 
 def cached_manifests(root: Path, model_id: str, split_point: int, order: str, verifier: Optional[Verifier] = None,
                      max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> list[Manifest]:
-    """The stored manifests of this device's packages, newest first. One that no longer validates (truncated,
-    malformed, unsigned while a key is required) is quarantined and left out."""
+    """The stored manifests of this device's packages (those of ``order`` and deltas), newest first. One that no
+    longer validates (truncated, malformed, unsigned while a key is required) is quarantined and left out."""
     found = []
-    paths = sorted((root / model_id).glob(f"*/split{split_point}-{order}/manifest.pb"),
+    paths = sorted([path for kind in (order, DELTA_ORDER)
+                    for path in (root / model_id).glob(f"*/split{split_point}-{kind}/manifest.pb")],
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for path in paths:
         try:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress
+from models.progressive.decoder import progress_of
 from serving.priority import become_background_child
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def _serve(conn: Connection, nice: int) -> None:
         if message is None:
             return
         if message[0] == "manifest":
-            decoder, store, changed, refused = Decoder(message[1]), message[2], set(), None
+            store, changed, refused = message[2], set(), None
+            decoder = store.decoder(message[1]) if store is not None else Decoder(message[1])
             conn.send(("ok",))
             continue
         assert decoder is not None, "the parent sends the manifest first"
@@ -138,7 +140,7 @@ class DecoderProcess:
         self.manifest = manifest
         self.next_chunk = self.bytes = self._in_flight = self._in_flight_bytes = 0
         self._changed = set()
-        self._progress = Decoder(manifest).progress()  # nothing received: computed here, no round trip
+        self._progress = progress_of(manifest, {}, 0, 0)  # nothing received: computed here, no round trip
         return self
 
     def _receive(self, what: str, timeout_s: Optional[float] = None) -> tuple:

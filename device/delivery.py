@@ -4,6 +4,9 @@ persist each one, and hand the refined model to the runtime as chunks arrive (``
 Nothing from the cloud is trusted before it is checked: a manifest is validated whole before anything is stored
 (proto/manifest.py) and, with ``delivery_public_key``, must carry a valid signature; a chunk must match its
 SHA-256 in the manifest; the complete model is handed out only when its final digest matches the manifest's.
+A device that holds a version complete says so when it asks for a manifest (its final digest); the cloud may
+answer with a delta package from those weights, which the device takes only when its base is what it holds, and
+switches to once the delta's head is v2's exactly (the delta's ``usable_chunk``).
 The streams' and the poller's threads survive any exception (logged with its traceback, retried with backoff),
 so no answer of the cloud can stop the device from answering with what it has.
 """
@@ -23,12 +26,13 @@ from typing import Callable, Optional, Union
 import grpc
 import torch
 
-from device.cache import ChunkStore, cached_manifests
+from device.cache import ChunkStore, cached_manifests, package_dir, quarantine
 from device.decode_process import DecoderDied, DecoderProcess
 from device.link import NETWORK_CODES, CloudLink
 from serving.priority import lower_thread_priority
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
+from models.progressive.delta import DELTA_ORDER
 from proto import spinn_v1_pb2 as pb
 from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, manifest_from_message
 from serving.signing import SignatureError, Verifier
@@ -104,7 +108,7 @@ class WeightStream:
         self.store = store
         self.on_snapshot = on_snapshot
         self.call_timeout_s = call_timeout_s
-        self.decoder: AnyDecoder = Decoder(manifest)
+        self.decoder: AnyDecoder = store.decoder(manifest)  # ProgressiveError: a delta without its base
         self.decoder_restarts = 0
         self.helper = _spawn_decoder(nice) if decode_process else None  # takes over when up (_hand_over)
         self.final_digest: Optional[str] = None  # the decoder's, once complete (the decoder is closed then)
@@ -114,7 +118,9 @@ class WeightStream:
         self.refused = 0  # chunks whose hash did not match (tests and logs)
         self._stop = threading.Event()
         self._call = None  # the StreamWeights call in progress (cancelled by stop)
-        ckpt = checkpoint_from_metadata(manifest.metadata, blank_state(manifest),
+        start = {**blank_state(manifest), **self.decoder.state_dict()} if manifest.base_sha256 else \
+            blank_state(manifest)  # a delta starts from its base, a whole model
+        ckpt = checkpoint_from_metadata(manifest.metadata, start,
                                         f"manifest of {manifest.model_id} {manifest.model_version}", assign=True)
         ckpt.model.to(device)
         self.snapshot = Snapshot(manifest, ckpt, self.decoder.progress())
@@ -146,15 +152,14 @@ class WeightStream:
         return self.final_digest if self.final_digest is not None else self.decoder.digest()
 
     def _load_cached(self) -> None:
-        """Decode the verified chunks on disk. A complete package whose final digest does not match is deleted
-        and the decoder starts again from nothing (the stream fetches it all)."""
+        """Decode the verified chunks on disk. A complete package whose final digest does not match loses its
+        chunks and the decoder starts again from nothing (the stream fetches them all)."""
         try:
             self._decode_cached()
         except FinalMismatch as err:
-            log.warning("cached %s: %s; deleting it and fetching it again", self.store.dir, err)
-            self.store.drop_all()
-            self.store = ChunkStore(self.store.dir.parents[2], self.manifest)
-            self.decoder = Decoder(self.manifest)
+            log.warning("cached %s: %s; deleting its chunks and fetching them again", self.store.dir, err)
+            self.store.drop_chunks()
+            self.decoder = self.store.decoder(self.manifest)
             self.snapshot = Snapshot(self.manifest, self.snapshot.checkpoint, self.decoder.progress())
 
     def _decode_cached(self) -> None:
@@ -245,7 +250,7 @@ class WeightStream:
         log.warning("%s; decoding in the stream's thread%s", err, " until a new decode process is up" if again
                     else f" from now on ({MAX_DECODER_RESTARTS} restarts)")
         self._close_decoders()
-        self.decoder = Decoder(self.manifest)
+        self.decoder = self.store.decoder(self.manifest)
         self._load_cached()  # refines every tensor the verified chunks on disk give
         self._unswapped = set()
         self._last_swap = time.monotonic()
@@ -260,10 +265,10 @@ class WeightStream:
             self.outcome = "gone"
             log.warning("%s; the device serves what it has and fetches the new manifest", err)
         except FinalMismatch as err:
-            self.outcome = "mismatch"
             log.error("%s version %s: %s; deleting the package (the device serves what it has)",
                       self.manifest.model_id, self.manifest.model_version, err)
             self.store.drop_all()
+            self.outcome = "mismatch"  # only now: the poller may start the package again into the same folder
         if self.complete:
             self.outcome = "complete"
             self.store.prune()
@@ -309,7 +314,7 @@ class WeightStream:
         request = pb.WeightRequest(model=pb.ModelRef(model_id=m.model_id, model_version=m.model_version,
                                                      digest=m.model_digest),
                                    split_point=m.split_point, order=m.order, from_chunk=self.decoder.next_chunk,
-                                   package_digest=m.package_digest)
+                                   package_digest=m.package_digest, base_sha256=m.base_sha256)
         calls = self._call = self.link.stream_weights(request, self.call_timeout_s)
         buffer = bytearray()  # the start of chunk decoder.next_chunk
         try:
@@ -405,18 +410,30 @@ def _spawn_decoder(nice: int) -> Optional[DecoderProcess]:
 
 
 def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: float,
-                   max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES, verifier: Optional[Verifier] = None
-                   ) -> Manifest:
+                   max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES, verifier: Optional[Verifier] = None,
+                   held_sha256: str = "") -> Manifest:
     """The manifest of the package the cloud serves for this split point and order, validated whole (and its
-    signature checked when ``verifier`` is given).
+    signature checked when ``verifier`` is given); ``held_sha256``: the final digest of the weights the device
+    holds complete (the cloud may answer with a delta from them).
 
-    Raises grpc.RpcError (cloud down or refusing), ProgressiveError (malformed manifest) or SignatureError.
+    Raises grpc.RpcError (cloud down or refusing), ProgressiveError (malformed manifest, or a delta from weights
+    other than ``held_sha256``: refused before a byte of it is fetched) or SignatureError.
     """
-    message = link.manifest(pb.ManifestRequest(split_point=split_point, order=order), timeout_s)
+    message = link.manifest(pb.ManifestRequest(split_point=split_point, order=order, held_sha256=held_sha256),
+                            timeout_s)
     manifest = manifest_from_message(message, max_package_bytes)
     if verifier is not None:
         verifier.verify(manifest.package_digest, manifest.signature)
+    if manifest.base_sha256 and manifest.base_sha256 != held_sha256:
+        raise ProgressiveError(f"manifest.base_sha256: a delta from {manifest.base_sha256[:12]}, but the device "
+                               f"holds {held_sha256[:12] or 'no complete model'}; refused")
     return manifest
+
+
+def held_weights(stream: "WeightStream") -> dict[str, torch.Tensor]:
+    """The weights of ``stream``'s snapshot by manifest name, on the CPU (a delta's base)."""
+    state = stream.snapshot.checkpoint.model.state_dict()
+    return {t.name: state[t.name].detach().cpu() for t in stream.manifest.tensors}
 
 
 class StreamedModel:
@@ -457,18 +474,25 @@ class StreamedModel:
     def start(self) -> None:
         """Resume the newest cached package (if any) at once, then ask the cloud for its manifest on the poller's
         thread: no request waits for the manifest (with no weights, requests go to the cloud at split 0)."""
-        cached = cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order, self.verifier,
-                                  self.max_package_bytes)
-        if cached:
-            self._begin(cached[0])
+        for manifest in cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order,
+                                         self.verifier, self.max_package_bytes):
+            try:
+                self._begin(manifest)
+                break
+            except ProgressiveError as err:  # a delta whose base is gone or not its base
+                store = package_dir(self.root, manifest.model_id, manifest.model_digest, manifest.split_point,
+                                    manifest.order)
+                quarantine(self.root, store, str(err))
         self._wake.set()  # first poll right away
         self._poller.start()
 
     def check_soon(self) -> None:
         self._wake.set()
 
-    def _begin(self, manifest: Manifest) -> None:
-        stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest), self.device,
+    def _begin(self, manifest: Manifest, base: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Stream ``manifest``'s package (beside the one in use, if any). ``base``: a delta's base weights, kept
+        with it on disk. Raises ProgressiveError for a delta without its base."""
+        stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest, base), self.device,
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
                               decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
         stream.on_verified = lambda: self._drop_others(stream)
@@ -519,7 +543,8 @@ class StreamedModel:
         with self._lock:
             if stream is not self.current:
                 return
-        for other in (self.root / stream.manifest.model_id).glob(f"*/split{self.split_point}-{self.order}"):
+        for other in [path for kind in (self.order, DELTA_ORDER)
+                      for path in (self.root / stream.manifest.model_id).glob(f"*/split{self.split_point}-{kind}")]:
             if other.resolve() != stream.store.dir.resolve() and (other / "manifest.pb").is_file():
                 shutil.rmtree(other, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
@@ -547,9 +572,10 @@ class StreamedModel:
     def _poll_once(self, retry: float) -> float:
         """Fetch the cloud's manifest and start streaming it when it is new; returns the next retry period
         (while the device has no package, a failed fetch is retried soon, not a poll period later)."""
+        held = self._held()
         try:
             manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s,
-                                      self.max_package_bytes, self.verifier)
+                                      self.max_package_bytes, self.verifier, held.final_digest if held else "")
         except (grpc.RpcError, ProgressiveError, SignatureError) as err:
             if isinstance(err, grpc.RpcError) and err.code() in NETWORK_CODES:
                 log.debug("no manifest from %s: %s", self.link.target, _describe(err))
@@ -569,9 +595,17 @@ class StreamedModel:
         refused, last = self.gone.get(digest, (0, 0.0))
         if refused and time.monotonic() - last < min(60.0, 2.0 ** refused):
             return 1.0  # a cloud that lists a package but refuses its stream: not again at once
+        if held is not None and manifest.final_sha256 == held.final_digest:
+            return 1.0  # the device holds what that package ends on (e.g. the full package of a delta's version)
         if digest not in live:
-            self._begin(manifest)
+            self._begin(manifest, held_weights(held) if manifest.base_sha256 and held is not None else None)
         return 1.0
+
+    def _held(self) -> Optional[WeightStream]:
+        """The stream in use when its model is complete and verified (what the device says it holds)."""
+        with self._lock:
+            current = self.current
+        return current if current is not None and current.final_digest is not None else None
 
     def _refused(self, err: Exception) -> None:
         """A manifest refused (or a refusal from the cloud): counted, logged when the reason changes (a cloud

@@ -53,7 +53,8 @@ A *unit* is (group, plane); a *chunk* is a run of consecutive units in the packa
 Plane coders (``PLANE_CODERS``, the manifest's ``plane_coder``): ``zstd`` codes each section as above;
 ``context`` codes every bit with constriction's ANS coder under a probability chosen by what the device already
 holds (``context``). Delta packages (``delta``): a device holding v1 whole receives the difference to v2 on v2's
-grid and ends bit-exact on v2's package weights; the manifest names its base.
+grid, its head first, and ends bit-exact on v2's package weights; the manifest names its base. The cloud offers one
+to a device that names the weights it holds (cloud/delivery.py ``offered_package``).
 
 Files: ``format`` (constants, manifest, package), ``sections`` (byte-level pieces), ``planes`` (one tensor's bit
 planes), ``context`` (the context-modelled plane coder), ``ordering`` (orders and chunks), ``build`` (the cloud:

@@ -16,10 +16,16 @@ from models.progressive.planes import PlaneState, base_integers, decode_plane, d
 from models.progressive.sections import DTYPES, INT_CODES, join_halves, raw_bytes, read_section, unshuffle
 
 def state_digest(tensors: Iterable[tuple[TensorInfo, torch.Tensor]]) -> str:
-    """SHA-256 over the little-endian bytes of the tensors in manifest order (the final-weights digest)."""
+    """SHA-256 over the names and little-endian bytes of the tensors in manifest order (the final-weights
+    digest)."""
+    return named_digest((info.name, t) for info, t in tensors)
+
+
+def named_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``state_digest`` of (name, tensor) pairs."""
     h = hashlib.sha256()
-    for info, t in tensors:
-        h.update(info.name.encode())
+    for name, t in tensors:
+        h.update(name.encode())
         h.update(raw_bytes(t))
     return h.hexdigest()
 
@@ -215,12 +221,18 @@ class Decoder:
         return state_digest(pairs)
 
     def progress(self) -> Progress:
-        m = self.manifest
-        planes = [(m.tensors[i], s.planes_known) for i, s in self._planes.items()]
-        weights = sum(t.numel for t, _ in planes)
-        received = sum(t.numel * k for t, k in planes) / max(1, weights * m.planes)
-        head = [(t.numel, k) for t, k in planes if t.part == "head"]
-        head_n = sum(n for n, _ in head)
-        head_bits = sum(n * (1 + k if k else 0) for n, k in head) / head_n if head_n else 0.0
-        return Progress(self.next_chunk, len(m.chunks), self.bytes, m.total_bytes, received, head_bits,
-                        usable=self.next_chunk > m.usable_chunk, complete=self.next_chunk == len(m.chunks))
+        return progress_of(self.manifest, {i: s.planes_known for i, s in self._planes.items()}, self.next_chunk,
+                           self.bytes)
+
+
+def progress_of(m: Manifest, known: Mapping[int, int], chunks: int, received_bytes: int) -> Progress:
+    """The progress of a decoder of ``m`` after ``chunks`` chunks (``received_bytes``) with ``known[g]`` planes of
+    each planes tensor ``g`` (none given: 0)."""
+    planes = [(t, known.get(i, 0)) for i, t in enumerate(m.tensors) if t.kind == "planes"]
+    weights = sum(t.numel for t, _ in planes)
+    received = sum(t.numel * k for t, k in planes) / max(1, weights * m.planes)
+    head = [(t.numel, k) for t, k in planes if t.part == "head"]
+    head_n = sum(n for n, _ in head)
+    head_bits = sum(n * (1 + k if k else 0) for n, k in head) / head_n if head_n else 0.0
+    return Progress(chunks, len(m.chunks), received_bytes, m.total_bytes, received, head_bits,
+                    usable=chunks > m.usable_chunk, complete=chunks == len(m.chunks))

@@ -7,8 +7,10 @@ package); ``d = a2 - a1`` travels as sign-magnitude bit planes (``bits`` magnitu
 ``|d| <= 2 * (2**(bits-1) - 1)``; a ``bits + 1``-bit manifest), coded like any package's planes. With some planes of
 ``d`` the device holds ``(a1 + d_known + offset) * s2``; with all of them ``a2 * s2``, v2's weights exactly. A
 fine-tuned v2 differs from v1 in its low bits only, so the top planes of ``d`` are nearly all zero and cost almost
-nothing. Small tensors (BatchNorm, biases) travel whole as in a full package. Units go by value per byte (the drop
-of the layer's relative squared error to v2). The manifest names its base: ``base_sha256``, the ``state_digest``
+nothing. Small tensors (BatchNorm, biases) travel whole as in a full package. The head's units come first (stage
+``delta-head``: the manifest's ``usable_chunk`` ends it), so that a device switches to v2 only once its head is v2's
+exactly and never sends the cloud v1's features under v2's name; then the rest (``delta-rest``); within each, units
+go by value per byte (the drop of the layer's relative squared error to v2). The manifest names its base: ``base_sha256``, the ``state_digest``
 of the weights the device must hold (any package of v1 at the same ``bits`` ends on them); a decoder given other
 weights refuses the delta before a byte is applied.
 """
@@ -100,8 +102,9 @@ def build_delta_package(
     infos = describe_tensors(dict(state), split_point, exit_points, {},
                              bottleneck["split_point"] if bottleneck else None)
     units = delta_units(state, base, infos, bits, usable_planes, plane_coder)
-    groups = [i for i, t in enumerate(units.infos) if t.kind == "planes"]
-    stages = [(DELTA_ORDER, greedy_by_value(units, dict.fromkeys(groups, 0), bits))]
+    stages = [(f"delta-{part}", greedy_by_value(units, dict.fromkeys(
+        [i for i, t in enumerate(units.infos) if t.kind == "planes" and t.part == part], 0), bits))
+        for part in ("head", "rest")]
     chunks, payloads = pack_chunks(stages, units, chunk_bytes, bits + 1, usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits + 1, DELTA_ORDER, split_point, usable_planes,
                         units.infos, chunks, final_sha256="", model_digest=model_digest(metadata, dict(state)),
@@ -114,5 +117,14 @@ def build_delta_package(
     target = final_weights(state, bits)
     if manifest.final_sha256 != state_digest((t, target[t.name]) for t in units.infos):
         raise AssertionError("delta package does not end on the target's package weights")  # a bug, not input
-    manifest.usable_chunk = -1  # the base is a whole model: usable before the first chunk
+    head = [c.index for c in chunks if c.stage == "delta-head"]
+    manifest.usable_chunk = head[-1] if head else -1
     return Package(manifest, payloads)
+
+
+def weights_digest(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS) -> str:
+    """The ``final_sha256`` of every ``bits``-bit package of ``state`` (whatever its split point, order or chunk
+    size): what a device that holds it complete says it holds, and a delta from it names as its base."""
+    from models.progressive.decoder import named_digest
+
+    return named_digest(final_weights(state, bits).items())

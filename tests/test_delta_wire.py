@@ -1,0 +1,193 @@
+"""Delta upgrades on the wire: a device that holds v1 complete says so, the cloud answers with the delta to v2 when
+v1 is still served and the delta is worth it, and the device ends bit-exact on v2 from fewer bytes; every other case
+gets the full package, and a delta from weights the device does not hold is refused before a byte of it.
+
+Real checkpoints, a real cloud on a loopback port, real device runtimes (``stream_decode_process`` off and on)."""
+
+import copy
+
+import grpc
+import pytest
+import torch
+
+from bench.hostile import HostileCloud
+from cloud.inference import ServedModel
+from device.runtime import DeviceRuntime
+from models.progressive import build_package
+from models.progressive.delta import DELTA_ORDER, weights_digest
+from proto import spinn_v1_pb2 as pb
+from proto import spinn_v1_pb2_grpc as pb_grpc
+from tests.conftest import NAMES, SIZE, digest_of
+from tests.test_device import wait_until
+from tests.test_versions import cloud_on, decisive, device_cfg, save
+
+
+def fine_tuned(model: torch.nn.Module, seed: int = 7, scale: float = 0.01) -> torch.nn.Module:
+    """A copy with every parameter moved by ``scale`` of its spread (``seed``): a fine-tune's few changed bits."""
+    other = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * p.std().nan_to_num(0.0) * torch.randn_like(p))
+    return other.eval()
+
+
+@pytest.fixture
+def versions(small_model, tmp_path):
+    """A cloud serving v1 (the small model) and v2 (v1 fine-tuned, the latest); yields (cloud, v1, v2, stub)."""
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+    channel = grpc.insecure_channel(f"127.0.0.1:{cloud.port}")
+    yield cloud, v1, v2, pb_grpc.ModelDeliveryStub(channel)
+    channel.close()
+    cloud.stop()
+
+
+def test_the_weights_digest_is_what_every_package_of_a_version_ends_on(small_model):
+    meta = {"model_config": {}, "class_names": NAMES, "preprocess": {}}
+    state = small_model.state_dict()
+    ends = {build_package(state, meta, "spinn", "v1", split, small_model.exit_points, order).manifest.final_sha256
+            for split, order in ((5, "split"), (9, "whole"))}
+    assert ends == {weights_digest(state)}
+    assert weights_digest(fine_tuned(small_model).state_dict()) != weights_digest(state)
+
+
+def test_the_cloud_offers_a_delta_only_from_a_served_version_the_device_holds(versions, tmp_path):
+    cloud, v1, v2, stub = versions
+    held = weights_digest(v1.state_dict())
+    delta = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=held), timeout=60)
+    assert delta.order == DELTA_ORDER and delta.base_sha256 == held and delta.model.digest == digest_of(v2)
+    assert delta.final_sha256 == weights_digest(v2.state_dict())
+    full = stub.GetManifest(pb.ManifestRequest(split_point=5), timeout=60)
+    assert full.order == "split" and not full.base_sha256 and full.final_sha256 == delta.final_sha256
+    assert sum(c.size for c in delta.chunks) < 0.75 * sum(c.size for c in full.chunks)
+    for other in (weights_digest(v2.state_dict()), "ab" * 32):  # the latest itself; weights nobody serves
+        answer = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=other), timeout=60)
+        assert answer.package_digest == full.package_digest
+    cloud.models.add(ServedModel.from_file(str(save(decisive(v1, 3), tmp_path / "v3.pt")), "spinn", "v3"), (3,))
+    unrelated = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=held), timeout=60)
+    assert unrelated.order == "split"  # a delta to a version trained apart is not worth it: the full package
+
+
+@pytest.mark.parametrize("request_, code, names", [
+    (pb.ManifestRequest(split_point=5, held_sha256="xyz"), grpc.StatusCode.INVALID_ARGUMENT, "held_sha256"),
+    (pb.ManifestRequest(split_point=5, order=DELTA_ORDER), grpc.StatusCode.INVALID_ARGUMENT, "order"),
+], ids=["held-malformed", "delta-asked"])
+def test_bad_manifest_requests_are_refused_naming_the_field(versions, request_, code, names):
+    stub = versions[3]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetManifest(request_, timeout=60)
+    assert err.value.code() == code and names in err.value.details()
+
+
+def test_a_delta_stream_names_a_served_base(versions):
+    cloud, v1, v2, stub = versions
+    held = weights_digest(v1.state_dict())
+    m = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=held), timeout=60)
+    request = pb.WeightRequest(model=m.model, split_point=5, order=DELTA_ORDER, package_digest=m.package_digest)
+    for base, code in (("", grpc.StatusCode.INVALID_ARGUMENT), ("ab" * 32, grpc.StatusCode.FAILED_PRECONDITION)):
+        request.base_sha256 = base
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamWeights(request, timeout=60))
+        assert err.value.code() == code and "base_sha256" in err.value.details()
+    request.base_sha256 = held
+    data = b"".join(message.data for message in stub.StreamWeights(request, timeout=60))
+    assert len(data) == sum(c.size for c in m.chunks)
+
+
+def stream_device(port: int, cache, decode_process: bool) -> DeviceRuntime:
+    return DeviceRuntime.start(device_cfg("stream", port, cache, stream_decode_process=decode_process,
+                                          stream_poll_seconds=0.3))
+
+
+def complete_on(runtime: DeviceRuntime, model: torch.nn.Module, timeout_s: float = 90) -> bool:
+    return wait_until(lambda: runtime.active is not None and runtime.active.complete and
+                      runtime.active.ref.digest == digest_of(model), timeout_s)
+
+
+@pytest.mark.parametrize("decode_process", [False, True], ids=["thread", "process"])
+def test_a_device_holding_v1_moves_to_v2_by_delta_and_resumes_it_from_its_cache(small_model, tmp_path,
+                                                                                decode_process):
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cache = tmp_path / "cache"
+    try:
+        runtime = stream_device(cloud.port, cache, decode_process)
+        try:
+            assert complete_on(runtime, v1)
+            full_bytes = runtime.streamed.current.manifest.total_bytes
+            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            assert complete_on(runtime, v2)
+            stream = runtime.streamed.current
+            assert stream.manifest.order == DELTA_ORDER and stream.outcome == "complete"
+            assert stream.digest() == weights_digest(v2.state_dict())  # bit-exact on v2's package weights
+            assert stream.decoder.bytes < 0.75 * full_bytes
+            x = torch.randn(3, SIZE, SIZE)
+            answer = runtime.classify_tensor(x)
+            assert answer.model_digest == digest_of(v2) and answer.answered_by == "cloud"
+            assert not (cache / "spinn" / digest_of(v1)).exists()  # v1's package deleted once v2 verified
+        finally:
+            runtime.close()
+    finally:
+        cloud.stop()
+    offline = DeviceRuntime.start(device_cfg("stream", 1, cache))  # no cloud: from the cache alone
+    try:
+        assert complete_on(offline, v2, 30)
+        assert offline.streamed.current.manifest.order == DELTA_ORDER
+    finally:
+        offline.close()
+
+
+def test_a_delta_cache_without_its_base_is_quarantined(small_model, tmp_path):
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cache = tmp_path / "cache"
+    try:
+        runtime = stream_device(cloud.port, cache, False)
+        try:
+            assert complete_on(runtime, v1)
+            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            assert complete_on(runtime, v2)
+        finally:
+            runtime.close()
+    finally:
+        cloud.stop()
+    (base,) = cache.glob(f"spinn/*/split5-{DELTA_ORDER}/base.bin")
+    base.write_bytes(base.read_bytes()[:-4] + b"\0\0\0\1")  # the right size, other weights
+    offline = DeviceRuntime.start(device_cfg("stream", 1, cache))
+    try:
+        assert offline.active is None or offline.active.model is None  # nothing installed from it
+        assert list((cache / "quarantine").iterdir())
+    finally:
+        offline.close()
+
+
+def test_a_delta_from_weights_the_device_does_not_hold_is_refused_before_a_byte(small_model, tmp_path):
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
+    cache = tmp_path / "cache"
+
+    def other_base(m: pb.Manifest) -> pb.Manifest:
+        if m.order == DELTA_ORDER:
+            m.base_sha256 = "cd" * 32
+        return m
+
+    try:
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), cache, False)
+        try:
+            assert complete_on(runtime, v1)
+            proxy.manifest = other_base
+            refused = runtime.streamed.refused_manifests
+            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            assert wait_until(lambda: runtime.streamed.refused_manifests >= refused + 2, 30)
+            assert runtime.active.ref.digest == digest_of(v1) and runtime.streamed.pending is None
+            assert not list(cache.glob(f"spinn/*/split5-{DELTA_ORDER}"))  # nothing of it stored
+            proxy.honest()
+            assert complete_on(runtime, v2)
+        finally:
+            runtime.close()
+    finally:
+        proxy.stop()
+        cloud.stop()
