@@ -590,14 +590,15 @@ class StreamedModel:
                 self.failures[digest] += 1
             return 1.0
         with self._lock:
-            live = [s.manifest.package_digest for s in (self.current, self.pending)
-                    if s is not None and s.outcome in (None, "complete")]
+            live = {s.manifest.final_sha256 for s in (self.current, self.pending)
+                    if s is not None and s.outcome in (None, "complete")}
         refused, last = self.gone.get(digest, (0, 0.0))
         if refused and time.monotonic() - last < min(60.0, 2.0 ** refused):
             return 1.0  # a cloud that lists a package but refuses its stream: not again at once
-        if held is not None and manifest.final_sha256 == held.final_digest:
-            return 1.0  # the device holds what that package ends on (e.g. the full package of a delta's version)
-        if digest not in live:
+        # A package that ends on weights a live stream ends on is not started beside it: the device holds them,
+        # or a delta to them is under way (the cloud offers the full package to a device that holds nothing
+        # complete). A live package the cloud stops serving ends "gone", and its successor is taken then.
+        if manifest.final_sha256 not in live:
             self._begin(manifest, held_weights(held) if manifest.base_sha256 and held is not None else None)
         return 1.0
 

@@ -5,6 +5,7 @@ gets the full package, and a delta from weights the device does not hold is refu
 Real checkpoints, a real cloud on a loopback port, real device runtimes (``stream_decode_process`` off and on)."""
 
 import copy
+import time
 
 import grpc
 import pytest
@@ -12,7 +13,9 @@ import torch
 
 from bench.hostile import HostileCloud
 from cloud.inference import ServedModel
+from cloud.server import CloudConfig, build_server
 from device.runtime import DeviceRuntime
+from models.checkpoint import load_checkpoint
 from models.progressive import build_package
 from models.progressive.delta import DELTA_ORDER, weights_digest
 from proto import spinn_v1_pb2 as pb
@@ -32,12 +35,26 @@ def fine_tuned(model: torch.nn.Module, seed: int = 7, scale: float = 0.01) -> to
     return other.eval()
 
 
+def in_memory(model: torch.nn.Module, label: str, tmp_path) -> ServedModel:
+    """``model`` served with no file behind it: its packages are built in the cloud's thread, not in a process
+    started for each (seconds apiece); the process path is exercised by the test of a device's upgrade."""
+    return ServedModel.from_checkpoint(load_checkpoint(save(model, tmp_path / f"{label}.pt")), "spinn", label)
+
+
+def memory_cloud(v1: torch.nn.Module, tmp_path, **overrides):
+    """A cloud serving ``v1`` (label v1) from memory."""
+    cloud = build_server(CloudConfig(checkpoint=str(save(v1, tmp_path / "v1.pt")), address="127.0.0.1:0",
+                                     model_version="v1", log_level="WARNING", **overrides), None)
+    cloud.set_model(in_memory(v1, "v1", tmp_path))
+    return cloud
+
+
 @pytest.fixture
 def versions(small_model, tmp_path):
     """A cloud serving v1 (the small model) and v2 (v1 fine-tuned, the latest); yields (cloud, v1, v2, stub)."""
     v1, v2 = small_model, fine_tuned(small_model)
-    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
-    cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+    cloud = memory_cloud(v1, tmp_path)
+    cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
     channel = grpc.insecure_channel(f"127.0.0.1:{cloud.port}")
     yield cloud, v1, v2, pb_grpc.ModelDeliveryStub(channel)
     channel.close()
@@ -65,7 +82,7 @@ def test_the_cloud_offers_a_delta_only_from_a_served_version_the_device_holds(ve
     for other in (weights_digest(v2.state_dict()), "ab" * 32):  # the latest itself; weights nobody serves
         answer = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=other), timeout=60)
         assert answer.package_digest == full.package_digest
-    cloud.models.add(ServedModel.from_file(str(save(decisive(v1, 3), tmp_path / "v3.pt")), "spinn", "v3"), (3,))
+    cloud.models.add(in_memory(decisive(v1, 3), "v3", tmp_path), (3,))
     unrelated = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=held), timeout=60)
     assert unrelated.order == "split"  # a delta to a version trained apart is not worth it: the full package
 
@@ -141,13 +158,13 @@ def test_a_device_holding_v1_moves_to_v2_by_delta_and_resumes_it_from_its_cache(
 
 def test_a_delta_cache_without_its_base_is_quarantined(small_model, tmp_path):
     v1, v2 = small_model, fine_tuned(small_model)
-    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cloud = memory_cloud(v1, tmp_path)
     cache = tmp_path / "cache"
     try:
         runtime = stream_device(cloud.port, cache, False)
         try:
             assert complete_on(runtime, v1)
-            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
             assert complete_on(runtime, v2)
         finally:
             runtime.close()
@@ -165,7 +182,7 @@ def test_a_delta_cache_without_its_base_is_quarantined(small_model, tmp_path):
 
 def test_a_delta_from_weights_the_device_does_not_hold_is_refused_before_a_byte(small_model, tmp_path):
     v1, v2 = small_model, fine_tuned(small_model)
-    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cloud = memory_cloud(v1, tmp_path)
     proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
     cache = tmp_path / "cache"
 
@@ -180,11 +197,38 @@ def test_a_delta_from_weights_the_device_does_not_hold_is_refused_before_a_byte(
             assert complete_on(runtime, v1)
             proxy.manifest = other_base
             refused = runtime.streamed.refused_manifests
-            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
             assert wait_until(lambda: runtime.streamed.refused_manifests >= refused + 2, 30)
             assert runtime.active.ref.digest == digest_of(v1) and runtime.streamed.pending is None
             assert not list(cache.glob(f"spinn/*/split5-{DELTA_ORDER}"))  # nothing of it stored
             proxy.honest()
+            assert complete_on(runtime, v2)
+        finally:
+            runtime.close()
+    finally:
+        proxy.stop()
+        cloud.stop()
+
+
+def test_a_delta_under_way_is_not_streamed_twice(small_model, tmp_path):
+    """Once switched to the delta (its head exact, the rest coming), the device holds nothing complete and the
+    cloud offers it v2's full package: it ends on the same weights, so it is not started beside the delta."""
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = memory_cloud(v1, tmp_path, delivery_message_bytes=4096)
+    proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
+    try:
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), tmp_path / "cache", False)
+        try:
+            assert complete_on(runtime, v1)
+            proxy.chunk = lambda message, i: (time.sleep(0.01), message)[1]  # a slow link: polls meanwhile
+            cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
+            streamed = runtime.streamed
+            assert wait_until(lambda: streamed.current.manifest.model_digest == digest_of(v2), 60)
+            seen = set()
+            while not streamed.current.complete:
+                seen.add(streamed.pending.manifest.order if streamed.pending is not None else None)
+                time.sleep(0.05)
+            assert seen == {None} and streamed.current.manifest.order == DELTA_ORDER
             assert complete_on(runtime, v2)
         finally:
             runtime.close()
