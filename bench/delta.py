@@ -1,8 +1,8 @@
 """Delta upgrades against full packages: bytes until a device holding v1 is within 1 point of v2, side by side.
 
     python train.py app:apps/cars_dev_train_exits.yml num_epochs=1 image_size=128 resize_size=128 \\
-        exit_loss_weights=0.3 pretrained=../shared/models/cars_dev_joint20.pt seed=1 lr=0.005 warmup_epochs=0 \\
-        log_dir=runs/cars_dev_ft1_seed1                       # v2: v1 fine-tuned one epoch with another seed
+        exit_channels=128 train_mode=joint exit_loss_weights=0.3 pretrained=../shared/models/cars_dev_joint20.pt \\
+        seed=1 lr=0.005 warmup_epochs=0 log_dir=runs/cars_dev_ft1_seed1  # v2: v1 fine-tuned one epoch, another seed
     python bench/delta.py app:apps/cars_dev_test.yml checkpoint=runs/cars_dev_ft1_seed1/best_model.pt \\
         --base ../shared/models/cars_dev_joint20.pt --name cars_dev
 
