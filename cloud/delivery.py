@@ -77,6 +77,7 @@ class PackageCache:
         self._entries: collections.OrderedDict[tuple, tuple[threading.Lock, list[Package]]] = \
             collections.OrderedDict()
         self._weights_digests: dict[str, str] = {}  # version digest -> weights_digest of its packages
+        self._no_delta: set[tuple[str, int, str]] = set()  # (version, split point, base) whose delta was too large
 
     @property
     def builds_running(self) -> int:
@@ -158,6 +159,31 @@ class PackageCache:
             for key in [k for k in self._entries if digest in (k[0], k[3])]:
                 del self._entries[key]
             self._weights_digests.pop(digest, None)
+            self._no_delta = {k for k in self._no_delta if digest not in (k[0], k[2])}
+
+    def delta(self, served: ServedModel, split_point: int, base: ServedModel, max_bytes: float
+              ) -> Optional[Package]:
+        """The delta package from ``base`` to ``served`` when its stream is at most ``max_bytes``, else None: a
+        delta found larger, or whose build failed, is remembered and not built again (a larger one is not kept).
+        Raises BuildsBusy as ``get``."""
+        key = (served.digest, split_point, base.digest)
+        with self._lock:
+            if key in self._no_delta:
+                return None
+        try:
+            delta = self.get(served, split_point, DELTA_ORDER, base)
+        except BuildFailed:
+            with self._lock:
+                self._no_delta.add(key)
+            return None
+        if delta.manifest.total_bytes <= max_bytes:
+            return delta
+        log.info("no delta from version %s to %s at split point %d: %d bytes, over %d", base.model_version,
+                 served.model_version, split_point, delta.manifest.total_bytes, max_bytes)
+        with self._lock:
+            self._no_delta.add(key)
+            self._entries.pop((served.digest, split_point, DELTA_ORDER, base.digest), None)
+        return None
 
     def _built(self, served: ServedModel, split_point: int, order: str, base: Optional[ServedModel]) -> Package:
         """Build the package in a process of its own at nice ``BUILD_NICE`` (from the checkpoint's bytes), then
@@ -174,7 +200,7 @@ class PackageCache:
                                      initargs=(BUILD_NICE,)) as pool:
                 package = pool.submit(_build_from_bytes, files, *args).result(BUILD_TIMEOUT_S)
         else:
-            package = _build_from_model(models, *args)
+            package = _build_from_model(served, base, *args)
         seal(package.manifest, self.signer.sign if self.signer is not None else None)
         return package
 
@@ -189,13 +215,13 @@ class PackageCache:
                     total -= _size(self._entries.pop(key)[1])
 
 
-def _build_from_model(models: list[ServedModel], model_id: str, version: str, split_point: int, order: str,
-                      bits: int, usable_planes: int, chunk_bytes: int, plane_coder: str) -> Package:
-    """The package of ``models[0]``: the full one, or with a second model (order ``delta``) the delta from its
-    package weights."""
-    served = models[0]
-    if len(models) == 2:
-        return build_delta_package(served.model.state_dict(), final_weights(models[1].model.state_dict(), bits),
+def _build_from_model(served: ServedModel, base: Optional[ServedModel], model_id: str, version: str,
+                      split_point: int, order: str, bits: int, usable_planes: int, chunk_bytes: int,
+                      plane_coder: str) -> Package:
+    """The package of ``served``: the full one, or with a ``base`` (order ``delta``) the delta from its package
+    weights."""
+    if base is not None:
+        return build_delta_package(served.model.state_dict(), final_weights(base.model.state_dict(), bits),
                                    served.metadata, model_id, version, split_point, served.model.exit_points, bits,
                                    usable_planes, chunk_bytes, plane_coder)
     return build_package(served.model.state_dict(), served.metadata, model_id, version, split_point,
@@ -208,7 +234,7 @@ def _build_from_bytes(files: list[tuple[bytes, str]], *args) -> Package:
     (``_build_from_model``'s arguments)."""
     torch.set_num_threads(1)
     models = [ServedModel.from_checkpoint(load_checkpoint_bytes(data, source), "", None) for data, source in files]
-    return _build_from_model(models, *args)
+    return _build_from_model(models[0], models[1] if len(models) > 1 else None, *args)
 
 
 def _size(slot: list[Package]) -> int:
@@ -251,18 +277,15 @@ def offered_package(packages: PackageCache, versions: list[ServedModel], served:
                     order: str, held_sha256: str) -> Package:
     """What a ManifestRequest gets: the delta from the weights the device holds (``held_sha256``; empty: none)
     when they are another version served now and the delta's stream is at most ``DELTA_MAX_FRACTION`` of the
-    full package's; the full package otherwise. Raises RequestError as ``held_base``, BuildsBusy, BuildFailed."""
+    full package's; the full package otherwise, also when the delta's build failed. Raises RequestError as
+    ``held_base``, BuildsBusy (the device asks again: a busy cloud must not make it stream the whole model),
+    BuildFailed (the full package's)."""
     base = held_base(packages, versions, served, held_sha256, "held_sha256") if held_sha256 else None
     full = packages.get(served, split_point, order)
     if base is None:
         return full
-    delta = packages.get(served, split_point, DELTA_ORDER, base)
-    if delta.manifest.total_bytes > DELTA_MAX_FRACTION * full.manifest.total_bytes:
-        log.info("no delta from version %s to %s at split point %d: %d bytes, %.2f of the full package",
-                 base.model_version, served.model_version, split_point, delta.manifest.total_bytes,
-                 delta.manifest.total_bytes / full.manifest.total_bytes)
-        return full
-    return delta
+    delta = packages.delta(served, split_point, base, DELTA_MAX_FRACTION * full.manifest.total_bytes)
+    return delta if delta is not None else full
 
 
 def weight_messages(package: Package, from_chunk: int, message_bytes: int = MESSAGE_BYTES,

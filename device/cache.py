@@ -27,12 +27,11 @@ from typing import Optional
 from google.protobuf.message import DecodeError
 
 from models.config import ConfigError
-import numpy as np
 import torch
 
 from models.progressive import ORDERS, Decoder, Manifest, ProgressiveError
 from models.progressive.delta import DELTA_ORDER
-from models.progressive.sections import DTYPES, raw_bytes
+from models.progressive.sections import from_raw_bytes, raw_bytes, raw_size
 from proto import spinn_v1_pb2 as pb
 from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, check_name, manifest_from_message, manifest_message
 from serving.signing import SignatureError, Verifier
@@ -95,7 +94,7 @@ class ChunkStore:
         """A delta's base weights, as written (the decoder checks their digest). Raises ProgressiveError when
         ``base.bin`` is missing or not the size the manifest's tensors make."""
         path = self.dir / BASE
-        sizes = [int(np.prod(shape)) * np.dtype(DTYPES[dtype][1]).itemsize for _, shape, dtype in self.tensors]
+        sizes = [raw_size(shape, dtype) for _, shape, dtype in self.tensors]
         try:
             data = path.read_bytes() if path.is_file() and path.stat().st_size == sum(sizes) else None
         except OSError:
@@ -104,9 +103,7 @@ class ChunkStore:
             raise ProgressiveError(f"{path}: the delta's base weights are missing or not {sum(sizes)} bytes")
         out, at = {}, 0
         for (name, shape, dtype), size in zip(self.tensors, sizes):
-            kind = np.dtype(DTYPES[dtype][1])
-            array = np.frombuffer(data, kind.newbyteorder("<"), size // kind.itemsize, at).astype(kind)
-            out[name] = torch.from_numpy(array.reshape(shape))
+            out[name] = from_raw_bytes(data, at, shape, dtype)
             at += size
         return out
 
@@ -145,14 +142,18 @@ class ChunkStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def package_dirs(root: Path, model_id: str, split_point: int, order: str) -> list[Path]:
+    """The folders of every cached package of ``model_id`` for this split point: of ``order`` and deltas."""
+    return [path for kind in (order, DELTA_ORDER) for path in (root / model_id).glob(f"*/split{split_point}-{kind}")]
+
+
 def cached_manifests(root: Path, model_id: str, split_point: int, order: str, verifier: Optional[Verifier] = None,
                      max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> list[Manifest]:
     """The stored manifests of this device's packages (those of ``order`` and deltas), newest first. One that no
     longer validates (truncated, malformed, unsigned while a key is required) is quarantined and left out."""
     found = []
-    paths = sorted([path for kind in (order, DELTA_ORDER)
-                    for path in (root / model_id).glob(f"*/split{split_point}-{kind}/manifest.pb")],
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    paths = sorted([folder / "manifest.pb" for folder in package_dirs(root, model_id, split_point, order)
+                    if (folder / "manifest.pb").is_file()], key=lambda p: p.stat().st_mtime, reverse=True)
     for path in paths:
         try:
             manifest = manifest_from_message(pb.Manifest.FromString(path.read_bytes()), max_package_bytes)

@@ -26,13 +26,12 @@ from typing import Callable, Optional, Union
 import grpc
 import torch
 
-from device.cache import ChunkStore, cached_manifests, package_dir, quarantine
+from device.cache import ChunkStore, cached_manifests, package_dir, package_dirs, quarantine
 from device.decode_process import DecoderDied, DecoderProcess
 from device.link import NETWORK_CODES, CloudLink
 from serving.priority import lower_thread_priority
 from models.checkpoint import Checkpoint, checkpoint_from_metadata
 from models.progressive import Decoder, Manifest, ProgressiveError, Progress, updated_model
-from models.progressive.delta import DELTA_ORDER
 from proto import spinn_v1_pb2 as pb
 from proto.manifest import DEFAULT_MAX_PACKAGE_BYTES, manifest_from_message
 from serving.signing import SignatureError, Verifier
@@ -430,10 +429,16 @@ def fetch_manifest(link: CloudLink, split_point: int, order: str, timeout_s: flo
     return manifest
 
 
-def held_weights(stream: "WeightStream") -> dict[str, torch.Tensor]:
-    """The weights of ``stream``'s snapshot by manifest name, on the CPU (a delta's base)."""
-    state = stream.snapshot.checkpoint.model.state_dict()
-    return {t.name: state[t.name].detach().cpu() for t in stream.manifest.tensors}
+def delta_base(manifest: Manifest, held: "WeightStream") -> dict[str, torch.Tensor]:
+    """The weights of ``held`` (complete and verified) that the delta ``manifest`` applies to, by name, on the CPU.
+    Raises ProgressiveError, before anything of the delta is stored, unless the delta names exactly the held
+    package's tensors (names, shapes, dtypes, in order) and its final digest as its base."""
+    if manifest.base_sha256 != held.final_digest or \
+            [(t.name, t.shape, t.dtype) for t in manifest.tensors] != \
+            [(t.name, t.shape, t.dtype) for t in held.manifest.tensors]:
+        raise ProgressiveError("manifest.tensors: a delta's base is not the weights the device holds; refused")
+    state = held.snapshot.checkpoint.model.state_dict()
+    return {t.name: state[t.name].detach().cpu() for t in held.manifest.tensors}
 
 
 class StreamedModel:
@@ -465,6 +470,7 @@ class StreamedModel:
         self.failures: collections.Counter[str] = collections.Counter()  # package digest -> final mismatches
         self.gone: dict[str, tuple[int, float]] = {}  # package digest -> (times the cloud refused it, when last)
         self.refused_manifests = 0  # manifests that failed validation or the signature (tests, logs)
+        self.failed_bases: set[str] = set()  # held digests whose delta failed MAX_FINAL_RETRIES times: not named
         self._last_refusal = ""
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -474,17 +480,29 @@ class StreamedModel:
     def start(self) -> None:
         """Resume the newest cached package (if any) at once, then ask the cloud for its manifest on the poller's
         thread: no request waits for the manifest (with no weights, requests go to the cloud at split 0)."""
-        for manifest in cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order,
-                                         self.verifier, self.max_package_bytes):
-            try:
-                self._begin(manifest)
+        cached = cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order,
+                                  self.verifier, self.max_package_bytes)
+        for i, manifest in enumerate(cached):
+            # A delta's base package, while still cached (until the delta is verified), serves under its own
+            # version until the delta's head is exact: resumed first, the delta beside it.
+            base = next((m for m in cached[i + 1:] if m.final_sha256 == manifest.base_sha256), None) \
+                if manifest.base_sha256 else None
+            if base is not None:
+                self._resume(base)
+            if self._resume(manifest) or self.current is not None:
                 break
-            except ProgressiveError as err:  # a delta whose base is gone or not its base
-                store = package_dir(self.root, manifest.model_id, manifest.model_digest, manifest.split_point,
-                                    manifest.order)
-                quarantine(self.root, store, str(err))
         self._wake.set()  # first poll right away
         self._poller.start()
+
+    def _resume(self, manifest: Manifest) -> bool:
+        """``_begin`` a cached package; a delta whose base file is gone or not its base is quarantined (False)."""
+        try:
+            self._begin(manifest)
+            return True
+        except ProgressiveError as err:
+            quarantine(self.root, package_dir(self.root, manifest.model_id, manifest.model_digest,
+                                              manifest.split_point, manifest.order), str(err))
+            return False
 
     def check_soon(self) -> None:
         self._wake.set()
@@ -518,6 +536,8 @@ class StreamedModel:
         digest = stream.manifest.package_digest
         if stream.outcome == "mismatch":
             self.failures[digest] += 1
+            if stream.manifest.base_sha256 and self.failures[digest] >= MAX_FINAL_RETRIES:
+                self.failed_bases.add(stream.manifest.base_sha256)  # the full package from now on
         if stream.outcome == "gone":
             count, _ = self.gone.get(digest, (0, 0.0))
             self.gone[digest] = (count + 1, time.monotonic())
@@ -543,8 +563,7 @@ class StreamedModel:
         with self._lock:
             if stream is not self.current:
                 return
-        for other in [path for kind in (self.order, DELTA_ORDER)
-                      for path in (self.root / stream.manifest.model_id).glob(f"*/split{self.split_point}-{kind}")]:
+        for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
             if other.resolve() != stream.store.dir.resolve() and (other / "manifest.pb").is_file():
                 shutil.rmtree(other, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
@@ -573,6 +592,8 @@ class StreamedModel:
         """Fetch the cloud's manifest and start streaming it when it is new; returns the next retry period
         (while the device has no package, a failed fetch is retried soon, not a poll period later)."""
         held = self._held()
+        if held is not None and held.final_digest in self.failed_bases:
+            held = None
         try:
             manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s,
                                       self.max_package_bytes, self.verifier, held.final_digest if held else "")
@@ -590,16 +611,22 @@ class StreamedModel:
                 self.failures[digest] += 1
             return 1.0
         with self._lock:
-            live = {s.manifest.final_sha256 for s in (self.current, self.pending)
+            live = {(s.manifest.model_digest, s.manifest.final_sha256) for s in (self.current, self.pending)
                     if s is not None and s.outcome in (None, "complete")}
         refused, last = self.gone.get(digest, (0, 0.0))
         if refused and time.monotonic() - last < min(60.0, 2.0 ** refused):
             return 1.0  # a cloud that lists a package but refuses its stream: not again at once
-        # A package that ends on weights a live stream ends on is not started beside it: the device holds them,
-        # or a delta to them is under way (the cloud offers the full package to a device that holds nothing
-        # complete). A live package the cloud stops serving ends "gone", and its successor is taken then.
-        if manifest.final_sha256 not in live:
-            self._begin(manifest, held_weights(held) if manifest.base_sha256 and held is not None else None)
+        # A package of a version a live stream ends on the same weights of is not started beside it: the device
+        # holds them, or a delta to them is under way (the cloud offers the full package to a device that holds
+        # nothing complete). A live package the cloud stops serving ends "gone", and its successor is taken then.
+        if (manifest.model_digest, manifest.final_sha256) in live:
+            return 1.0
+        try:
+            base = delta_base(manifest, held) if manifest.base_sha256 and held is not None else None
+        except ProgressiveError as err:
+            self._refused(err)
+            return 1.0
+        self._begin(manifest, base)
         return 1.0
 
     def _held(self) -> Optional[WeightStream]:

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from bench.hostile import HostileCloud
+from cloud.delivery import PackageCache, offered_package
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig, build_server
 from device.runtime import DeviceRuntime
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.progressive import build_package
 from models.progressive.delta import DELTA_ORDER, weights_digest
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from tests.conftest import NAMES, SIZE, digest_of
+from tests.conftest import NAMES, PREPROCESS, SIZE, digest_of
 from tests.test_device import wait_until
 from tests.test_versions import cloud_on, decisive, device_cfg, save
 
@@ -235,3 +236,90 @@ def test_a_delta_under_way_is_not_streamed_twice(small_model, tmp_path):
     finally:
         proxy.stop()
         cloud.stop()
+
+
+def counting(monkeypatch, name: str) -> dict[str, int]:
+    """Count the calls of ``cloud.delivery.<name>`` (a package builder), which still runs."""
+    import cloud.delivery as delivery
+
+    calls, real = {"n": 0}, getattr(delivery, name)
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delivery, name, counted)
+    return calls
+
+
+def test_a_delta_not_worth_it_is_neither_kept_nor_built_again(small_model, tmp_path, monkeypatch):
+    v1, v2 = in_memory(decisive(small_model, 1), "v1", tmp_path), in_memory(decisive(small_model, 2), "v2", tmp_path)
+    deltas = counting(monkeypatch, "build_delta_package")
+    cache = PackageCache(max_packages=4)
+    held = weights_digest(v1.model.state_dict())
+    for _ in range(3):
+        for split in (3, 5, 9):
+            assert offered_package(cache, [v1, v2], v2, split, "split", held).manifest.order == "split"
+    assert deltas["n"] == 3 and len(cache._entries) == 3  # one delta per split point, weighed once, not kept
+
+
+def test_a_delta_that_cannot_be_built_gives_the_full_package(small_model, tmp_path, monkeypatch):
+    import cloud.delivery as delivery
+
+    v1, v2 = in_memory(small_model, "v1", tmp_path), in_memory(fine_tuned(small_model), "v2", tmp_path)
+    cache = PackageCache()
+    held = weights_digest(small_model.state_dict())
+
+    def broken(*args, **kwargs):
+        raise ValueError("a delta build that fails")
+
+    monkeypatch.setattr(delivery, "build_delta_package", broken)
+    attempts = counting(monkeypatch, "build_delta_package")
+    for _ in range(2):
+        assert offered_package(cache, [v1, v2], v2, 5, "split", held).manifest.order == "split"
+    assert attempts["n"] == 1  # a failed build is not tried on every poll
+
+
+def test_a_version_with_the_same_weights_and_other_metadata_is_taken(small_model, tmp_path):
+    """v2 relabels v1's classes: the same package weights, another version. The device moves to it (a delta of
+    nothing), though its packages end on the weights the device holds."""
+    cloud = memory_cloud(small_model, tmp_path)
+    try:
+        runtime = stream_device(cloud.port, tmp_path / "cache", False)
+        try:
+            assert complete_on(runtime, small_model)
+            save_checkpoint(tmp_path / "v2.pt", small_model, NAMES[::-1], PREPROCESS)
+            v2 = ServedModel.from_checkpoint(load_checkpoint(tmp_path / "v2.pt"), "spinn", "v2")
+            cloud.models.add(v2, (2,))
+            assert wait_until(lambda: runtime.active.ref.digest == v2.digest and runtime.active.complete, 30)
+            assert runtime.active.class_names == NAMES[::-1]
+        finally:
+            runtime.close()
+    finally:
+        cloud.stop()
+
+
+def test_a_restart_mid_delta_serves_the_base_version_until_the_delta_head_is_exact(small_model, tmp_path):
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = memory_cloud(v1, tmp_path, delivery_message_bytes=1024)
+    proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
+    cache = tmp_path / "cache"
+    try:
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), cache, False)
+        try:
+            assert complete_on(runtime, v1)
+            proxy.chunk = lambda message, i: (time.sleep(0.5), message)[1]  # the delta's head does not arrive
+            cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
+            assert wait_until(lambda: runtime.streamed.pending is not None, 30)
+        finally:
+            runtime.close()
+    finally:
+        proxy.stop()
+        cloud.stop()
+    offline = DeviceRuntime.start(device_cfg("stream", 1, cache))
+    try:
+        streamed = offline.streamed
+        assert streamed.current.manifest.model_digest == digest_of(v1) and offline.active.complete
+        assert streamed.pending is not None and streamed.pending.manifest.order == DELTA_ORDER
+    finally:
+        offline.close()

@@ -10,9 +10,9 @@ fine-tuned v2 differs from v1 in its low bits only, so the top planes of ``d`` a
 nothing. Small tensors (BatchNorm, biases) travel whole as in a full package. The head's units come first (stage
 ``delta-head``: the manifest's ``usable_chunk`` ends it), so that a device switches to v2 only once its head is v2's
 exactly and never sends the cloud v1's features under v2's name; then the rest (``delta-rest``); within each, units
-go by value per byte (the drop of the layer's relative squared error to v2). The manifest names its base: ``base_sha256``, the ``state_digest``
-of the weights the device must hold (any package of v1 at the same ``bits`` ends on them); a decoder given other
-weights refuses the delta before a byte is applied.
+go by value per byte (the drop of the layer's relative squared error to v2). The manifest names its base:
+``base_sha256``, the ``state_digest`` of the weights the device must hold (any package of v1 at the same ``bits``
+ends on them); a decoder given other weights refuses the delta before a byte is applied.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from models.progressive.format import (DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAUL
 from models.progressive.ordering import Units, greedy_by_value, pack_chunks
 from models.progressive.planes import base_integers, delta_values, dequantize, encode_plane, fill_offsets, quantize
 
-DELTA_ORDER = "delta"  # a delta package's order: every layer by value per byte
+DELTA_ORDER = "delta"  # a delta package's order: the head's layers, then the rest, each by value per byte
 
 
 def final_weights(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS) -> dict[str, torch.Tensor]:
