@@ -65,10 +65,11 @@ class PackageCache:
 
     def __init__(self, max_packages: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, bits: int = DEFAULT_BITS,
                  usable_planes: int = DEFAULT_USABLE_PLANES, max_bytes: int = 256 << 20, max_builds: int = 1,
-                 signer: Optional[Signer] = None, plane_coder: str = "zstd") -> None:
+                 signer: Optional[Signer] = None, plane_coder: str = "zstd", snr_db: float = 0.0) -> None:
         """``signer``: signs every package's digest (``delivery_signing_key``); None: packages are unsigned.
-        ``plane_coder``: how the packages' planes are coded (``delivery_plane_coder``)."""
-        self.plane_coder = plane_coder
+        ``plane_coder``: how the packages' planes are coded (``delivery_plane_coder``); ``snr_db``: each layer's
+        final precision (``delivery_snr_db``, ``models.progressive.build_package``)."""
+        self.plane_coder, self.snr_db = plane_coder, snr_db
         self.max_packages, self.max_bytes, self.max_builds = max_packages, max_bytes, max_builds
         self.signer = signer
         self.chunk_bytes, self.bits, self.usable_planes = chunk_bytes, bits, usable_planes
@@ -96,7 +97,7 @@ class PackageCache:
         with self._lock:
             known = self._weights_digests.get(served.digest)
         if known is None:
-            known = weights_digest(served.model.state_dict(), self.bits)
+            known = weights_digest(served.model.state_dict(), self.bits, self.snr_db)
             with self._lock:
                 self._weights_digests[served.digest] = known
         return known
@@ -191,7 +192,7 @@ class PackageCache:
         the answers of the versions served meanwhile (bench/rollout.py). A model that came from no file is built
         in the caller's thread."""
         args = (served.model_id, served.model_version, split_point, order, self.bits, self.usable_planes,
-                self.chunk_bytes, self.plane_coder)
+                self.chunk_bytes, self.plane_coder, self.snr_db)
         models = [served] if base is None else [served, base]
         if all(m.checkpoint_bytes for m in models):
             context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
@@ -217,16 +218,16 @@ class PackageCache:
 
 def _build_from_model(served: ServedModel, base: Optional[ServedModel], model_id: str, version: str,
                       split_point: int, order: str, bits: int, usable_planes: int, chunk_bytes: int,
-                      plane_coder: str) -> Package:
+                      plane_coder: str, snr_db: float) -> Package:
     """The package of ``served``: the full one, or with a ``base`` (order ``delta``) the delta from its package
     weights."""
     if base is not None:
-        return build_delta_package(served.model.state_dict(), final_weights(base.model.state_dict(), bits),
+        return build_delta_package(served.model.state_dict(), final_weights(base.model.state_dict(), bits, snr_db),
                                    served.metadata, model_id, version, split_point, served.model.exit_points, bits,
-                                   usable_planes, chunk_bytes, plane_coder)
+                                   usable_planes, chunk_bytes, plane_coder, snr_db)
     return build_package(served.model.state_dict(), served.metadata, model_id, version, split_point,
                          served.model.exit_points, order, bits, usable_planes, chunk_bytes,
-                         bias_inputs(served.model, served.input_size), plane_coder=plane_coder)
+                         bias_inputs(served.model, served.input_size), plane_coder=plane_coder, snr_db=snr_db)
 
 
 def _build_from_bytes(files: list[tuple[bytes, str]], *args) -> Package:

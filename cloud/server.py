@@ -134,6 +134,9 @@ class CloudConfig:
     # progressive weight delivery (models/progressive/): packages are built on first request and cached
     delivery_bits: int = 16  # sign + 15 magnitude bit planes
     delivery_plane_coder: str = "zstd"  # how each plane is coded: zstd, or context (models/progressive/context.py)
+    # > 0: each layer's final precision is the coarsest grid that keeps every output channel's signal to
+    # quantisation noise at least this (dB); its lower planes are all zero (README, "Coarser final precision")
+    delivery_snr_db: float = 0.0
     delivery_usable_planes: int = 7  # the device's head is usable once its layers have this many planes
     delivery_chunk_bytes: int = 16384  # target chunk size (a chunk is the unit of hashing and resuming)
     delivery_cache_packages: int = 4  # packages kept (one per split point and order asked for)
@@ -214,6 +217,9 @@ class CloudConfig:
         if self.delivery_plane_coder not in PLANE_CODERS:
             raise ConfigError(f"config key 'delivery_plane_coder': one of {', '.join(PLANE_CODERS)}, got "
                               f"{self.delivery_plane_coder!r}")
+        if not 0 <= self.delivery_snr_db <= 200:
+            raise ConfigError(f"config key 'delivery_snr_db': must be in 0..200 (0: every plane exact), got "
+                              f"{self.delivery_snr_db}")
         if not 2 <= self.delivery_bits <= 24:
             raise ConfigError(f"config key 'delivery_bits': must be in 2..24, got {self.delivery_bits}")
         if self.delivery_usable_planes > self.delivery_bits - 1:
@@ -665,7 +671,7 @@ def build_server(cfg: CloudConfig, served: Optional[ServedModel]) -> CloudServer
     signer = Signer.from_file(cfg.delivery_signing_key) if cfg.delivery_signing_key else None
     packages = PackageCache(cfg.delivery_cache_packages, cfg.delivery_chunk_bytes, cfg.delivery_bits,
                             cfg.delivery_usable_planes, cfg.delivery_cache_bytes, cfg.max_package_builds, signer,
-                            cfg.delivery_plane_coder)
+                            cfg.delivery_plane_coder, cfg.delivery_snr_db)
     delivery = ModelDeliveryServicer(servicer, packages, cfg.delivery_message_bytes,
                                      Admission(cfg.max_delivery_calls, "max_delivery_calls", "delivery calls"))
     registry.on_unload = lambda unloaded: running.unloaded(unloaded)

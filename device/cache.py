@@ -96,11 +96,12 @@ class ChunkStore:
         path = self.dir / BASE
         sizes = [raw_size(shape, dtype) for _, shape, dtype in self.tensors]
         try:
-            data = path.read_bytes() if path.is_file() and path.stat().st_size == sum(sizes) else None
-        except OSError:
-            data = None
+            data = path.read_bytes() if path.stat().st_size == sum(sizes) else None
+        except OSError as err:
+            raise ProgressiveError(f"{path}: the delta's base weights cannot be read ({err})") from None
         if data is None:
-            raise ProgressiveError(f"{path}: the delta's base weights are missing or not {sum(sizes)} bytes")
+            raise ProgressiveError(f"{path}: the delta's base weights are {path.stat().st_size} bytes, not "
+                                   f"{sum(sizes)}")
         out, at = {}, 0
         for (name, shape, dtype), size in zip(self.tensors, sizes):
             out[name] = from_raw_bytes(data, at, shape, dtype)

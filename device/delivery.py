@@ -487,29 +487,32 @@ class StreamedModel:
             # version until the delta's head is exact: resumed first, the delta beside it.
             base = next((m for m in cached[i + 1:] if m.final_sha256 == manifest.base_sha256), None) \
                 if manifest.base_sha256 else None
-            if base is not None:
-                self._resume(base)
-            if self._resume(manifest) or self.current is not None:
+            held = self._resume(base, start=False) if base is not None else None
+            resumed = self._resume(manifest)  # before the base's thread may verify it and delete other folders
+            if held is not None:
+                held.start()
+            if resumed is not None or self.current is not None:
                 break
         self._wake.set()  # first poll right away
         self._poller.start()
 
-    def _resume(self, manifest: Manifest) -> bool:
-        """``_begin`` a cached package; a delta whose base file is gone or not its base is quarantined (False)."""
+    def _resume(self, manifest: Manifest, start: bool = True) -> Optional[WeightStream]:
+        """``_begin`` a cached package; a delta whose base file is gone or not its base is quarantined (None)."""
         try:
-            self._begin(manifest)
-            return True
+            return self._begin(manifest, start=start)
         except ProgressiveError as err:
             quarantine(self.root, package_dir(self.root, manifest.model_id, manifest.model_digest,
                                               manifest.split_point, manifest.order), str(err))
-            return False
+            return None
 
     def check_soon(self) -> None:
         self._wake.set()
 
-    def _begin(self, manifest: Manifest, base: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Stream ``manifest``'s package (beside the one in use, if any). ``base``: a delta's base weights, kept
-        with it on disk. Raises ProgressiveError for a delta without its base."""
+    def _begin(self, manifest: Manifest, base: Optional[dict[str, torch.Tensor]] = None, start: bool = True
+               ) -> Optional[WeightStream]:
+        """Stream ``manifest``'s package (beside the one in use, if any); returns the stream (None once closed).
+        ``base``: a delta's base weights, kept with it on disk; ``start``: False leaves starting its thread to the
+        caller. Raises ProgressiveError for a delta without its base."""
         stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest, base), self.device,
                               lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
                               decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
@@ -518,7 +521,7 @@ class StreamedModel:
         with self._lock:
             if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
                 stream.stop()
-                return
+                return None
             if self.current is None:
                 self.current = stream
             else:
@@ -529,7 +532,9 @@ class StreamedModel:
                     self.pending.stop()
                 self.pending = stream
         self._on_snapshot(stream, stream.snapshot)
-        stream.start()
+        if start:
+            stream.start()
+        return stream
 
     def _on_end(self, stream: WeightStream) -> None:
         """A stream ended on its own: its package is gone or failed its final digest; ask for the manifest."""
@@ -559,12 +564,13 @@ class StreamedModel:
     def _drop_others(self, stream: WeightStream) -> None:
         """``stream``'s package is complete and its final digest verified: delete the cached packages of the
         other versions for this split point and order (before, a device cut off mid-rollout could only go back
-        to the old version's chunks)."""
+        to the old version's chunks), but for the one streaming beside it (a delta from it, say)."""
         with self._lock:
             if stream is not self.current:
                 return
+            live = {s.store.dir.resolve() for s in (self.current, self.pending) if s is not None}
         for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
-            if other.resolve() != stream.store.dir.resolve() and (other / "manifest.pb").is_file():
+            if other.resolve() not in live and (other / "manifest.pb").is_file():
                 shutil.rmtree(other, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
                     other.parent.rmdir()

@@ -104,3 +104,37 @@ def test_a_delta_needs_the_same_architecture(small_model):
     meta = checkpoint_metadata(v2, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
     with pytest.raises(ValueError, match="same architecture"):
         build_delta_package(v2.state_dict(), base, meta, "spinn", "2", 7, v2.exit_points)
+
+
+@pytest.mark.parametrize("kind", ["zstd", "context", "delta"])
+def test_random_chunks_that_pass_their_hash_are_refused_or_decode_within_bounds(small_model, kind):
+    """A hostile cloud can make any bytes match a chunk's hash (it writes the manifest): random payloads of the
+    chunk's own size go into the decoder, which refuses them (ProgressiveError) or decodes bounded weights."""
+    import dataclasses
+    import hashlib
+    import random
+
+    if kind == "delta":
+        package, base = delta_of(small_model, fine_tuned(small_model)), final_weights(small_model.state_dict())
+    else:
+        package, base = package_of(small_model, plane_coder=kind), None
+    rng, refused, decoded = random.Random(0), 0, 0
+    for _ in range(60):
+        index = rng.randrange(min(8, len(package.payloads)))
+        decoder = Decoder(package.manifest, base)
+        for i in range(index):
+            decoder.apply(i, package.payloads[i])
+        payload = rng.randbytes(package.manifest.chunks[index].size)
+        decoder.manifest = dataclasses.replace(package.manifest, chunks=[
+            dataclasses.replace(c, sha256=hashlib.sha256(payload).hexdigest()) if c.index == index else c
+            for c in package.manifest.chunks])
+        try:
+            changed = decoder.apply(index, payload)
+        except ProgressiveError:
+            refused += 1
+            continue
+        decoded += 1
+        for name in changed:
+            value = decoder.tensors([name]).get(name)
+            assert value is None or value.shape == dict(small_model.state_dict())[name].shape
+    assert refused + decoded == 60 and refused > 0

@@ -4,7 +4,6 @@ gets the full package, and a delta from weights the device does not hold is refu
 
 Real checkpoints, a real cloud on a loopback port, real device runtimes (``stream_decode_process`` off and on)."""
 
-import copy
 import time
 
 import grpc
@@ -22,18 +21,9 @@ from models.progressive.delta import DELTA_ORDER, weights_digest
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from tests.conftest import NAMES, PREPROCESS, SIZE, digest_of
+from tests.test_delta import fine_tuned
 from tests.test_device import wait_until
 from tests.test_versions import cloud_on, decisive, device_cfg, save
-
-
-def fine_tuned(model: torch.nn.Module, seed: int = 7, scale: float = 0.01) -> torch.nn.Module:
-    """A copy with every parameter moved by ``scale`` of its spread (``seed``): a fine-tune's few changed bits."""
-    other = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * p.std().nan_to_num(0.0) * torch.randn_like(p))
-    return other.eval()
 
 
 def in_memory(model: torch.nn.Module, label: str, tmp_path) -> ServedModel:

@@ -91,9 +91,10 @@ def _spread_index(i: int, infos: list[TensorInfo], bias: dict[str, BiasInput]) -
 
 def code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo], bits: int,
                 usable_planes: int, bias: Optional[dict[str, BiasInput]] = None, corrected_planes: int = 0,
-                plane_coder: str = "zstd") -> Units:
+                plane_coder: str = "zstd", snr_db: float = 0.0) -> Units:
     """Every unit's bytes (a layer's plane, with its group's raw tensors and output shifts) and each layer's
-    distortion after every plane; ``infos`` come back with their scales, offsets and shift targets."""
+    distortion after every plane; ``infos`` come back with their scales, offsets and shift targets. ``snr_db``:
+    see ``quantize``."""
     planes = bits - 1
     bias = bias or {}
     data: dict[tuple[int, int], bytes] = {}
@@ -104,7 +105,7 @@ def code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo]
         if info.kind != "planes":
             infos.append(info)
             continue
-        mag, neg, scales = quantize(tensors[i], bits)
+        mag, neg, scales = quantize(tensors[i], bits, snr_db)
         offsets = fill_offsets(mag, planes)
         target = _shift_target(i, infos_no_scales, bias)
         spread = _spread_index(i, infos_no_scales, bias) if target is not None else None
@@ -156,7 +157,7 @@ def build_package(
     exit_points: list[int], order: str = "split", bits: int = DEFAULT_BITS,
     usable_planes: int = DEFAULT_USABLE_PLANES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     bias: Optional[dict[str, BiasInput]] = None, corrected_planes: int = DEFAULT_CORRECTED_PLANES,
-    plane_coder: str = "zstd",
+    plane_coder: str = "zstd", snr_db: float = 0.0,
 ) -> Package:
     """Code ``state`` (an EarlyExitMobileNetV2 state dict) into a progressive package for ``split_point``.
 
@@ -164,7 +165,9 @@ def build_package(
     manifest names the content digest of ``metadata`` and ``state`` (models/identity.py), the model delivered.
     ``bias`` (``models.bias_correction.bias_inputs``; None: no correction) makes each layer's first
     ``corrected_planes`` planes carry the output shift of the weights known so far. ``plane_coder``: how each
-    plane's sections are coded (``PLANE_CODERS``).
+    plane's sections are coded (``PLANE_CODERS``). ``snr_db`` > 0: each layer's final precision is the coarsest
+    grid that keeps every output channel's signal to quantisation noise at least that (``quantize``); the planes
+    below it are all zero, nearly free, and the final weights are that grid's.
     Raises ValueError for an unknown order or plane coder, bits outside 2..24, a negative corrected_planes or a tensor of
     another dtype.
     """
@@ -181,7 +184,7 @@ def build_package(
     corrected_planes = min(corrected_planes, bits - 2) if bias else 0  # the last plane never carries a shift
     bottleneck = (metadata.get("model_config") or {}).get("bottleneck")
     infos = describe_tensors(state, split_point, exit_points, {}, bottleneck["split_point"] if bottleneck else None)
-    units = code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes, plane_coder)
+    units = code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes, plane_coder, snr_db)
     chunks, payloads = pack_chunks(stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits, order, split_point, usable_planes, units.infos,

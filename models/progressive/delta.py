@@ -32,13 +32,14 @@ from models.progressive.planes import base_integers, delta_values, dequantize, e
 DELTA_ORDER = "delta"  # a delta package's order: the head's layers, then the rest, each by value per byte
 
 
-def final_weights(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS) -> dict[str, torch.Tensor]:
-    """What a device holds once every chunk of a ``bits``-bit package of ``state`` arrived: the quantised
-    conv/linear weights, every other tensor as it is."""
+def final_weights(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS, snr_db: float = 0.0
+                  ) -> dict[str, torch.Tensor]:
+    """What a device holds once every chunk of a ``bits``-bit package of ``state`` (built with ``snr_db``, see
+    ``build_package``) arrived: the quantised conv/linear weights, every other tensor as it is."""
     out = {}
     for name, t in state.items():
         if t.dtype == torch.float32 and t.dim() >= 2:
-            mag, neg, scales = quantize(t, bits)
+            mag, neg, scales = quantize(t, bits, snr_db)
             out[name] = torch.from_numpy(dequantize(mag, neg, scales, 0).reshape(t.shape))
         else:
             out[name] = t.detach().cpu().clone()
@@ -46,7 +47,7 @@ def final_weights(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS) -
 
 
 def delta_units(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], infos: list[TensorInfo],
-                bits: int, usable_planes: int, plane_coder: str) -> Units:
+                bits: int, usable_planes: int, plane_coder: str, snr_db: float = 0.0) -> Units:
     """Every unit of the delta from ``base`` (the device's weights) to ``state``: ``bits`` magnitude planes of
     ``d`` per conv/linear weight (raw tensors whole with their group), and each layer's error after each plane."""
     planes = bits
@@ -58,7 +59,7 @@ def delta_units(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
         if info.kind != "planes":
             out.append(info)
             continue
-        mag2, neg2, scales = quantize(tensors[i], bits)
+        mag2, neg2, scales = quantize(tensors[i], bits, snr_db)
         a1 = base_integers(base[info.name], scales, bits)
         d = np.where(neg2, -mag2, mag2) - a1
         mag, neg = np.abs(d), d < 0
@@ -86,10 +87,11 @@ def build_delta_package(
     state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], metadata: dict, model_id: str,
     model_version: str, split_point: int, exit_points: list[int], bits: int = DEFAULT_BITS,
     usable_planes: int = DEFAULT_USABLE_PLANES, chunk_bytes: int = DEFAULT_CHUNK_BYTES, plane_coder: str = "zstd",
+    snr_db: float = 0.0,
 ) -> Package:
     """A package that takes a device holding ``base`` (``final_weights`` of v1 at ``bits``) to ``state`` (v2,
     the same architecture). Its manifest has ``bits + 1`` bits, order ``delta`` and ``base_sha256``; its
-    ``final_sha256`` is that of v2's own ``bits``-bit package. Raises ValueError when a tensor's name, shape or
+    ``final_sha256`` is that of v2's own ``bits``-bit package built with ``snr_db``. Raises ValueError when a tensor's name, shape or
     dtype differs from the base's, or for an unknown plane coder."""
     from models.progressive.decoder import Decoder, state_digest
 
@@ -101,7 +103,7 @@ def build_delta_package(
     bottleneck = (metadata.get("model_config") or {}).get("bottleneck")
     infos = describe_tensors(dict(state), split_point, exit_points, {},
                              bottleneck["split_point"] if bottleneck else None)
-    units = delta_units(state, base, infos, bits, usable_planes, plane_coder)
+    units = delta_units(state, base, infos, bits, usable_planes, plane_coder, snr_db)
     stages = [(f"delta-{part}", greedy_by_value(units, dict.fromkeys(
         [i for i, t in enumerate(units.infos) if t.kind == "planes" and t.part == part], 0), bits))
         for part in ("head", "rest")]
@@ -114,7 +116,7 @@ def build_delta_package(
     for i, payload in enumerate(payloads):
         decoder.apply(i, payload)
     manifest.final_sha256 = decoder.digest()
-    target = final_weights(state, bits)
+    target = final_weights(state, bits, snr_db)
     if manifest.final_sha256 != state_digest((t, target[t.name]) for t in units.infos):
         raise AssertionError("delta package does not end on the target's package weights")  # a bug, not input
     head = [c.index for c in chunks if c.stage == "delta-head"]
@@ -122,9 +124,10 @@ def build_delta_package(
     return Package(manifest, payloads)
 
 
-def weights_digest(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS) -> str:
-    """The ``final_sha256`` of every ``bits``-bit package of ``state`` (whatever its split point, order or chunk
-    size): what a device that holds it complete says it holds, and a delta from it names as its base."""
+def weights_digest(state: Mapping[str, torch.Tensor], bits: int = DEFAULT_BITS, snr_db: float = 0.0) -> str:
+    """The ``final_sha256`` of every ``bits``-bit package of ``state`` built with ``snr_db`` (whatever its split
+    point, order or chunk size): what a device that holds it complete says it holds, and a delta from it names as
+    its base."""
     from models.progressive.decoder import named_digest
 
-    return named_digest(final_weights(state, bits).items())
+    return named_digest(final_weights(state, bits, snr_db).items())
