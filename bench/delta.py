@@ -79,24 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-points", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--plane-coders", nargs="+", choices=PLANE_CODERS, default=list(PLANE_CODERS))
+    parser.add_argument("--snr-db", type=float, default=0.0, help="the packages' precision floor (delivery_snr_db)")
     args, rest = parser.parse_known_args(argv)
     cfg = parse_app_argv(AppConfig, rest)
     v2, batches = load(cfg, args.limit)
     v1 = load_checkpoint(args.base)
     ev = Evaluator(v2.model, max(v2.model.exit_points), 1.0, cfg.confidence, batches)
     meta = checkpoint_metadata(v2.model, v2.class_names, v2.preprocess)
-    state, base = v2.model.state_dict(), final_weights(v1.model.state_dict())
+    state, base = v2.model.state_dict(), final_weights(v1.model.state_dict(), snr_db=args.snr_db)
     full_accuracy = ev.device_final(v2.model)
     target = predictions(v2.model, batches)
     result = {"name": args.name, "command": "python bench/delta.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "images": sum(len(y) for _, y in batches), "v2_accuracy": full_accuracy,
-              "v1_accuracy": ev.device_final(v1.model), "coders": {}}
+              "v1_accuracy": ev.device_final(v1.model), "snr_db": args.snr_db, "coders": {}}
     for coder in args.plane_coders:
         started = time.perf_counter()
         full = build_package(state, meta, "bench", "2", ev.split_point, v2.model.exit_points, "whole",
-                             bias=bias_inputs(v2.model, v2.preprocess.input_size), plane_coder=coder)
+                             bias=bias_inputs(v2.model, v2.preprocess.input_size), plane_coder=coder,
+                             snr_db=args.snr_db)
         delta = build_delta_package(state, base, meta, "bench", "2", ev.split_point, v2.model.exit_points,
-                                    plane_coder=coder)
+                                    plane_coder=coder, snr_db=args.snr_db)
         built = time.perf_counter() - started
         entry = {"full": curve(full, blank_state(full.manifest), meta, ev, args.max_points, None, target),
                  "delta": curve(delta, base, meta, ev, args.max_points, base, target), "build_s": built}
@@ -132,7 +134,8 @@ def within_bytes(points: list[dict], target: float) -> int | None:
 def markdown(result: dict) -> str:
     lines = [f"# Delta upgrades: {result['name']}", "", f"`{result['command']}`", "",
              f"{result['images']} images, device-only final classifier: v1 {result['v1_accuracy']:.4f}, v2 "
-             f"{result['v2_accuracy']:.4f} (the target: within 1 point of v2).", "",
+             f"{result['v2_accuracy']:.4f} (the target: within 1 point of v2). Precision floor (delivery_snr_db): "
+             f"{result.get('snr_db', 0.0):g} dB (0: exact 16-bit).", "",
              "| plane coder | full stream B | delta stream B | delta / full | within 1 pt of v2's accuracy from B "
              "(full / delta) | 99 % of answers as v2's from B (full / delta) | same final weights |",
              "|---|---|---|---|---|---|---|"]

@@ -46,6 +46,9 @@ BUILD_TIMEOUT_S = 600.0
 #: trained apart (not fine-tuned from the base) it is about as large as the full package, and the device keeps
 #: serving the old version until the delta's head is complete, later than a full package's head is usable.
 DELTA_MAX_FRACTION = 0.75
+#: A delta whose build failed is not tried again for this long (a build that fails fails again: a timeout under load,
+#: a bug); a delta found too large is never tried again for that version and base.
+DELTA_RETRY_S = 600.0
 
 
 class BuildsBusy(Exception):
@@ -78,7 +81,8 @@ class PackageCache:
         self._entries: collections.OrderedDict[tuple, tuple[threading.Lock, list[Package]]] = \
             collections.OrderedDict()
         self._weights_digests: dict[str, str] = {}  # version digest -> weights_digest of its packages
-        self._no_delta: set[tuple[str, int, str]] = set()  # (version, split point, base) whose delta was too large
+        # (version, split point, base) -> until when no delta is built for it (too large: forever; failed: a while)
+        self._no_delta: dict[tuple[str, int, str], float] = {}
 
     @property
     def builds_running(self) -> int:
@@ -160,29 +164,29 @@ class PackageCache:
             for key in [k for k in self._entries if digest in (k[0], k[3])]:
                 del self._entries[key]
             self._weights_digests.pop(digest, None)
-            self._no_delta = {k for k in self._no_delta if digest not in (k[0], k[2])}
+            self._no_delta = {k: v for k, v in self._no_delta.items() if digest not in (k[0], k[2])}
 
     def delta(self, served: ServedModel, split_point: int, base: ServedModel, max_bytes: float
               ) -> Optional[Package]:
         """The delta package from ``base`` to ``served`` when its stream is at most ``max_bytes``, else None: a
-        delta found larger, or whose build failed, is remembered and not built again (a larger one is not kept).
-        Raises BuildsBusy as ``get``."""
+        delta found larger is remembered and neither kept nor built again; one whose build failed is not tried
+        again for ``DELTA_RETRY_S``. Raises BuildsBusy as ``get``."""
         key = (served.digest, split_point, base.digest)
         with self._lock:
-            if key in self._no_delta:
+            if self._no_delta.get(key, 0.0) > time.monotonic():
                 return None
         try:
             delta = self.get(served, split_point, DELTA_ORDER, base)
         except BuildFailed:
             with self._lock:
-                self._no_delta.add(key)
+                self._no_delta[key] = time.monotonic() + DELTA_RETRY_S
             return None
         if delta.manifest.total_bytes <= max_bytes:
             return delta
         log.info("no delta from version %s to %s at split point %d: %d bytes, over %d", base.model_version,
                  served.model_version, split_point, delta.manifest.total_bytes, max_bytes)
         with self._lock:
-            self._no_delta.add(key)
+            self._no_delta[key] = float("inf")
             self._entries.pop((served.digest, split_point, DELTA_ORDER, base.digest), None)
         return None
 

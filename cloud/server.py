@@ -432,12 +432,13 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
         check_package_request(served, request.split_point, "")
         base = held_base(self.packages, self.inference.models.versions(), served, request.base_sha256,
                          "base_sha256")
-        if base is None:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"base_sha256 {request.base_sha256[:12]}: the delta's base is no longer served (fetch "
-                               "the manifest again: the full package)")
         with _build_errors():
-            return self.packages.get(served, request.split_point, DELTA_ORDER, base)
+            delta = None if base is None else self.packages.delta(served, request.split_point, base, float("inf"))
+        if delta is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"base_sha256 {request.base_sha256[:12]}: no delta from that base is served (fetch the "
+                               "manifest again: the full package)")
+        return delta
 
     def GetManifest(self, request: pb.ManifestRequest, context: grpc.ServicerContext) -> pb.Manifest:
         try:

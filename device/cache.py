@@ -1,12 +1,13 @@
 """The device's weights cache (``weights_cache``): verified chunks on disk, so that a cut stream or a restart
 resumes where it was.
 
-Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>/manifest.pb`` and
-``chunks/<chunk SHA-256>.bin``; a delta package (order ``delta``) also keeps the weights it applies to,
+Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>-<final>/manifest.pb``
+and ``chunks/<chunk SHA-256>.bin``, ``<final>`` the first 16 hex characters of the package's final digest (one
+version's packages at other precisions, ``delivery_snr_db`` say, never share a folder); a delta package (order ``delta``) also keeps the weights it applies to,
 ``base.bin`` (every tensor's little-endian bytes in manifest order, checked against the manifest's base_sha256 when
 loaded), so that it resumes after a restart without the base version's package, which is deleted once the delta
 is verified. The model id has passed ``proto.manifest.check_name`` (never a path), the digest
-is 64 hex characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by
+and the final digest are 64 hex characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by
 their hash, so a package cut again (another chunk size, a restarted cloud) keeps every chunk whose hash it still
 lists. Every write is atomic and durable (temp file, fsync, rename, fsync of the folder). One process holds the
 cache at a time (``CacheLock``, an OS file lock). A stored manifest that no longer validates is moved to
@@ -63,14 +64,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def package_dir(root: Path, model_id: str, model_digest: str, split_point: int, order: str) -> Path:
-    """Where a package lives, from validated values only; ProgressiveError naming the value otherwise."""
-    check_name(model_id, "manifest.model.model_id")
-    if len(model_digest) != 64 or any(c not in "0123456789abcdef" for c in model_digest):
-        raise ProgressiveError("manifest.model.digest: not 64 hex characters")
+def package_dir(root: Path, manifest: Manifest) -> Path:
+    """Where ``manifest``'s package lives, from validated values only; ProgressiveError naming the value
+    otherwise."""
+    check_name(manifest.model_id, "manifest.model.model_id")
+    for value, field in ((manifest.model_digest, "manifest.model.digest"), (manifest.final_sha256,
+                                                                            "manifest.final_sha256")):
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ProgressiveError(f"{field}: not 64 hex characters")
+    order, split_point = manifest.order, manifest.split_point
     if order not in (*ORDERS, DELTA_ORDER) or not isinstance(split_point, int) or not 0 <= split_point <= 1024:
         raise ProgressiveError(f"manifest: split point {split_point!r} / order {order[:80]!r} out of range")
-    return root / model_id / model_digest / f"split{split_point}-{order}"
+    return root / manifest.model_id / manifest.model_digest / \
+        f"split{split_point}-{order}-{manifest.final_sha256[:16]}"
 
 
 class ChunkStore:
@@ -78,7 +84,7 @@ class ChunkStore:
     through it too. ``base``: a delta's base weights by name, written beside it (before its manifest)."""
 
     def __init__(self, root: Path, manifest: Manifest, base: Optional[dict[str, torch.Tensor]] = None) -> None:
-        self.dir = package_dir(root, manifest.model_id, manifest.model_digest, manifest.split_point, manifest.order)
+        self.dir = package_dir(root, manifest)
         self.chunks = self.dir / "chunks"
         self.hashes = [c.sha256 for c in manifest.chunks]
         self.tensors = [(t.name, t.shape, t.dtype) for t in manifest.tensors] if manifest.base_sha256 else []
@@ -145,7 +151,8 @@ class ChunkStore:
 
 def package_dirs(root: Path, model_id: str, split_point: int, order: str) -> list[Path]:
     """The folders of every cached package of ``model_id`` for this split point: of ``order`` and deltas."""
-    return [path for kind in (order, DELTA_ORDER) for path in (root / model_id).glob(f"*/split{split_point}-{kind}")]
+    return [path for kind in (order, DELTA_ORDER)
+            for path in (root / model_id).glob(f"*/split{split_point}-{kind}-*")]
 
 
 def cached_manifests(root: Path, model_id: str, split_point: int, order: str, verifier: Optional[Verifier] = None,

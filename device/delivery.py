@@ -470,9 +470,11 @@ class StreamedModel:
         self.failures: collections.Counter[str] = collections.Counter()  # package digest -> final mismatches
         self.gone: dict[str, tuple[int, float]] = {}  # package digest -> (times the cloud refused it, when last)
         self.refused_manifests = 0  # manifests that failed validation or the signature (tests, logs)
-        self.failed_bases: set[str] = set()  # held digests whose delta failed MAX_FINAL_RETRIES times: not named
         self._last_refusal = ""
         self._lock = threading.Lock()
+        # Held while a package's folder is made and its stream registered, and while other folders are deleted:
+        # a folder is never deleted between the two (taken before _lock, never the other way round).
+        self._folders = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
@@ -496,13 +498,24 @@ class StreamedModel:
         self._wake.set()  # first poll right away
         self._poller.start()
 
+    def _register(self, stream: WeightStream) -> Optional[WeightStream]:
+        """Make ``stream`` the one in use, or the one beside it (under ``_lock``); returns a pending stream it
+        replaces (to be stopped outside the locks)."""
+        if self.current is None:
+            self.current = stream
+            return None
+        m = stream.manifest
+        log.info("cloud serves %s version %s (package %s): streaming it beside version %s, which keeps serving",
+                 m.model_id, m.model_version, m.package_digest[:12], self.current.manifest.model_version)
+        replaced, self.pending = self.pending, stream
+        return replaced
+
     def _resume(self, manifest: Manifest, start: bool = True) -> Optional[WeightStream]:
         """``_begin`` a cached package; a delta whose base file is gone or not its base is quarantined (None)."""
         try:
             return self._begin(manifest, start=start)
         except ProgressiveError as err:
-            quarantine(self.root, package_dir(self.root, manifest.model_id, manifest.model_digest,
-                                              manifest.split_point, manifest.order), str(err))
+            quarantine(self.root, package_dir(self.root, manifest), str(err))
             return None
 
     def check_soon(self) -> None:
@@ -513,24 +526,20 @@ class StreamedModel:
         """Stream ``manifest``'s package (beside the one in use, if any); returns the stream (None once closed).
         ``base``: a delta's base weights, kept with it on disk; ``start``: False leaves starting its thread to the
         caller. Raises ProgressiveError for a delta without its base."""
-        stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest, base), self.device,
-                              lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
-                              decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
-        stream.on_verified = lambda: self._drop_others(stream)
-        stream.on_end = self._on_end
-        with self._lock:
-            if self._stop.is_set():  # closed while the manifest was on its way: never start a stream after it
-                stream.stop()
-                return None
-            if self.current is None:
-                self.current = stream
-            else:
-                log.info("cloud serves %s version %s (package %s): streaming it beside version %s, which keeps "
-                         "serving", manifest.model_id, manifest.model_version, manifest.package_digest[:12],
-                         self.current.manifest.model_version)
-                if self.pending is not None:
-                    self.pending.stop()
-                self.pending = stream
+        with self._folders:
+            stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest, base), self.device,
+                                  lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
+                                  decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
+            stream.on_verified = lambda: self._drop_others(stream)
+            stream.on_end = self._on_end
+            with self._lock:
+                closed = self._stop.is_set()  # closed while the manifest was on its way: never start a stream
+                replaced = None if closed else self._register(stream)
+        if closed:
+            stream.stop()
+            return None
+        if replaced is not None:
+            replaced.stop()
         self._on_snapshot(stream, stream.snapshot)
         if start:
             stream.start()
@@ -541,8 +550,6 @@ class StreamedModel:
         digest = stream.manifest.package_digest
         if stream.outcome == "mismatch":
             self.failures[digest] += 1
-            if stream.manifest.base_sha256 and self.failures[digest] >= MAX_FINAL_RETRIES:
-                self.failed_bases.add(stream.manifest.base_sha256)  # the full package from now on
         if stream.outcome == "gone":
             count, _ = self.gone.get(digest, (0, 0.0))
             self.gone[digest] = (count + 1, time.monotonic())
@@ -565,17 +572,20 @@ class StreamedModel:
         """``stream``'s package is complete and its final digest verified: delete the cached packages of the
         other versions for this split point and order (before, a device cut off mid-rollout could only go back
         to the old version's chunks), but for the one streaming beside it (a delta from it, say)."""
-        with self._lock:
-            if stream is not self.current:
-                return
-            live = {s.store.dir.resolve() for s in (self.current, self.pending) if s is not None}
-        for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
-            if other.resolve() not in live and (other / "manifest.pb").is_file():
-                shutil.rmtree(other, ignore_errors=True)
-                with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
-                    other.parent.rmdir()
-                log.info("deleted the cached package %s: version %s is verified", other,
-                         stream.manifest.model_version)
+        if stream is not self.current:
+            return
+        with self._folders:
+            with self._lock:
+                if stream is not self.current:
+                    return
+                live = {s.store.dir.resolve() for s in (self.current, self.pending) if s is not None}
+            for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
+                if other.resolve() not in live and (other / "manifest.pb").is_file():
+                    shutil.rmtree(other, ignore_errors=True)
+                    with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
+                        other.parent.rmdir()
+                    log.info("deleted the cached package %s: version %s is verified", other,
+                             stream.manifest.model_version)
 
     def _poll(self) -> None:
         retry, backoff, logged = 1.0, 1.0, False
@@ -598,8 +608,6 @@ class StreamedModel:
         """Fetch the cloud's manifest and start streaming it when it is new; returns the next retry period
         (while the device has no package, a failed fetch is retried soon, not a poll period later)."""
         held = self._held()
-        if held is not None and held.final_digest in self.failed_bases:
-            held = None
         try:
             manifest = fetch_manifest(self.link, self.split_point, self.order, self.timeout_s,
                                       self.max_package_bytes, self.verifier, held.final_digest if held else "")

@@ -74,7 +74,7 @@ def manifest_message(m: Manifest) -> pb.Manifest:
                                 scales=b"" if t.scales is None else t.scales.astype("<f4").tobytes(),
                                 offsets=b"" if t.offsets is None else t.offsets.astype("<f4").tobytes(),
                                 shift_target=0 if t.target is None else t.target + 1,
-                                shift_spread=0 if t.spread is None else t.spread + 1)
+                                shift_spread=0 if t.spread is None else t.spread + 1, zero_planes=t.zero_planes)
                  for t in m.tensors],
         corrected_planes=m.corrected_planes,
         chunks=[pb.ChunkEntry(index=c.index, unit_groups=[g for g, _ in c.units],
@@ -92,6 +92,9 @@ def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
     if t.dtype not in ("float32", "int64", "int32") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
         raise ProgressiveError(f"{where}: bad dtype, shape or group ({t.name!r})")
     scales = offsets = None
+    if not 0 <= t.zero_planes <= (bits - 2 if t.planes else 0):
+        raise ProgressiveError(f"{where}.zero_planes: {t.zero_planes} is outside 0..{max(0, bits - 2)} "
+                               f"({t.name!r})")
     if t.planes:
         if not t.shape or len(t.scales) != 4 * t.shape[0]:
             raise ProgressiveError(f"{where}.scales: need one float32 per output channel ({t.name!r})")
@@ -99,7 +102,7 @@ def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
         offsets = _offsets(t.offsets, bits, f"{where}.offsets ({t.name!r})")
     return TensorInfo(t.name, tuple(t.shape), t.dtype, "planes" if t.planes else "raw", t.group, t.part, scales,
                       offsets, t.shift_target - 1 if t.planes and t.shift_target else None,
-                      t.shift_spread - 1 if t.planes and t.shift_target and t.shift_spread else None)
+                      t.shift_spread - 1 if t.planes and t.shift_target and t.shift_spread else None, t.zero_planes)
 
 
 def _check_targets(tensors: list[TensorInfo], corrected_planes: int, bits: int) -> None:

@@ -114,21 +114,24 @@ def complete_on(runtime: DeviceRuntime, model: torch.nn.Module, timeout_s: float
                       runtime.active.ref.digest == digest_of(model), timeout_s)
 
 
-@pytest.mark.parametrize("decode_process", [False, True], ids=["thread", "process"])
-def test_a_device_holding_v1_moves_to_v2_by_delta_and_resumes_it_from_its_cache(small_model, tmp_path,
-                                                                                decode_process):
+@pytest.mark.parametrize("files", [False, True], ids=["memory-thread", "files-process"])
+def test_a_device_holding_v1_moves_to_v2_by_delta_and_resumes_it_from_its_cache(small_model, tmp_path, files):
+    """With ``files``, the cloud builds from checkpoint files in its build process (both versions' bytes for the
+    delta) and the device decodes in its decode process; otherwise both in their own threads."""
     v1, v2 = small_model, fine_tuned(small_model)
-    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1")
+    cloud = cloud_on(save(v1, tmp_path / "v1.pt"), model_version="v1") if files else memory_cloud(v1, tmp_path)
     cache = tmp_path / "cache"
     try:
-        runtime = stream_device(cloud.port, cache, decode_process)
+        runtime = stream_device(cloud.port, cache, decode_process=files)
         try:
             assert complete_on(runtime, v1)
             full_bytes = runtime.streamed.current.manifest.total_bytes
-            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2"), (2,))
+            cloud.models.add(ServedModel.from_file(str(save(v2, tmp_path / "v2.pt")), "spinn", "v2") if files
+                             else in_memory(v2, "v2", tmp_path), (2,))
             assert complete_on(runtime, v2)
             stream = runtime.streamed.current
-            assert stream.manifest.order == DELTA_ORDER and stream.outcome == "complete"
+            assert stream.manifest.order == DELTA_ORDER
+            assert wait_until(lambda: stream.outcome == "complete", 10)  # set just after the complete snapshot
             assert stream.digest() == weights_digest(v2.state_dict())  # bit-exact on v2's package weights
             assert stream.decoder.bytes < 0.75 * full_bytes
             x = torch.randn(3, SIZE, SIZE)
@@ -161,7 +164,7 @@ def test_a_delta_cache_without_its_base_is_quarantined(small_model, tmp_path):
             runtime.close()
     finally:
         cloud.stop()
-    (base,) = cache.glob(f"spinn/*/split5-{DELTA_ORDER}/base.bin")
+    (base,) = cache.glob(f"spinn/*/split5-{DELTA_ORDER}-*/base.bin")
     base.write_bytes(base.read_bytes()[:-4] + b"\0\0\0\1")  # the right size, other weights
     offline = DeviceRuntime.start(device_cfg("stream", 1, cache))
     try:
@@ -191,7 +194,7 @@ def test_a_delta_from_weights_the_device_does_not_hold_is_refused_before_a_byte(
             cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
             assert wait_until(lambda: runtime.streamed.refused_manifests >= refused + 2, 30)
             assert runtime.active.ref.digest == digest_of(v1) and runtime.streamed.pending is None
-            assert not list(cache.glob(f"spinn/*/split5-{DELTA_ORDER}"))  # nothing of it stored
+            assert not list(cache.glob(f"spinn/*/split5-{DELTA_ORDER}-*"))  # nothing of it stored
             proxy.honest()
             assert complete_on(runtime, v2)
         finally:
@@ -313,3 +316,75 @@ def test_a_restart_mid_delta_serves_the_base_version_until_the_delta_head_is_exa
         assert streamed.pending is not None and streamed.pending.manifest.order == DELTA_ORDER
     finally:
         offline.close()
+
+
+def test_a_delta_that_fails_its_final_digest_gives_way_to_the_full_package(small_model, tmp_path):
+    """The delta is in use from its exact head on, so once it fails the device holds nothing complete: it asks
+    without naming a base and gets v2's full package."""
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = memory_cloud(v1, tmp_path)
+    proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
+
+    def wrong_delta_final(m: pb.Manifest) -> pb.Manifest:
+        if m.order == DELTA_ORDER:
+            m.final_sha256 = "ef" * 32
+        return m
+
+    try:
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), tmp_path / "cache", False)
+        try:
+            assert complete_on(runtime, v1)
+            proxy.manifest = wrong_delta_final
+            cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
+            assert complete_on(runtime, v2, 60)
+            assert runtime.streamed.current.manifest.order == "split"
+            assert sum(runtime.streamed.failures.values()) >= 1  # the delta was streamed and failed first
+        finally:
+            runtime.close()
+    finally:
+        proxy.stop()
+        cloud.stop()
+
+
+def test_a_cloud_with_a_precision_floor_offers_deltas_on_its_grid(small_model, tmp_path):
+    v1, v2 = small_model, fine_tuned(small_model)
+    cloud = memory_cloud(v1, tmp_path, delivery_snr_db=40.0)
+    cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
+    channel = grpc.insecure_channel(f"127.0.0.1:{cloud.port}")
+    stub = pb_grpc.ModelDeliveryStub(channel)
+    try:
+        held = weights_digest(v1.state_dict(), 16, 40.0)
+        delta = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=held), timeout=60)
+        full = stub.GetManifest(pb.ManifestRequest(split_point=5), timeout=60)
+        assert delta.order == DELTA_ORDER and delta.final_sha256 == weights_digest(v2.state_dict(), 16, 40.0)
+        assert sum(c.size for c in delta.chunks) < 0.75 * sum(c.size for c in full.chunks)
+        exact = stub.GetManifest(pb.ManifestRequest(split_point=5, held_sha256=weights_digest(v1.state_dict())),
+                                 timeout=60)
+        assert exact.order == "split"  # weights from before the floor are not a base it serves
+    finally:
+        channel.close()
+        cloud.stop()
+
+
+def test_a_new_precision_of_the_held_version_streams_into_a_folder_of_its_own(small_model, tmp_path):
+    exact = memory_cloud(small_model, tmp_path)
+    proxy = HostileCloud(f"127.0.0.1:{exact.port}")
+    floored = None
+    try:
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), tmp_path / "cache", False)
+        try:
+            assert complete_on(runtime, small_model)
+            held = runtime.streamed.current.store.dir
+            floored = memory_cloud(small_model, tmp_path, delivery_snr_db=40.0)
+            proxy.retarget(f"127.0.0.1:{floored.port}")
+            target = weights_digest(small_model.state_dict(), 16, 40.0)
+            assert wait_until(lambda: runtime.streamed.current.manifest.final_sha256 == target and
+                              runtime.active.complete, 60)
+            assert runtime.streamed.current.store.dir != held  # the held package was never written over
+        finally:
+            runtime.close()
+    finally:
+        proxy.stop()
+        for cloud in (exact, floored):
+            if cloud is not None:
+                cloud.stop()

@@ -14,7 +14,7 @@ from models.progressive.format import (DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAUL
                                        DEFAULT_USABLE_PLANES, ORDERS, PLANE_CODERS, Manifest, Package, TensorInfo,
                                        raw_low_plane)
 from models.progressive.ordering import Units, pack_chunks, stages
-from models.progressive.planes import dequantize, encode_plane, fill_offsets, quantize
+from models.progressive.planes import coarse_quantize, dequantize, encode_plane, fill_offsets
 from models.progressive.sections import halves, raw_bytes, section, shuffle
 
 def tensor_part(name: str, split_point: int, exit_points: list[int], bottleneck_split: Optional[int] = None) -> str:
@@ -105,13 +105,13 @@ def code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo]
         if info.kind != "planes":
             infos.append(info)
             continue
-        mag, neg, scales = quantize(tensors[i], bits, snr_db)
+        mag, neg, scales, zero = coarse_quantize(tensors[i], bits, snr_db)
         offsets = fill_offsets(mag, planes)
         target = _shift_target(i, infos_no_scales, bias)
         spread = _spread_index(i, infos_no_scales, bias) if target is not None else None
         step = None if spread is None else spread_step(tensors[spread].detach().cpu().numpy())
         infos.append(TensorInfo(info.name, info.shape, info.dtype, info.kind, info.group, info.part, scales,
-                                offsets, target, spread))
+                                offsets, target, spread, zero))
         w = tensors[i].detach().cpu().double().reshape(mag.shape[0], -1).numpy()
         energy = np.maximum((w ** 2).sum(axis=1), 1e-30)
         flat_mag, flat_neg = mag.reshape(-1), neg.reshape(-1)

@@ -84,7 +84,7 @@ class Decoder:
         for i, t in enumerate(m.tensors):
             if t.kind == "planes":
                 assert t.scales is not None
-                self._base[i] = base_integers(base[t.name], t.scales, m.bits - 1)
+                self._base[i] = base_integers(base[t.name], t.scales, m.bits - 1, t.zero_planes)
                 self._values[i] = self._dequantize(i)
             else:
                 self._values[i] = base[t.name].detach().cpu().clone()

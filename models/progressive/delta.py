@@ -27,7 +27,8 @@ from models.progressive.build import describe_tensors, raw_sections
 from models.progressive.format import (DEFAULT_BITS, DEFAULT_CHUNK_BYTES, DEFAULT_USABLE_PLANES, PLANE_CODERS,
                                        Manifest, Package, TensorInfo, raw_low_plane)
 from models.progressive.ordering import Units, greedy_by_value, pack_chunks
-from models.progressive.planes import base_integers, delta_values, dequantize, encode_plane, fill_offsets, quantize
+from models.progressive.planes import (base_integers, coarse_quantize, delta_values, dequantize, encode_plane,
+                                       fill_offsets, quantize)
 
 DELTA_ORDER = "delta"  # a delta package's order: the head's layers, then the rest, each by value per byte
 
@@ -59,12 +60,13 @@ def delta_units(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
         if info.kind != "planes":
             out.append(info)
             continue
-        mag2, neg2, scales = quantize(tensors[i], bits, snr_db)
-        a1 = base_integers(base[info.name], scales, bits)
+        mag2, neg2, scales, zero = coarse_quantize(tensors[i], bits, snr_db)
+        a1 = base_integers(base[info.name], scales, bits, zero)
         d = np.where(neg2, -mag2, mag2) - a1
         mag, neg = np.abs(d), d < 0
         offsets = fill_offsets(mag, planes)
-        out.append(TensorInfo(info.name, info.shape, info.dtype, info.kind, info.group, info.part, scales, offsets))
+        out.append(TensorInfo(info.name, info.shape, info.dtype, info.kind, info.group, info.part, scales, offsets,
+                              zero_planes=zero))
         target = dequantize(mag2, neg2, scales, 0).astype(np.float64)
         energy = np.maximum((target ** 2).sum(axis=1), 1e-30)
         errors = []

@@ -38,6 +38,7 @@ class TensorInfo:
     offsets: Optional[np.ndarray] = None  # float32 (bits,) for planes tensors
     target: Optional[int] = None  # planes tensors: the raw tensor of its group its output shift goes to
     spread: Optional[int] = None  # and the raw tensor (a running_var) whose spread_step codes that shift
+    zero_planes: int = 0  # planes tensors: low magnitude planes all zero (``quantize``'s snr_db floor)
 
     @property
     def numel(self) -> int:

@@ -15,30 +15,40 @@ from models.progressive.context import (REFINEMENT_CONTEXTS, SIGN_CONTEXTS, SIGN
 from models.progressive.sections import read_section, section, unpack_bits
 
 def quantize(weight: torch.Tensor, bits: int, snr_db: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``coarse_quantize`` without the count of zero planes."""
+    mag, negative, scales, _ = coarse_quantize(weight, bits, snr_db)
+    return mag, negative, scales
+
+
+def coarse_quantize(weight: torch.Tensor, bits: int, snr_db: float = 0.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Per-output-channel sign-magnitude quantisation of ``weight (C_out, ...)``.
 
-    Returns ``(magnitude int64 (C_out, K), negative bool (C_out, K), scales float32 (C_out,))`` with
+    Returns ``(magnitude int64 (C_out, K), negative bool (C_out, K), scales float32 (C_out,), k)`` with
     ``K = numel / C_out`` and magnitudes in ``[0, 2**(bits-1) - 1]``. With ``snr_db`` > 0 the magnitudes of a
     weight that is not a depthwise kernel are rounded to multiples of ``2**k``, ``k`` (``coarse_planes``) the most
     low planes it can lose while every output channel keeps at least ``snr_db`` of signal to quantisation noise:
-    those planes are all zero.
+    those planes are all zero (``k`` of them; 0 without a floor).
     """
     w = weight.detach().cpu().double().reshape(weight.shape[0], -1).numpy()
     levels = 2 ** (bits - 1) - 1
     scales = (np.abs(w).max(axis=1) / levels).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
     mag = np.clip(np.rint(np.abs(w) / safe[:, None]), 0, levels).astype(np.int64)
+    k = 0
     if snr_db > 0 and not (weight.dim() == 4 and weight.shape[1] == 1):
         # Not depthwise kernels: they filter neighbouring pixels, which are strongly correlated, so a (high-pass)
         # kernel's response is far below what its weights' energy suggests and their noise matters more; they
         # are under 2 % of MobileNetV2's weights, and coarsening them cost the cars model all of its 0.4 point
         # loss at 50 dB (README, "Coarser final precision").
-        mag = round_low_planes(mag, coarse_planes(mag, np.abs(w), scales, bits, snr_db), levels)
-    return mag, (w < 0) & (mag > 0), scales
+        k = coarse_planes(mag, np.abs(w), scales, bits, snr_db)
+        mag = round_low_planes(mag, k, levels)
+    return mag, (w < 0) & (mag > 0), scales, k
 
 
 def round_low_planes(mag: np.ndarray, k: int, levels: int) -> np.ndarray:
-    """``mag`` rounded to the nearest multiple of ``2**k`` (at most the largest one within ``levels``)."""
+    """``mag`` rounded to the nearest multiple of ``2**k``, but at most the largest multiple within ``levels``
+    (the channel's largest weight may so lose up to a step: ``coarse_planes`` counts that error too)."""
     if k == 0:
         return mag
     step = 1 << k
@@ -85,13 +95,15 @@ def fill_offsets(mag: np.ndarray, planes: int) -> np.ndarray:
     return offsets
 
 
-def base_integers(base: torch.Tensor, scales: np.ndarray, bits: int) -> np.ndarray:
+def base_integers(base: torch.Tensor, scales: np.ndarray, bits: int, zero_planes: int = 0) -> np.ndarray:
     """``round(base / scales)`` per output channel, int64 ``(rows, K)``, within the ``bits``-bit range (a base
-    weight far off v2's grid saturates: the delta then carries the rest)."""
+    weight far off v2's grid saturates: the delta then carries the rest), magnitudes rounded to multiples of
+    ``2**zero_planes`` (v2's grid under a floor, so that the delta's low planes are zero too)."""
     levels = 2 ** (bits - 1) - 1
     w = base.detach().cpu().double().reshape(base.shape[0], -1).numpy()
     safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
-    return np.clip(np.rint(w / safe[:, None]), -levels, levels).astype(np.int64)
+    a = np.clip(np.rint(w / safe[:, None]), -levels, levels).astype(np.int64)
+    return np.sign(a) * round_low_planes(np.abs(a), zero_planes, levels)
 
 
 def delta_values(a1: np.ndarray, mag: np.ndarray, negative: np.ndarray, scales: np.ndarray, missing: int,
