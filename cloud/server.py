@@ -24,8 +24,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.delivery import (BuildFailed, BuildsBusy, PackageCache, check_package_request, held_base, offered_package,
-                            weight_messages)
+from cloud.delivery import (DELTA_MAX_FRACTION, BuildFailed, BuildsBusy, PackageCache, check_package_request,
+                            held_base, offered_package, weight_messages)
 from cloud.batcher import BatchResult, DeadlineExpired, DynamicBatcher, ForwardHung, QueueFull, ShuttingDown
 from cloud.metrics import CloudMetrics
 from cloud.inference import RequestError, ServedModel, answer, checkpoint_chunks, run_tail, validate_request
@@ -433,7 +433,9 @@ class ModelDeliveryServicer(pb_grpc.ModelDeliveryServicer):
         base = held_base(self.packages, self.inference.models.versions(), served, request.base_sha256,
                          "base_sha256")
         with _build_errors():
-            delta = None if base is None else self.packages.delta(served, request.split_point, base, float("inf"))
+            full = self.packages.get(served, request.split_point, "split") if base is not None else None
+            delta = None if full is None else self.packages.delta(served, request.split_point, base,
+                                                                  DELTA_MAX_FRACTION * full.manifest.total_bytes)
         if delta is None:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"base_sha256 {request.base_sha256[:12]}: no delta from that base is served (fetch the "

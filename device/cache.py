@@ -150,15 +150,19 @@ class ChunkStore:
 
 
 def package_dirs(root: Path, model_id: str, split_point: int, order: str) -> list[Path]:
-    """The folders of every cached package of ``model_id`` for this split point: of ``order`` and deltas."""
-    return [path for kind in (order, DELTA_ORDER)
-            for path in (root / model_id).glob(f"*/split{split_point}-{kind}-*")]
+    """The folders of every cached package of ``model_id`` for this split point: of ``order`` and deltas, also
+    those named before folders carried the final digest (``cached_manifests`` renames them)."""
+    return [path for kind in (order, DELTA_ORDER) for pattern in (f"split{split_point}-{kind}",
+                                                                   f"split{split_point}-{kind}-*")
+            for path in (root / model_id).glob(f"*/{pattern}")]
 
 
 def cached_manifests(root: Path, model_id: str, split_point: int, order: str, verifier: Optional[Verifier] = None,
                      max_package_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> list[Manifest]:
     """The stored manifests of this device's packages (those of ``order`` and deltas), newest first. One that no
-    longer validates (truncated, malformed, unsigned while a key is required) is quarantined and left out."""
+    longer validates (truncated, malformed, unsigned while a key is required) is quarantined and left out; one in
+    a folder not named as ``package_dir`` names it (an older layout) is moved there, or quarantined when that is
+    taken."""
     found = []
     paths = sorted([folder / "manifest.pb" for folder in package_dirs(root, model_id, split_point, order)
                     if (folder / "manifest.pb").is_file()], key=lambda p: p.stat().st_mtime, reverse=True)
@@ -167,10 +171,24 @@ def cached_manifests(root: Path, model_id: str, split_point: int, order: str, ve
             manifest = manifest_from_message(pb.Manifest.FromString(path.read_bytes()), max_package_bytes)
             if verifier is not None:
                 verifier.verify(manifest.package_digest, manifest.signature)
+            _move_to(path.parent, package_dir(root, manifest))
             found.append(manifest)
         except (ProgressiveError, SignatureError, DecodeError, ValueError, OSError) as err:
             quarantine(root, path.parent, str(err))
     return found
+
+
+def _move_to(folder: Path, wanted: Path) -> None:
+    """Rename ``folder`` to ``wanted`` unless it is there already. Raises ProgressiveError when ``wanted`` is
+    another package's folder."""
+    if folder.resolve() == wanted.resolve():
+        return
+    if wanted.exists():
+        raise ProgressiveError(f"{folder.name}: a copy of the package in {wanted}")
+    wanted.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(wanted)
+    fsync_dir(wanted.parent)
+    log.info("weights cache: %s moved to %s (the folder names its final digest now)", folder, wanted)
 
 
 def quarantine(root: Path, folder: Path, why: str) -> None:

@@ -472,9 +472,7 @@ class StreamedModel:
         self.refused_manifests = 0  # manifests that failed validation or the signature (tests, logs)
         self._last_refusal = ""
         self._lock = threading.Lock()
-        # Held while a package's folder is made and its stream registered, and while other folders are deleted:
-        # a folder is never deleted between the two (taken before _lock, never the other way round).
-        self._folders = threading.Lock()
+        self._claimed: set[Path] = set()  # folders being made for a stream not registered yet (never deleted)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
@@ -485,10 +483,10 @@ class StreamedModel:
         cached = cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order,
                                   self.verifier, self.max_package_bytes)
         for i, manifest in enumerate(cached):
-            # A delta's base package, while still cached (until the delta is verified), serves under its own
-            # version until the delta's head is exact: resumed first, the delta beside it.
-            base = next((m for m in cached[i + 1:] if m.final_sha256 == manifest.base_sha256), None) \
-                if manifest.base_sha256 else None
+            # The package this one replaces, while still cached (until this one is verified), serves until it
+            # takes over (_takes_over): a delta's base, or the same version at another precision. Resumed first.
+            base = next((m for m in cached[i + 1:] if m.final_sha256 == manifest.base_sha256 or
+                         m.model_digest == manifest.model_digest), None)
             held = self._resume(base, start=False) if base is not None else None
             resumed = self._resume(manifest)  # before the base's thread may verify it and delete other folders
             if held is not None:
@@ -497,6 +495,16 @@ class StreamedModel:
                 break
         self._wake.set()  # first poll right away
         self._poller.start()
+
+    def _takes_over(self, snapshot: Snapshot) -> bool:
+        """Whether the pending stream's ``snapshot`` replaces the current model (under ``_lock``): once usable (a
+        delta: once its head is exact), but the same version at another precision (the cloud changed
+        ``delivery_snr_db``) only once complete, when the current model is."""
+        current = self.current
+        if current is not None and current.complete and \
+                current.manifest.model_digest == snapshot.manifest.model_digest:
+            return snapshot.progress.complete
+        return snapshot.progress.usable
 
     def _register(self, stream: WeightStream) -> Optional[WeightStream]:
         """Make ``stream`` the one in use, or the one beside it (under ``_lock``); returns a pending stream it
@@ -526,7 +534,10 @@ class StreamedModel:
         """Stream ``manifest``'s package (beside the one in use, if any); returns the stream (None once closed).
         ``base``: a delta's base weights, kept with it on disk; ``start``: False leaves starting its thread to the
         caller. Raises ProgressiveError for a delta without its base."""
-        with self._folders:
+        folder = package_dir(self.root, manifest).resolve()
+        with self._lock:
+            self._claimed.add(folder)  # before the folder is made: _drop_others leaves it alone
+        try:
             stream = WeightStream(self.link, manifest, ChunkStore(self.root, manifest, base), self.device,
                                   lambda snap: self._on_snapshot(stream, snap), nice=self.nice,
                                   decode_process=self.decode_process, swap_interval_s=self.swap_interval_s)
@@ -535,6 +546,9 @@ class StreamedModel:
             with self._lock:
                 closed = self._stop.is_set()  # closed while the manifest was on its way: never start a stream
                 replaced = None if closed else self._register(stream)
+        finally:
+            with self._lock:
+                self._claimed.discard(folder)
         if closed:
             stream.stop()
             return None
@@ -559,7 +573,7 @@ class StreamedModel:
     def _on_snapshot(self, stream: WeightStream, snapshot: Snapshot) -> None:
         old = None
         with self._lock:
-            if stream is self.pending and snapshot.progress.usable:
+            if stream is self.pending and self._takes_over(snapshot):
                 old, self.current, self.pending = self.current, stream, None
             if stream is not self.current:
                 return
@@ -572,20 +586,17 @@ class StreamedModel:
         """``stream``'s package is complete and its final digest verified: delete the cached packages of the
         other versions for this split point and order (before, a device cut off mid-rollout could only go back
         to the old version's chunks), but for the one streaming beside it (a delta from it, say)."""
-        if stream is not self.current:
-            return
-        with self._folders:
-            with self._lock:
-                if stream is not self.current:
+        for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
+            with self._lock:  # against _begin: a folder claimed or in use is never deleted; none once closed
+                if stream is not self.current or self._stop.is_set():
                     return
                 live = {s.store.dir.resolve() for s in (self.current, self.pending) if s is not None}
-            for other in package_dirs(self.root, stream.manifest.model_id, self.split_point, self.order):
-                if other.resolve() not in live and (other / "manifest.pb").is_file():
-                    shutil.rmtree(other, ignore_errors=True)
-                    with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
-                        other.parent.rmdir()
-                    log.info("deleted the cached package %s: version %s is verified", other,
-                             stream.manifest.model_version)
+                if other.resolve() in live | self._claimed or not (other / "manifest.pb").is_file():
+                    continue
+                shutil.rmtree(other, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the model's folder, when no other package is in it
+                    other.parent.rmdir()
+            log.info("deleted the cached package %s: version %s is verified", other, stream.manifest.model_version)
 
     def _poll(self) -> None:
         retry, backoff, logged = 1.0, 1.0, False

@@ -87,13 +87,13 @@ def manifest_message(m: Manifest) -> pb.Manifest:
     )
 
 
-def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int) -> TensorInfo:
+def _tensor(i: int, t: pb.TensorEntry, count: int, bits: int, max_zero: int) -> TensorInfo:
     where = f"manifest.tensors[{i}]"
     if t.dtype not in ("float32", "int64", "int32") or any(d < 0 for d in t.shape) or not 0 <= t.group < count:
         raise ProgressiveError(f"{where}: bad dtype, shape or group ({t.name!r})")
     scales = offsets = None
-    if not 0 <= t.zero_planes <= (bits - 2 if t.planes else 0):
-        raise ProgressiveError(f"{where}.zero_planes: {t.zero_planes} is outside 0..{max(0, bits - 2)} "
+    if not 0 <= t.zero_planes <= (max_zero if t.planes else 0):
+        raise ProgressiveError(f"{where}.zero_planes: {t.zero_planes} is outside 0..{max_zero if t.planes else 0} "
                                f"({t.name!r})")
     if t.planes:
         if not t.shape or len(t.scales) != 4 * t.shape[0]:
@@ -144,7 +144,9 @@ def manifest_from_message(msg: pb.Manifest, max_package_bytes: int = DEFAULT_MAX
     if len(msg.tensors) > MAX_TENSORS or len(msg.chunks) > MAX_CHUNKS:
         raise ProgressiveError(f"manifest: {len(msg.tensors)} tensors and {len(msg.chunks)} chunks (at most "
                                f"{MAX_TENSORS} and {MAX_CHUNKS})")
-    tensors = [_tensor(i, t, len(msg.tensors), msg.bits) for i, t in enumerate(msg.tensors)]
+    # zero planes of the weights' own grid: a delta's manifest has one plane more than that grid
+    max_zero = msg.bits - (3 if msg.order == DELTA_ORDER else 2)
+    tensors = [_tensor(i, t, len(msg.tensors), msg.bits, max_zero) for i, t in enumerate(msg.tensors)]
     _check_targets(tensors, msg.corrected_planes, msg.bits)
     float32_bytes = sum(4 * t.numel for t in tensors)
     if float32_bytes > max_package_bytes:

@@ -367,6 +367,8 @@ def test_a_cloud_with_a_precision_floor_offers_deltas_on_its_grid(small_model, t
 
 
 def test_a_new_precision_of_the_held_version_streams_into_a_folder_of_its_own(small_model, tmp_path):
+    """The cloud restarts with a floor: the same version, another package and final digest. The device streams it
+    beside the complete model it holds, which serves until the new one is complete too."""
     exact = memory_cloud(small_model, tmp_path)
     proxy = HostileCloud(f"127.0.0.1:{exact.port}")
     floored = None
@@ -375,11 +377,15 @@ def test_a_new_precision_of_the_held_version_streams_into_a_folder_of_its_own(sm
         try:
             assert complete_on(runtime, small_model)
             held = runtime.streamed.current.store.dir
-            floored = memory_cloud(small_model, tmp_path, delivery_snr_db=40.0)
+            floored = memory_cloud(small_model, tmp_path, delivery_snr_db=40.0, delivery_message_bytes=4096)
+            proxy.chunk = lambda message, i: (time.sleep(0.01), message)[1]  # slow: the device is seen meanwhile
             proxy.retarget(f"127.0.0.1:{floored.port}")
             target = weights_digest(small_model.state_dict(), 16, 40.0)
-            assert wait_until(lambda: runtime.streamed.current.manifest.final_sha256 == target and
-                              runtime.active.complete, 60)
+            assert wait_until(lambda: runtime.streamed.pending is not None, 30)
+            while runtime.streamed.current.manifest.final_sha256 != target:
+                assert runtime.active.complete  # the exact model serves until the floored one is complete
+                time.sleep(0.02)
+            assert runtime.active.complete
             assert runtime.streamed.current.store.dir != held  # the held package was never written over
         finally:
             runtime.close()
@@ -388,3 +394,25 @@ def test_a_new_precision_of_the_held_version_streams_into_a_folder_of_its_own(sm
         for cloud in (exact, floored):
             if cloud is not None:
                 cloud.stop()
+
+
+def test_a_cache_from_before_folders_named_their_final_digest_is_moved_and_resumed(small_model, tmp_path):
+    cloud = memory_cloud(small_model, tmp_path)
+    cache = tmp_path / "cache"
+    try:
+        runtime = stream_device(cloud.port, cache, False)
+        try:
+            assert complete_on(runtime, small_model)
+            folder = runtime.streamed.current.store.dir
+        finally:
+            runtime.close()
+    finally:
+        cloud.stop()
+    old = folder.with_name(folder.name.rsplit("-", 1)[0])  # split5-split-<final> -> split5-split
+    folder.rename(old)
+    offline = DeviceRuntime.start(device_cfg("stream", 1, cache))
+    try:
+        assert complete_on(offline, small_model, 30)
+        assert folder.is_dir() and not old.exists()
+    finally:
+        offline.close()

@@ -9,12 +9,14 @@ import torch
 
 from cloud.server import CloudConfig
 from models.config import ConfigError
-from models.progressive import Decoder, build_package
+from models.progressive import Decoder, ProgressiveError, build_package
 from models.progressive.delta import build_delta_package, final_weights, weights_digest
 from models.progressive.planes import dequantize, quantize
 from proto import spinn_v1_pb2 as pb
+from proto.manifest import manifest_from_message, manifest_message, package_digest_of, seal
 from proto import spinn_v1_pb2_grpc as pb_grpc
-from tests.conftest import NAMES
+from models.checkpoint import checkpoint_metadata
+from tests.conftest import NAMES, PREPROCESS
 from tests.test_delta import fine_tuned
 from tests.test_delta_wire import memory_cloud
 
@@ -81,3 +83,41 @@ def test_the_cloud_builds_with_its_floor(small_model, tmp_path):
     finally:
         channel.close()
         cloud.stop()
+
+
+def floored_delta(model):
+    """A sealed delta at a 40 dB floor from ``model`` to a fine-tune of it, with the metadata a device checks."""
+    v2 = fine_tuned(model)
+    meta = checkpoint_metadata(v2, NAMES, PREPROCESS)
+    package = build_delta_package(v2.state_dict(), final_weights(model.state_dict(), 16, 40.0), meta, "spinn", "2",
+                                  5, model.exit_points, snr_db=40.0)
+    seal(package.manifest)
+    return package, v2
+
+
+def test_a_floored_delta_decodes_bit_exact_after_the_wire_and_needs_its_zero_planes(small_model):
+    package, v2 = floored_delta(small_model)
+    base = final_weights(small_model.state_dict(), 16, 40.0)
+    message = manifest_message(package.manifest)
+    assert any(t.zero_planes for t in message.tensors)
+    digests = []
+    for keep in (True, False):
+        if not keep:
+            for t in message.tensors:
+                t.zero_planes = 0
+            message.package_digest = package_digest_of(message)
+        decoder = Decoder(manifest_from_message(message), base)
+        for i, payload in enumerate(package.payloads):
+            decoder.apply(i, payload)
+        digests.append(decoder.digest())
+    assert digests[0] == weights_digest(v2.state_dict(), 16, 40.0) != digests[1]
+
+
+@pytest.mark.parametrize("where, value", [("planes", -1), ("planes", 15), ("raw", 1)])
+def test_zero_planes_out_of_range_are_refused_naming_the_field(small_model, where, value):
+    message = manifest_message(floored_delta(small_model)[0].manifest)  # a delta: at most 14 on 16-bit weights
+    entry = next(t for t in message.tensors if t.planes == (where == "planes"))
+    entry.zero_planes = value
+    message.package_digest = package_digest_of(message)  # re-sealed, as a hostile cloud would
+    with pytest.raises(ProgressiveError, match="zero_planes"):
+        manifest_from_message(message)
