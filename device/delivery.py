@@ -478,8 +478,9 @@ class StreamedModel:
         self._poller = threading.Thread(target=self._poll, name="spinn-manifest", daemon=True)
 
     def start(self) -> None:
-        """Resume the newest cached package (if any) at once, then ask the cloud for its manifest on the poller's
-        thread: no request waits for the manifest (with no weights, requests go to the cloud at split 0)."""
+        """Resume the newest cached package (if any) at once, and beside it the one it replaces while that is still
+        cached, then ask the cloud for its manifest on the poller's thread: no request waits for the manifest (with
+        no weights, requests go to the cloud at split 0)."""
         cached = cached_manifests(self.root, self.link.model.model_id, self.split_point, self.order,
                                   self.verifier, self.max_package_bytes)
         for i, manifest in enumerate(cached):
