@@ -81,6 +81,7 @@ class PackageCache:
         self._entries: collections.OrderedDict[tuple, tuple[threading.Lock, list[Package]]] = \
             collections.OrderedDict()
         self._weights_digests: dict[str, str] = {}  # version digest -> weights_digest of its packages
+        self._digesting = threading.Lock()  # one weights_digest computed at a time
         # (version, split point, base) -> until when no delta is built for it (too large: forever; failed: a while)
         self._no_delta: dict[tuple[str, int, str], float] = {}
 
@@ -97,13 +98,15 @@ class PackageCache:
 
     def weights_digest(self, served: ServedModel) -> str:
         """The ``final_sha256`` every package of ``served`` ends on (``models.progressive.delta.weights_digest``
-        at this cache's bits), computed once per version (a quantisation of the whole model: under a second)."""
-        with self._lock:
-            known = self._weights_digests.get(served.digest)
-        if known is None:
-            known = weights_digest(served.model.state_dict(), self.bits, self.snr_db)
+        at this cache's bits), computed once per version (a quantisation of the whole model: 0.06 s for the cars
+        model), one at a time: first requests that arrive together do not each compute it."""
+        with self._digesting:
             with self._lock:
-                self._weights_digests[served.digest] = known
+                known = self._weights_digests.get(served.digest)
+            if known is None:
+                known = weights_digest(served.model.state_dict(), self.bits, self.snr_db)
+                with self._lock:
+                    self._weights_digests[served.digest] = known
         return known
 
     def get(self, served: ServedModel, split_point: int, order: str, base: Optional[ServedModel] = None
