@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.progressive import Evaluator, eval_points, load, within  # noqa: E402
+from bench.progressive import Evaluator, eval_points, load, predictions, within  # noqa: E402
 from device.delivery import blank_state  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
@@ -37,12 +37,6 @@ from models.progressive import PLANE_CODERS, Decoder, Package, build_package, up
 from models.progressive.delta import build_delta_package, final_weights  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-@torch.no_grad()
-def predictions(model: torch.nn.Module, batches: list) -> torch.Tensor:
-    """The final classifier's top-1 class for every image, ``(N,)``."""
-    return torch.cat([model(x)[-1].argmax(1) for x, _ in batches])
 
 
 def point(model: torch.nn.Module, batches: list, labels: torch.Tensor, target: torch.Tensor, **where) -> dict:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.progressive import load, load_imagenet, plain_package_bytes  # noqa: E402
+from bench.progressive import load, load_imagenet, plain_package_bytes, predictions  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
 from models.checkpoint import Checkpoint, checkpoint_from_metadata, checkpoint_metadata  # noqa: E402
@@ -33,12 +33,6 @@ from models.config import parse_app_argv  # noqa: E402
 from models.progressive import Decoder, build_package  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-@torch.no_grad()
-def answers(model: torch.nn.Module, batches: list) -> torch.Tensor:
-    """The final classifier's top-1 class of every image, ``(N,)``."""
-    return torch.cat([model(x)[-1].argmax(1) for x, _ in batches])
 
 
 def floor_row(ckpt: Checkpoint, batches: list, snr_db: float, reference: torch.Tensor, plain: int) -> dict:
@@ -53,7 +47,7 @@ def floor_row(ckpt: Checkpoint, batches: list, snr_db: float, reference: torch.T
     for i, payload in enumerate(package.payloads):
         decoder.apply(i, payload)
     final = checkpoint_from_metadata(meta, decoder.state_dict(), "bench", assign=True).model.eval()
-    got, labels = answers(final, batches), torch.cat([y for _, y in batches])
+    got, labels = predictions(final, batches), torch.cat([y for _, y in batches])
     return {"snr_db": snr_db, "total_bytes": package.manifest.total_bytes,
             "vs_plain16": package.manifest.total_bytes / plain, "accuracy": float((got == labels).float().mean()),
             "agreement": float((got == reference).float().mean()), "build_s": built}
@@ -87,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ckpt, batches = load(parse_app_argv(AppConfig, rest), args.limit)
     ckpt.model.eval()
-    reference = answers(ckpt.model, batches)
+    reference = predictions(ckpt.model, batches)
     labels = torch.cat([y for _, y in batches])
     plain = plain_package_bytes(ckpt.model.state_dict(), 16)
     result = {"name": args.name, "images": len(labels), "plain16_bytes": plain,

@@ -179,6 +179,12 @@ def within(points: list[dict], key: str, target: float) -> float | None:
     return best
 
 
+@torch.no_grad()
+def predictions(model: torch.nn.Module, batches: list) -> torch.Tensor:
+    """The final classifier's top-1 class for every image of ``batches``, ``(N,)``."""
+    return torch.cat([model(x)[-1].argmax(1) for x, _ in batches])
+
+
 def plain_package_bytes(state: dict[str, torch.Tensor], bits: int) -> int:
     """Per-channel ``bits``-bit weights packed plainly, float32 scales, small tensors whole."""
     total = 0
