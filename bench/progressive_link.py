@@ -18,7 +18,9 @@ loop's images are classified again: the control, the cost of receiving at the li
 Reported: time to the first answer, to the first answer equal to the full model's, to a usable head (answers
 at the split point), to the whole model; the checkpoint download time; classify latency p50/p99 while chunks
 are swapped in vs in steady state (all requests, and those the device answered itself); total bytes.
-Writes ``bench/results/progressive_link_<name>.{json,md}``. Needs root (namespaces); loopback-free.
+``--plane-coder context``: the cloud codes the planes with the context coder (models/progressive/context.py), so
+the device's decode cost per chunk is that coder's. Writes ``bench/results/progressive_link_<name>.{json,md}``.
+Needs root (namespaces); loopback-free.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import netns  # noqa: E402
+from models.progressive import PLANE_CODERS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PORT = 50051
@@ -170,7 +173,7 @@ def summarize(run: dict, args: argparse.Namespace) -> dict:
         "rate_bit_s": args.rate, "threshold": args.threshold, "requests": len(rows), "split_point": split,
         "stream_nice": args.stream_nice, "decode": "thread" if args.decode_in_thread else "process",
         "loops": args.loops, "swap_ms": args.swap_ms, "chunk_bytes": args.chunk_bytes,
-        "cloud_nice": args.cloud_nice,
+        "cloud_nice": args.cloud_nice, "plane_coder": args.plane_coder,
         "first_answer_s": first(rows, lambda r: True),
         "first_answer_equal_to_full_s": first(rows, lambda r: r["equal_to_full"]),
         "first_answer_at_split_s": first(rows, lambda r: r["split_point"] == split),
@@ -203,7 +206,7 @@ def markdown(s: dict, name: str, command: str) -> str:
              f"Cloud and device in two network namespaces, veth shaped with tc tbf each way (no added delay). "
              f"Device split point {s['split_point']}, threshold {s['threshold']}, stream_nice {s['stream_nice']}, "
              f"stream_swap_ms {s.get('swap_ms', 0):g}, "
-             f"chunks decoded in a {s.get('decode', 'thread')}, "
+             f"chunks decoded in a {s.get('decode', 'thread')}, planes coded with {s.get('plane_coder', 'zstd')}, "
              f"{s['requests']} requests from the loop(s) {s.get('loops', 'all,local')}, {s['degraded']} degraded.",
              "",
              f"- float32 checkpoint ({s['checkpoint_bytes']:,} B) over GetCheckpoint: "
@@ -254,7 +257,7 @@ def run(args: argparse.Namespace, app_args: list[str]) -> dict:
              f"checkpoint={app.checkpoint_path()}", f"address={address}", "insecure=true", "log_level=WARNING",
              "intra_op_threads=1",
              f"delivery_prebuild=[{split if split is not None else ''}]",
-             f"delivery_chunk_bytes={args.chunk_bytes}"], cwd=ROOT)
+             f"delivery_chunk_bytes={args.chunk_bytes}", f"delivery_plane_coder={args.plane_coder}"], cwd=ROOT)
         try:
             wait_serving(hosts, address, cloud, 120)
             cache = Path(args.cache)
@@ -282,6 +285,8 @@ def main() -> int:
                         help="the cloud process's nice value (here it shares the device's cores; on two machines "
                              "it would not)")
     parser.add_argument("--chunk-bytes", type=int, default=16384, help="the cloud's delivery_chunk_bytes")
+    parser.add_argument("--plane-coder", default="zstd", choices=PLANE_CODERS,
+                        help="the cloud's delivery_plane_coder (how each bit plane is coded)")
     parser.add_argument("--swap-ms", type=float, default=1000.0, help="the device's stream_swap_ms")
     parser.add_argument("--loops", default="all,local", choices=("all,local", "all", "local"),
                         metavar="all,local|all|local",

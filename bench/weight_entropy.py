@@ -29,14 +29,19 @@ from models.progressive import quantize  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 
 
+def histogram_bits(mag: np.ndarray, negative: np.ndarray) -> float:
+    """Bits a perfect coder of the histogram of the signed values ``where(negative, -mag, mag)`` spends on them."""
+    _, counts = np.unique(np.where(negative, -mag, mag), return_counts=True)
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+
 def entropy_bound(state: dict[str, torch.Tensor], bits: int = 16) -> dict:
     """Histogram-entropy bytes of ``state`` at ``bits`` bits, bits per weight, and the ratio to plain packing."""
     coded, weights, raw = 0.0, 0, 0
     for t in state.values():
         if t.dtype == torch.float32 and t.dim() >= 2:
             mag, neg, _ = quantize(t, bits)
-            _, counts = np.unique(np.where(neg, -mag, mag), return_counts=True)
-            coded += float(-(counts * np.log2(counts / counts.sum())).sum()) + 32 * t.shape[0]
+            coded += histogram_bits(mag, neg) + 32 * t.shape[0]
             weights += t.numel()
         else:
             raw += t.numel() * t.element_size()
