@@ -45,10 +45,10 @@ from tests.test_device import image_bytes, wait_until
 
 
 def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None,
-               plane_coder="zstd"):
+               plane_coder="zstd", layer_weights=None):
     meta = checkpoint_metadata(model, NAMES, Preprocess(SIZE, SIZE, (0.5,) * 3, (0.25,) * 3))
     package = build_package(model.state_dict(), meta, "spinn", "1", split_point, model.exit_points, order, bits,
-                            usable_planes, chunk_bytes, bias, plane_coder=plane_coder)
+                            usable_planes, chunk_bytes, bias, plane_coder=plane_coder, layer_weights=layer_weights)
     seal(package.manifest)  # its package digest, as the cloud gives it
     return package
 
@@ -167,6 +167,36 @@ def test_the_whole_order_serves_the_backbone_by_value_and_the_exits_last(small_m
     later = units[len(backbone): first_exit]
     assert later != sorted(later, key=lambda u: (u[1], u[0]))  # by value, not plane by plane
     assert m.final_sha256 == package_of(small_model, split_point=7).manifest.final_sha256
+
+
+def test_layer_weights_move_a_layer_in_the_value_order_and_leave_the_weights(small_model):
+    base = package_of(small_model, order="whole").manifest
+    names = [t.name for t in base.tensors if t.kind == "planes"]
+    units = [u for c in base.chunks for u in c.units]
+    backbone = [g for g, t in enumerate(base.tensors) if t.kind == "planes" and not t.name.startswith("exits.")]
+    last = {g: max(k for k, (h, _) in enumerate(units) if h == g) for g in backbone}
+    late = max(backbone, key=last.get)  # the backbone layer the plain order completes last
+    early = min(backbone, key=last.get)
+    for g, heavier in ((late, True), (early, False)):
+        weights = dict.fromkeys(names, 1.0)
+        weights[base.tensors[g].name] = 1e9 if heavier else 0.0
+        m = package_of(small_model, order="whole", layer_weights=weights).manifest
+        moved = [u for c in m.chunks for u in c.units]
+        done = max(k for k, (h, _) in enumerate(moved) if h == g)
+        assert done < last[g] if heavier else done > last[g]
+        assert sorted(moved) == sorted(units) and m.final_sha256 == base.final_sha256
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop(next(iter(w))), "no weight for tensor"), (lambda w: w.update(nope=1.0), "'nope' is not"),
+    (lambda w: w.update({next(iter(w)): -1.0}), "finite number >= 0"),
+    (lambda w: w.update({next(iter(w)): float("nan")}), "finite number >= 0")])
+def test_bad_layer_weights_name_the_tensor(small_model, change, message):
+    names = [n for n, t in small_model.state_dict().items() if t.dim() >= 2 and t.is_floating_point()]
+    weights = dict.fromkeys(names, 1.0)
+    change(weights)
+    with pytest.raises(ValueError, match=message):
+        package_of(small_model, order="value", layer_weights=weights)
 
 
 def test_the_whole_stream_is_not_larger_than_a_plain_16_bit_package(small_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -134,6 +135,23 @@ def code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo]
     return Units(infos, data, distortion)
 
 
+def weigh_distortion(units: Units, layer_weights: dict[str, float]) -> None:
+    """Scale each layer's distortion in ``units`` (in place) by its ``layer_weights`` entry. Raises ValueError
+    naming a planes tensor without one, a name that is no planes tensor, or a weight that is not finite and
+    >= 0."""
+    unknown = sorted(set(layer_weights) - {units.infos[g].name for g in units.distortion})
+    if unknown:
+        raise ValueError(f"layer_weights: {unknown[0]!r} is not a coded weight tensor of this state dict")
+    for g in units.distortion:
+        name = units.infos[g].name
+        weight = layer_weights.get(name)
+        if weight is None:
+            raise ValueError(f"layer_weights: no weight for tensor {name!r}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"layer_weights[{name!r}]: must be a finite number >= 0, got {weight!r}")
+        units.distortion[g] = [d * weight for d in units.distortion[g]]
+
+
 def raw_sections(tensors: list[torch.Tensor], infos: list[TensorInfo]) -> dict[int, tuple[bytes, bytes]]:
     """Per group, the sections its raw tensors add to its first plane (integer tensors whole, float32 high
     halves) and to its ``raw_low_plane`` (float32 low halves), in tensor order."""
@@ -157,7 +175,7 @@ def build_package(
     exit_points: list[int], order: str = "split", bits: int = DEFAULT_BITS,
     usable_planes: int = DEFAULT_USABLE_PLANES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     bias: Optional[dict[str, BiasInput]] = None, corrected_planes: int = DEFAULT_CORRECTED_PLANES,
-    plane_coder: str = "zstd", snr_db: float = 0.0,
+    plane_coder: str = "zstd", snr_db: float = 0.0, layer_weights: Optional[dict[str, float]] = None,
 ) -> Package:
     """Code ``state`` (an EarlyExitMobileNetV2 state dict) into a progressive package for ``split_point``.
 
@@ -167,7 +185,10 @@ def build_package(
     ``corrected_planes`` planes carry the output shift of the weights known so far. ``plane_coder``: how each
     plane's sections are coded (``PLANE_CODERS``). ``snr_db`` > 0: each layer's final precision is the coarsest
     grid that keeps every output channel's signal to quantisation noise at least that (``quantize``); the planes
-    below it are all zero, nearly free, and the final weights are that grid's.
+    below it are all zero, nearly free, and the final weights are that grid's. ``layer_weights`` (every planes
+    tensor's name -> a finite weight >= 0; None: all 1): what a unit of each layer's relative squared error costs
+    in the ``value`` and ``whole`` orders' choice by value per byte (e.g. a measured sensitivity of the output);
+    it changes the order only, never the final weights.
     Raises ValueError for an unknown order or plane coder, bits outside 2..24, a negative corrected_planes or a tensor of
     another dtype.
     """
@@ -185,6 +206,8 @@ def build_package(
     bottleneck = (metadata.get("model_config") or {}).get("bottleneck")
     infos = describe_tensors(state, split_point, exit_points, {}, bottleneck["split_point"] if bottleneck else None)
     units = code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes, plane_coder, snr_db)
+    if layer_weights is not None:
+        weigh_distortion(units, layer_weights)
     chunks, payloads = pack_chunks(stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits, order, split_point, usable_planes, units.infos,
