@@ -216,6 +216,15 @@ def load_imagenet(folder: str, weights: str, limit: int | None, batch_size: int 
     return ckpt, [(torch.stack(xs[i:i + batch_size]), ys[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
 
 
+def load_either(imagenet: Optional[list[str]], app_args: list[str], limit: int | None
+                ) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``load_imagenet(*imagenet, limit)`` when ``imagenet`` (DIR, WEIGHTS) is given, else ``load`` of the app
+    config ``app_args`` name (its checkpoint and validation images)."""
+    if imagenet:
+        return load_imagenet(*imagenet, limit)
+    return load(parse_app_argv(AppConfig, app_args), limit)
+
+
 def load(cfg: AppConfig, limit: int | None) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]]]:
     ckpt = load_checkpoint(cfg.checkpoint_path())
     pre = ckpt.preprocess

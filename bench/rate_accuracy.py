@@ -1,6 +1,6 @@
-"""What any coder of per-channel uniformly quantised weights can reach: accuracy against bytes at a fixed bit
-width, not progressive, with a perfect entropy coder. It bounds what a progressive stream of the same grid can
-do at the point where it holds that many planes everywhere.
+"""A reference point for the progressive stream: accuracy against bytes of per-channel uniformly quantised
+weights at one bit width, not progressive, coded at each tensor's histogram entropy (what a coder of its value
+distribution that knew the histogram for free would spend; a coder with contexts could spend less).
 
     python bench/rate_accuracy.py --imagenet ../shared/data/imagenet_dev_500 \\
         ../shared/weights/mobilenet_v2_imagenet_tflite.pth --name imagenet
@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,42 +30,39 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.progressive import load, load_imagenet  # noqa: E402
-from bench.weight_entropy import histogram_bits  # noqa: E402
-from models.app_config import AppConfig  # noqa: E402
+from bench.progressive import load_either, predictions  # noqa: E402
+from bench.weight_entropy import entropy_bits  # noqa: E402
 from models.bias_correction import BiasInput, bias_inputs, output_shift  # noqa: E402
-from models.config import parse_app_argv  # noqa: E402
 from models.progressive import dequantize, quantize  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
 
-def quantised_state(state: dict[str, torch.Tensor], bits: int, depthwise_bits: int,
-                    bias: dict[str, BiasInput]) -> tuple[dict[str, torch.Tensor], float]:
-    """``state`` with every conv/linear weight on its per-channel ``bits``-bit grid (depthwise kernels on
-    ``depthwise_bits``), output shifts corrected, and the entropy-coded size in bytes."""
+def width(bits: int, depthwise_bits: int) -> Callable[[torch.Tensor], int]:
+    """The bit width of a weight tensor: ``depthwise_bits`` for depthwise kernels ``(C, 1, k, k)``, else ``bits``."""
+    return lambda t: depthwise_bits if t.dim() == 4 and t.shape[1] == 1 else bits
+
+
+def quantised_state(state: dict[str, torch.Tensor], bits_of: Callable[[torch.Tensor], int],
+                    bias: dict[str, BiasInput]) -> dict[str, torch.Tensor]:
+    """``state`` with every conv/linear weight ``t`` on its per-channel ``bits_of(t)``-bit grid and each layer's
+    output shift corrected (as models/progressive/build.py ``code_units`` does)."""
     out = {k: v.clone() for k, v in state.items()}
-    size = 0.0
     for name, t in state.items():
         if not (t.dtype == torch.float32 and t.dim() >= 2):
-            size += t.numel() * t.element_size()
             continue
-        b = depthwise_bits if t.dim() == 4 and t.shape[1] == 1 else bits
-        mag, neg, scales = quantize(t, b)
-        approx = dequantize(mag, neg, scales, 0).reshape(t.shape)
+        approx = dequantize(*quantize(t, bits_of(t)), 0).reshape(t.shape)
         out[name] = torch.from_numpy(approx)
-        size += (histogram_bits(mag, neg) + 32 * t.shape[0]) / 8
         if name in bias:
-            shift = bias[name].sign * output_shift(approx.astype(np.float64) - t.double().numpy(), bias[name].mean,
-                                                   bias[name].groups)
-            out[bias[name].target] = out[bias[name].target] + torch.from_numpy(shift).float()
-    return out, size
+            b = bias[name]
+            shift = b.sign * output_shift(approx.astype(np.float64) - t.double().numpy(), b.mean, b.groups)
+            out[b.target] = out[b.target] + torch.from_numpy(shift).float()
+    return out
 
 
-@torch.no_grad()
 def accuracy(model: torch.nn.Module, batches: list) -> float:
-    right = sum(int((model(x)[-1].argmax(1) == y).sum()) for x, y in batches)
-    return right / sum(len(y) for _, y in batches)
+    """Top-1 accuracy of ``model``'s final classifier on ``batches`` of ``(x, y)``."""
+    return float((predictions(model, batches) == torch.cat([y for _, y in batches])).float().mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imagenet", nargs=2, metavar=("DIR", "WEIGHTS"), default=None,
                         help="torchvision MobileNetV2 WEIGHTS on DIR/labels.csv instead of an app config")
     args, rest = parser.parse_known_args(argv)
-    ckpt, batches = load_imagenet(*args.imagenet, args.limit) if args.imagenet else \
-        load(parse_app_argv(AppConfig, rest), args.limit)
+    ckpt, batches = load_either(args.imagenet, rest, args.limit)
     model = ckpt.model.eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     float32 = sum(4 * t.numel() for t in state.values())
@@ -85,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bits in args.bits:
         for depthwise in sorted({bits, 8}):
-            q, size = quantised_state(state, bits, depthwise, bias)
-            model.load_state_dict(q)
+            coded, raw, _ = entropy_bits(state, width(bits, depthwise))
+            size = coded / 8 + raw
+            model.load_state_dict(quantised_state(state, width(bits, depthwise), bias))
             rows.append({"bits": bits, "depthwise_bits": depthwise, "bytes": size, "fraction": size / float32,
                          "accuracy": accuracy(model, batches)})
             print(rows[-1], flush=True)

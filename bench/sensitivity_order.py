@@ -10,9 +10,9 @@ error per byte, every layer alike. Here each layer's error is weighted by its me
 (``build_package(layer_weights=...)``): the KL divergence of the output it feeds (its exit for ``exits.*``, else
 the final classifier) from the full model's, per unit of relative squared error, when its weights get Gaussian
 noise of that relative variance (``--noise``; ``--draws`` draws), on ``--calibration`` images apart from the
-evaluated ones (the app's training images; for ImageNet, the images after the first ``--limit``). Both curves:
-the final classifier's accuracy after the same chunks (``--max-points``), side by side in one run. Writes
-``bench/results/sensitivity_order_<name>.{json,md}``.
+evaluated ones (the app's training images, not augmented; for ImageNet, the images after the first
+``--limit``). Both curves: the final classifier's accuracy at about ``--max-points`` points each (the chunks
+differ: so do the orders), side by side in one run. Writes ``bench/results/sensitivity_order_<name>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.progressive import Evaluator, load, load_imagenet, ours_curve, within  # noqa: E402
+from bench.progressive import Evaluator, load_either, load_imagenet, ours_curve, within  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
 from models.config import parse_app_argv  # noqa: E402
@@ -65,18 +65,28 @@ def sensitivities(model: torch.nn.Module, images: torch.Tensor, noise: float, dr
 
 
 def calibration_images(args: argparse.Namespace, rest: list[str], ckpt) -> torch.Tensor:
+    """Up to ``args.calibration`` images ``(N, 3, H, W)`` none of which is evaluated: for ImageNet those after
+    the first ``args.limit`` (which must be given), else a seeded pick of the app's training images with the
+    evaluation transform (no augmentation)."""
     if args.imagenet:
+        if args.limit is None:
+            raise SystemExit("--imagenet needs --limit: the images after the evaluated ones calibrate")
         _, batches = load_imagenet(*args.imagenet, None)
-        return torch.cat([x for x, _ in batches])[args.limit:][:args.calibration]
+        images = torch.cat([x for x, _ in batches])[args.limit:][:args.calibration]
+        if len(images) == 0:
+            raise SystemExit(f"--limit {args.limit} leaves no image of {args.imagenet[0]} to calibrate on")
+        return images
     cfg = parse_app_argv(AppConfig, rest)
     pre = ckpt.preprocess
     train = build_datasets(cfg.dataset, cfg.data_root, pre.input_size, pre.resize_size, cfg.crop_scale_min,
-                           cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed).train
+                           cfg.quickstart_train_samples, cfg.quickstart_val_samples, cfg.seed, augment=False).train
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.calibration]
     return torch.stack([train[int(i)][0] for i in pick])
 
 
 def markdown(result: dict) -> str:
+    """The result as a markdown report: both curves point by point, where each is within 1 point, the extremes
+    of the sensitivities."""
     lines = [f"# Sensitivity-weighted order: {result['name']}", "", f"`{result['command']}`", "",
              f"{result['images']} images, `{result['order']}` order, device-only final classifier; full precision "
              f"{result['full']:.4f}; sensitivities from {result['calibration']} other images.", "",
@@ -107,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torchvision MobileNetV2 WEIGHTS on DIR/labels.csv instead of an app config")
     args, rest = parser.parse_known_args(argv)
     torch.manual_seed(0)
-    ckpt, batches = load_imagenet(*args.imagenet, args.limit) if args.imagenet else \
-        load(parse_app_argv(AppConfig, rest), args.limit)
+    ckpt, batches = load_either(args.imagenet, rest, args.limit)
     model = ckpt.model.eval()
-    sens = sensitivities(model, calibration_images(args, rest, ckpt), args.noise, args.draws)
+    calibration = calibration_images(args, rest, ckpt)
+    sens = sensitivities(model, calibration, args.noise, args.draws)
     ev = Evaluator(model, 0, 1.0, "max_prob", batches)
     full = ev.device_final(model)
     bias = bias_inputs(model, ckpt.preprocess.input_size)
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ranked = sorted(sens.items(), key=lambda kv: -kv[1])
     result = {"name": args.name, "command": "python bench/sensitivity_order.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "order": args.order, "images": sum(len(y) for _, y in batches),
-        "calibration": args.calibration, "full": full, "sensitivity": sens, "top": ranked[:5],
+        "calibration": len(calibration), "full": full, "sensitivity": sens, "top": ranked[:5],
         "bottom": ranked[-3:], "curves": curves}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"sensitivity_order_{args.name}.json").write_text(json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,16 +36,24 @@ def histogram_bits(mag: np.ndarray, negative: np.ndarray) -> float:
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-def entropy_bound(state: dict[str, torch.Tensor], bits: int = 16) -> dict:
-    """Histogram-entropy bytes of ``state`` at ``bits`` bits, bits per weight, and the ratio to plain packing."""
+def entropy_bits(state: dict[str, torch.Tensor], bits_of: Callable[[torch.Tensor], int]) -> tuple[float, int, int]:
+    """``(coded bits, raw bytes, coded weights)`` of ``state``: each conv/linear weight ``t`` quantised per
+    channel to ``bits_of(t)`` bits and coded at its histogram entropy plus 32 bits a channel for the scales;
+    every other tensor whole (raw bytes)."""
     coded, weights, raw = 0.0, 0, 0
     for t in state.values():
         if t.dtype == torch.float32 and t.dim() >= 2:
-            mag, neg, _ = quantize(t, bits)
+            mag, neg, _ = quantize(t, bits_of(t))
             coded += histogram_bits(mag, neg) + 32 * t.shape[0]
             weights += t.numel()
         else:
             raw += t.numel() * t.element_size()
+    return coded, raw, weights
+
+
+def entropy_bound(state: dict[str, torch.Tensor], bits: int = 16) -> dict:
+    """Histogram-entropy bytes of ``state`` at ``bits`` bits, bits per weight, and the ratio to plain packing."""
+    coded, raw, weights = entropy_bits(state, lambda t: bits)
     total = coded / 8 + raw
     plain = plain_package_bytes(state, bits)
     return {"weights": weights, "bits_per_weight": coded / weights, "bytes": total, "plain_bytes": plain,

@@ -169,8 +169,9 @@ def test_the_whole_order_serves_the_backbone_by_value_and_the_exits_last(small_m
     assert m.final_sha256 == package_of(small_model, split_point=7).manifest.final_sha256
 
 
-def test_layer_weights_move_a_layer_in_the_value_order_and_leave_the_weights(small_model):
-    base = package_of(small_model, order="whole").manifest
+@pytest.mark.parametrize("order", ["value", "whole"])
+def test_layer_weights_move_a_layer_in_the_order_and_leave_the_weights(small_model, order):
+    base = package_of(small_model, order=order).manifest
     names = [t.name for t in base.tensors if t.kind == "planes"]
     units = [u for c in base.chunks for u in c.units]
     backbone = [g for g, t in enumerate(base.tensors) if t.kind == "planes" and not t.name.startswith("exits.")]
@@ -180,23 +181,34 @@ def test_layer_weights_move_a_layer_in_the_value_order_and_leave_the_weights(sma
     for g, heavier in ((late, True), (early, False)):
         weights = dict.fromkeys(names, 1.0)
         weights[base.tensors[g].name] = 1e9 if heavier else 0.0
-        m = package_of(small_model, order="whole", layer_weights=weights).manifest
+        m = package_of(small_model, order=order, layer_weights=weights).manifest
         moved = [u for c in m.chunks for u in c.units]
         done = max(k for k, (h, _) in enumerate(moved) if h == g)
         assert done < last[g] if heavier else done > last[g]
         assert sorted(moved) == sorted(units) and m.final_sha256 == base.final_sha256
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda w: w.pop(next(iter(w))), "no weight for tensor"), (lambda w: w.update(nope=1.0), "'nope' is not"),
-    (lambda w: w.update({next(iter(w)): -1.0}), "finite number >= 0"),
-    (lambda w: w.update({next(iter(w)): float("nan")}), "finite number >= 0")])
-def test_bad_layer_weights_name_the_tensor(small_model, change, message):
+@pytest.mark.parametrize("bad, message", [
+    (None, "no weight for tensor 'features.0.0.weight'"), (-1.0, r"\['features.0.0.weight'\]: must be a finite"),
+    (float("nan"), "must be a finite"), (float("inf"), "must be a finite"), (True, "must be a finite"),
+    ("1", "must be a finite"), (10 ** 400, "must be a finite")])
+def test_bad_layer_weights_name_the_tensor(small_model, bad, message):
     names = [n for n, t in small_model.state_dict().items() if t.dim() >= 2 and t.is_floating_point()]
     weights = dict.fromkeys(names, 1.0)
-    change(weights)
+    if bad is None:
+        del weights["features.0.0.weight"]
+    else:
+        weights["features.0.0.weight"] = bad
     with pytest.raises(ValueError, match=message):
         package_of(small_model, order="value", layer_weights=weights)
+    with pytest.raises(ValueError, match="'nope' is not a coded weight tensor"):
+        package_of(small_model, order="value", layer_weights={**dict.fromkeys(names, 1.0), "nope": 1.0})
+
+
+def test_layer_weights_take_numpy_numbers(small_model):  # e.g. straight from a numpy computation
+    names = [n for n, t in small_model.state_dict().items() if t.dim() >= 2 and t.is_floating_point()]
+    weights = {n: np.float32(1) if k % 2 else np.int64(3) for k, n in enumerate(names)}
+    assert package_of(small_model, order="value", layer_weights=weights).manifest.chunks
 
 
 def test_the_whole_stream_is_not_larger_than_a_plain_16_bit_package(small_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -135,21 +136,33 @@ def code_units(state: dict[str, torch.Tensor], infos_no_scales: list[TensorInfo]
     return Units(infos, data, distortion)
 
 
-def weigh_distortion(units: Units, layer_weights: dict[str, float]) -> None:
-    """Scale each layer's distortion in ``units`` (in place) by its ``layer_weights`` entry. Raises ValueError
-    naming a planes tensor without one, a name that is no planes tensor, or a weight that is not finite and
-    >= 0."""
-    unknown = sorted(set(layer_weights) - {units.infos[g].name for g in units.distortion})
+def check_layer_weights(infos: list[TensorInfo], layer_weights: dict[str, float]) -> dict[str, float]:
+    """``layer_weights`` as floats, one for every planes tensor of ``infos``. Raises ValueError naming a planes
+    tensor without one, a name that is no planes tensor, or a weight that is not a finite real number >= 0
+    (a bool is refused: it is more likely a mistake than a weight)."""
+    names = [t.name for t in infos if t.kind == "planes"]
+    unknown = sorted(set(layer_weights) - set(names))
     if unknown:
         raise ValueError(f"layer_weights: {unknown[0]!r} is not a coded weight tensor of this state dict")
-    for g in units.distortion:
-        name = units.infos[g].name
-        weight = layer_weights.get(name)
-        if weight is None:
+    out = {}
+    for name in names:
+        if name not in layer_weights:
             raise ValueError(f"layer_weights: no weight for tensor {name!r}")
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        weight = layer_weights[name]
+        try:
+            value = float(weight) if isinstance(weight, numbers.Real) and not isinstance(weight, bool) else None
+        except OverflowError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
             raise ValueError(f"layer_weights[{name!r}]: must be a finite number >= 0, got {weight!r}")
-        units.distortion[g] = [d * weight for d in units.distortion[g]]
+        out[name] = value
+    return out
+
+
+def weigh_distortion(units: Units, layer_weights: dict[str, float]) -> None:
+    """Scale each layer's distortion in ``units`` (in place) by its weight (``check_layer_weights``'s)."""
+    for g in units.distortion:
+        units.distortion[g] = [d * layer_weights[units.infos[g].name] for d in units.distortion[g]]
 
 
 def raw_sections(tensors: list[torch.Tensor], infos: list[TensorInfo]) -> dict[int, tuple[bytes, bytes]]:
@@ -187,10 +200,11 @@ def build_package(
     grid that keeps every output channel's signal to quantisation noise at least that (``quantize``); the planes
     below it are all zero, nearly free, and the final weights are that grid's. ``layer_weights`` (every planes
     tensor's name -> a finite weight >= 0; None: all 1): what a unit of each layer's relative squared error costs
-    in the ``value`` and ``whole`` orders' choice by value per byte (e.g. a measured sensitivity of the output);
-    it changes the order only, never the final weights.
-    Raises ValueError for an unknown order or plane coder, bits outside 2..24, a negative corrected_planes or a tensor of
-    another dtype.
+    in the stages that choose by value per byte (``ordering.stages``: the ``value`` and ``whole`` orders past
+    their plane-by-plane stages; the ``split`` order has none and ignores them), e.g. a measured sensitivity of
+    the output; they change the order only, never the final weights.
+    Raises ValueError for an unknown order or plane coder, bits outside 2..24, a negative corrected_planes, a tensor
+    of another dtype or bad ``layer_weights`` (``check_layer_weights``).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -205,9 +219,10 @@ def build_package(
     corrected_planes = min(corrected_planes, bits - 2) if bias else 0  # the last plane never carries a shift
     bottleneck = (metadata.get("model_config") or {}).get("bottleneck")
     infos = describe_tensors(state, split_point, exit_points, {}, bottleneck["split_point"] if bottleneck else None)
+    weights = None if layer_weights is None else check_layer_weights(infos, layer_weights)
     units = code_units(state, infos, bits, usable_planes, bias or {}, corrected_planes, plane_coder, snr_db)
-    if layer_weights is not None:
-        weigh_distortion(units, layer_weights)
+    if weights is not None:
+        weigh_distortion(units, weights)
     chunks, payloads = pack_chunks(stages(units, order, bits - 1, usable_planes), units, chunk_bytes, bits,
                                     usable_planes)
     manifest = Manifest(model_id, model_version, metadata, bits, order, split_point, usable_planes, units.infos,

@@ -16,6 +16,7 @@ class Units:
     infos: list[TensorInfo]
     data: dict[tuple[int, int], bytes]
     distortion: dict[int, list[float]]  # group -> mean per-channel relative squared error after p planes
+    # (times the layer's weight when build_package is given layer_weights)
 
 
 def plane_major(groups: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
