@@ -25,11 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.progressive import load, load_imagenet, plain_package_bytes, predictions  # noqa: E402
-from models.app_config import AppConfig  # noqa: E402
+from bench.progressive import load_either, plain_package_bytes, predictions  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
 from models.checkpoint import Checkpoint, checkpoint_from_metadata, checkpoint_metadata  # noqa: E402
-from models.config import parse_app_argv  # noqa: E402
 from models.progressive import Decoder, build_package  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -76,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--name", default="cars_dev")
     args, rest = parser.parse_known_args(argv)
-    if args.imagenet:
-        ckpt, batches = load_imagenet(*args.imagenet, args.limit)
-    else:
-        ckpt, batches = load(parse_app_argv(AppConfig, rest), args.limit)
+    ckpt, batches = load_either(args.imagenet, rest, args.limit)
     ckpt.model.eval()
     reference = predictions(ckpt.model, batches)
     labels = torch.cat([y for _, y in batches])
