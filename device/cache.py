@@ -1,16 +1,17 @@
 """The device's weights cache (``weights_cache``): verified chunks on disk, so that a cut stream or a restart
 resumes where it was.
 
-Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>-<final>/manifest.pb``
-and ``chunks/<chunk SHA-256>.bin``, ``<final>`` the first 16 hex characters of the package's final digest (one
-version's packages at other precisions, ``delivery_snr_db`` say, never share a folder); a delta package (order ``delta``) also keeps the weights it applies to,
-``base.bin`` (every tensor's little-endian bytes in manifest order, checked against the manifest's base_sha256 when
-loaded), so that it resumes after a restart without the base version's package, which is deleted once the delta
-is verified. The model id has passed ``proto.manifest.check_name`` (never a path), the digest
-and the final digest are 64 hex characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by
-their hash, so a package cut again (another chunk size, a restarted cloud) keeps every chunk whose hash it still
-lists. Every write is atomic and durable (temp file, fsync, rename, fsync of the folder). One process holds the
-cache at a time (``CacheLock``, an OS file lock). A stored manifest that no longer validates is moved to
+Layout, every part of it the device's own: ``<root>/<model_id>/<model digest>/split<S>-<order>-<final>/``
+holding ``manifest.pb`` and ``chunks/<chunk SHA-256>.bin``, ``<final>`` the first 16 hex characters of the
+package's final digest (one version's packages at other precisions, ``delivery_snr_db`` say, never share a
+folder). A delta package (order ``delta``) also keeps the weights it applies to, ``base.bin`` (every tensor's
+little-endian bytes in manifest order, checked against the manifest's base_sha256 when loaded), so that it
+resumes after a restart without the base version's package, which is deleted once the delta is verified. The
+model id has passed ``proto.manifest.check_name`` (never a path), the digest and the final digest are 64 hex
+characters, the order one of ``ORDERS``: nothing the wire says becomes a path. Chunks are named by their hash,
+so a package cut again (another chunk size, a restarted cloud) keeps every chunk whose hash it still lists.
+Every write is atomic and durable (temp file, fsync, rename, fsync of the folder). One process holds the cache
+at a time (``CacheLock``, an OS file lock). A stored manifest that no longer validates is moved to
 ``<root>/quarantine/`` and the device starts as if it had none.
 """
 
