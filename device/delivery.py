@@ -269,12 +269,14 @@ class WeightStream:
             self.store.drop_all()
             self.outcome = "mismatch"  # only now: the poller may start the package again into the same folder
         if self.complete:
-            self.outcome = "complete"
             self.store.prune()
             log.info("%s version %s complete: %d bytes, final weights SHA-256 verified", self.manifest.model_id,
                      self.manifest.model_version, self.manifest.total_bytes)
-            if self.on_verified is not None:
-                self.on_verified()
+            try:
+                if self.on_verified is not None:
+                    self.on_verified()
+            finally:  # last, so that "complete" means the other versions' packages are already deleted
+                self.outcome = "complete"
 
     def _stream_with_retries(self) -> None:
         """Stream until complete (or stopped), resuming cut calls with a bounded backoff. Raises PackageGone,

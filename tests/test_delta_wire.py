@@ -131,7 +131,7 @@ def test_a_device_holding_v1_moves_to_v2_by_delta_and_resumes_it_from_its_cache(
             assert complete_on(runtime, v2)
             stream = runtime.streamed.current
             assert stream.manifest.order == DELTA_ORDER
-            assert wait_until(lambda: stream.outcome == "complete", 10)  # set just after the complete snapshot
+            assert wait_until(lambda: stream.outcome == "complete", 10)  # set once the others are deleted
             assert stream.digest() == weights_digest(v2.state_dict())  # bit-exact on v2's package weights
             assert stream.decoder.bytes < 0.75 * full_bytes
             x = torch.randn(3, SIZE, SIZE)
