@@ -32,10 +32,16 @@ from proto import spinn_v1_pb2_grpc as pb_grpc
 from tests.conftest import NAMES, ROOT, SIZE, make_cert
 
 
-def start_cloud(checkpoint, **overrides):
+def start_cloud(checkpoint, built_in_thread: bool = False, **overrides):
+    """A cloud serving ``checkpoint`` on a free loopback port. ``built_in_thread``: the model is served as from no
+    file, so its progressive packages are built in the cloud's thread (under a second for the small model), not
+    in a process started for each (about 4 s, mostly importing torch there); that path keeps tests of its own
+    (tests/test_delta_wire.py's ``files-process``, the ``start_cloud`` calls that leave this off)."""
     cfg = CloudConfig(checkpoint=str(checkpoint), **{"address": "127.0.0.1:0", "log_level": "WARNING",
                                                      **overrides})
-    return build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    served = (ServedModel.from_checkpoint(load_checkpoint(str(checkpoint)), cfg.model_id, cfg.model_version)
+              if built_in_thread else ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    return build_server(cfg, served)
 
 
 def device(checkpoint, port, **overrides) -> DeviceRuntime:

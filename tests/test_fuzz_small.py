@@ -14,6 +14,7 @@ from device.server import build_server as build_device_server
 from models.checkpoint import save_checkpoint
 from models.config import ConfigError, from_dict
 from tests.conftest import BOTTLENECK_SPLIT, NAMES, PREPROCESS, with_bottleneck
+from tests.test_device import start_cloud
 
 
 @pytest.fixture
@@ -118,9 +119,7 @@ def test_delivery_fuzz_at_a_small_size(checkpoint):
     from bench.fuzz import hostile_image
     from bench.fuzz_delivery import fuzz_delivery
 
-    cfg = CloudConfig(checkpoint=str(checkpoint), address="127.0.0.1:0", log_level="WARNING",
-                      delivery_chunk_bytes=4096)
-    cloud = build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+    cloud = start_cloud(checkpoint, built_in_thread=True, delivery_chunk_bytes=4096)
     try:
         result = fuzz_delivery(f"127.0.0.1:{cloud.port}", hostile_image("valid", random.Random(0)), 14, seed=1)
     finally:

@@ -53,7 +53,7 @@ def ends_honest(runtime: DeviceRuntime, proxy: HostileCloud, small_model) -> Non
 
 @pytest.fixture
 def hostile(checkpoint):
-    cloud = start_cloud(checkpoint)
+    cloud = start_cloud(checkpoint, built_in_thread=True)
     proxy = HostileCloud(f"127.0.0.1:{cloud.port}")
     yield proxy, cloud
     proxy.stop()

@@ -18,8 +18,6 @@ import pytest
 import torch
 
 from cloud.delivery import weight_messages
-from cloud.inference import ServedModel
-from cloud.server import CloudConfig, build_server
 from device.config import DeviceConfig
 from device.decode_process import PIPELINE_BYTES, DecoderDied, DecoderProcess
 from device import delivery
@@ -41,7 +39,7 @@ from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import decode_jpeg, encode_jpeg
 from proto.manifest import manifest_from_message, manifest_message, seal
 from tests.conftest import NAMES, SIZE, digest_of
-from tests.test_device import image_bytes, wait_until
+from tests.test_device import image_bytes, start_cloud as start_device_test_cloud, wait_until
 
 
 def package_of(model, split_point=7, order="split", chunk_bytes=2048, bits=16, usable_planes=6, bias=None,
@@ -426,10 +424,9 @@ def test_updated_model_leaves_the_serving_model_untouched(small_model):
 # -- the cloud's ModelDelivery and the streaming device, on loopback -----------------------------------------
 
 
-def start_cloud(checkpoint, version="1", **overrides):
-    cfg = CloudConfig(checkpoint=str(checkpoint), address=overrides.pop("address", "127.0.0.1:0"),
-                      model_version=version, log_level="WARNING", delivery_chunk_bytes=2048, **overrides)
-    return build_server(cfg, ServedModel.from_file(str(checkpoint), cfg.model_id, cfg.model_version))
+def start_cloud(checkpoint, version="1", built_in_thread: bool = False, **overrides):
+    return start_device_test_cloud(checkpoint, built_in_thread, model_version=version, delivery_chunk_bytes=2048,
+                                   **overrides)
 
 
 def device_cfg(port, cache: Path, **overrides) -> DeviceConfig:
@@ -440,7 +437,7 @@ def device_cfg(port, cache: Path, **overrides) -> DeviceConfig:
 
 @pytest.fixture
 def cloud(checkpoint):
-    running = start_cloud(checkpoint, delivery_message_bytes=1000)  # chunks span several messages
+    running = start_cloud(checkpoint, built_in_thread=True, delivery_message_bytes=1000)  # chunks span messages
     yield running
     running.stop()
 
@@ -563,7 +560,7 @@ def test_a_device_with_nothing_answers_via_split_point_0_then_moves_to_its_split
 
 
 def test_with_no_weights_and_the_cloud_down_the_device_says_so(checkpoint, tmp_path):
-    cloud = start_cloud(checkpoint)
+    cloud = start_cloud(checkpoint, built_in_thread=True)
     runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", deadline_ms=500, max_attempts=1))
     try:
         info = runtime.link.model_info(10)
@@ -649,7 +646,7 @@ class CuttingStore(ChunkStore):
 def stream_snapshots(checkpoint, cache, swap_interval_s, cut_at=lambda manifest: -1):
     """Stream the whole package into a WeightStream (its call cancelled once after chunk ``cut_at(manifest)``);
     the progress of every snapshot it handed out, and the stream."""
-    cloud = start_cloud(checkpoint, delivery_message_bytes=1000)
+    cloud = start_cloud(checkpoint, built_in_thread=True, delivery_message_bytes=1000)
     link = CloudLink(device_cfg(cloud.port, cache))
     try:
         manifest = fetch_manifest(link, 7, "split", 30)
@@ -705,7 +702,7 @@ def test_a_corrupt_cached_chunk_is_refused_and_fetched_again(checkpoint, cloud, 
 
 def test_classify_from_threads_during_swaps_never_errors(checkpoint, tmp_path):
     # one message per 300 bytes, so that the stream takes long enough for many swaps under load
-    cloud = start_cloud(checkpoint, delivery_message_bytes=300)
+    cloud = start_cloud(checkpoint, built_in_thread=True, delivery_message_bytes=300)
     runtime = DeviceRuntime.start(device_cfg(cloud.port, tmp_path / "cache", z_confidence_threshold=0.5,
                                              stream_swap_ms=0))  # a swap after every chunk: the most of them
     results, errors, swaps = [], [], set()

@@ -17,6 +17,7 @@ from cloud.delivery import BuildsBusy, PackageCache
 from cloud.inference import ServedModel
 from cloud.server import CloudConfig
 from device.config import DeviceConfig
+from models.checkpoint import load_checkpoint
 from models.config import ConfigError, from_dict
 from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
@@ -233,7 +234,8 @@ def test_delivery_calls_are_admitted(checkpoint):
 
 
 def test_package_builds_are_capped_and_the_cache_is_bounded_in_bytes(checkpoint):
-    served = ServedModel.from_file(str(checkpoint), "spinn", "1")
+    # served as from no file: built in the calling thread, not a process started for each build (seconds apiece)
+    served = ServedModel.from_checkpoint(load_checkpoint(str(checkpoint)), "spinn", "1")
     cache = PackageCache(max_packages=4, max_bytes=1, max_builds=1)
     busy: list[Exception] = []
     for split_point in range(1, served.model.num_blocks):  # until a second build is asked during the first
