@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,10 +58,18 @@ def test_bad_files_and_overrides(tmp_path):
 
 
 def test_shipped_apps_are_valid():
+    """Every shipped app validates. Where ``../shared`` is absent (a fresh machine) an app that names a file in
+    it may fail, but only on that file, by name; relative paths resolve from the working directory, as in
+    train.py."""
+    shared_here = Path("../shared").is_dir()
     for path in sorted((ROOT / "apps").glob("*.yml")):
         if path.name.startswith(("cloud", "device")):  # daemon configs: tested in test_cloud.py
             continue
-        load_config(AppConfig, path)
+        try:
+            load_config(AppConfig, path)
+        except ConfigError as err:
+            if shared_here or not re.search(r"config key '\w+': file '\.\./shared/[^']+' does not exist", str(err)):
+                raise
 
 
 def test_train_py_reports_the_bad_key_and_exits_2(tmp_path):
