@@ -593,15 +593,15 @@ class CloudServer:
             if self.worker is not None:  # loading a new worker process is not a hung forward
                 running = self.worker.busy_for(running)
             if running > self.forward_timeout_s and not self.hung:
+                if self.worker is None:  # before its callers are answered: a health check they send says so
+                    self.hung = True
+                    self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 failed = self.batcher.fail_running(ForwardHung(
                     f"the forward hung (over {self.forward_timeout_s:g} s, forward_timeout_s); retry"))
                 log.error("forward running for %.1f s: failed its %d requests; %s", running, failed,
                           "killing the worker process" if self.worker else "NOT_SERVING until it returns")
                 if self.worker is not None:
                     self.worker.kill()
-                else:
-                    self.hung = True
-                    self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             elif self.hung and running == 0.0:
                 self.hung = False
                 log.warning("the hung forward returned; SERVING again")
