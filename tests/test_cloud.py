@@ -23,6 +23,7 @@ from proto import spinn_v1_pb2 as pb
 from proto import spinn_v1_pb2_grpc as pb_grpc
 from proto.codec import CodecSpec, encode
 from tests.conftest import NAMES, ROOT, SIZE, digest_of, make_cert
+from tests.test_device import wait_until
 
 
 
@@ -214,7 +215,7 @@ def test_batcher_drops_expired_work_and_bounds_its_queue():
 
     batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
     first = batcher.submit(0, torch.ones(1, 1, 1, 1))
-    time.sleep(0.2)  # the worker is now blocked inside run()
+    assert wait_until(lambda: calls, 5)  # the worker is now blocked inside run()
     expired = batcher.submit(0, torch.ones(1, 1, 1, 1), deadline=time.monotonic() + 0.05)
     kept = batcher.submit(0, torch.full((1, 1, 1, 1), 2.0))
     with pytest.raises(QueueFull):
@@ -244,7 +245,7 @@ def test_graceful_stop_finishes_in_flight_work(checkpoint, small_model):
     running = start(checkpoint, max_queue_delay_ms=300.0, max_batch_size=64)
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
     future = stub.Infer.future(request(small_model, 3, torch.randn(1, 3, SIZE, SIZE)), timeout=30)
-    time.sleep(0.1)  # in flight, waiting in the batcher
+    assert wait_until(lambda: running.batcher.queued() == 1, 10)  # in flight, held 300 ms in the batcher
     running.stop()
     assert len(future.result().images) == 1
     with pytest.raises(grpc.RpcError) as err:

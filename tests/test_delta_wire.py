@@ -104,9 +104,9 @@ def test_a_delta_stream_names_a_served_base(versions):
     assert len(data) == sum(c.size for c in m.chunks)
 
 
-def stream_device(port: int, cache, decode_process: bool) -> DeviceRuntime:
+def stream_device(port: int, cache, decode_process: bool, poll_seconds: float = 0.3) -> DeviceRuntime:
     return DeviceRuntime.start(device_cfg("stream", port, cache, stream_decode_process=decode_process,
-                                          stream_poll_seconds=0.3))
+                                          stream_poll_seconds=poll_seconds))
 
 
 def complete_on(runtime: DeviceRuntime, model: torch.nn.Module, timeout_s: float = 90) -> bool:
@@ -160,6 +160,8 @@ def test_a_delta_cache_without_its_base_is_quarantined(small_model, tmp_path):
             assert complete_on(runtime, v1)
             cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
             assert complete_on(runtime, v2)
+            # v1's package is deleted after the last swap; closed before that, the device would keep it
+            assert wait_until(lambda: runtime.streamed.current.outcome == "complete", 10)
         finally:
             runtime.close()
     finally:
@@ -331,11 +333,14 @@ def test_a_delta_that_fails_its_final_digest_gives_way_to_the_full_package(small
         return m
 
     try:
-        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), tmp_path / "cache", False)
+        # polled only when asked: a poll while the delta streams would start v2's full package beside it, which
+        # takes over and stops the delta before its final check
+        runtime = stream_device(int(proxy.address.rsplit(":", 1)[1]), tmp_path / "cache", False, 600)
         try:
             assert complete_on(runtime, v1)
             proxy.manifest = wrong_delta_final
             cloud.models.add(in_memory(v2, "v2", tmp_path), (2,))
+            runtime.streamed.check_soon()  # the delta; its failure asks again (on_end), for the full package
             assert complete_on(runtime, v2, 60)
             assert runtime.streamed.current.manifest.order == "split"
             assert sum(runtime.streamed.failures.values()) >= 1  # the delta was streamed and failed first

@@ -19,7 +19,7 @@ from proto import spinn_v1_pb2_grpc as pb_grpc
 from tests.conftest import SIZE
 from tests.test_cloud import request, start
 from tests.test_cloud_overload import health_ms
-from tests.test_device import image_bytes
+from tests.test_device import image_bytes, wait_until
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -82,7 +82,7 @@ def test_device_metrics_and_admission(checkpoint, small_model):
     try:
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
         threads[0].start()
-        time.sleep(0.5)  # the first call is offloaded and waiting in the cloud
+        assert wait_until(lambda: cloud.batcher.queued() == 1, 10)  # the first call waits in the cloud
         for t in threads[1:]:
             t.start()
         status, _ = health_ms(daemon.port)

@@ -330,6 +330,8 @@ def test_rollout_every_answer_is_its_own_versions_and_nothing_is_lost(small_mode
         (folder / "v1.pt").unlink()
         assert wait_until(lambda: [v.digest for v in cloud.models.versions()] == [v2], 20)
         time.sleep(0.5)  # answers after v1 is gone
+        # v1's package is deleted after v2's last swap: wait for it before closing, which would stop that
+        assert wait_until(lambda: len(list((tmp_path / "cache").rglob("manifest.pb"))) == 1, 30)
     finally:
         stop.set()
         loop.join(30)
