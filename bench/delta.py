@@ -17,7 +17,6 @@ of v2's full-precision accuracy, their ratios (goals: delta stream <= 0.5 of the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.progressive import Evaluator, eval_points, load, predictions, within  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from device.delivery import blank_state  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
@@ -36,7 +36,6 @@ from models.config import parse_app_argv  # noqa: E402
 from models.progressive import PLANE_CODERS, Decoder, Package, build_package, updated_model  # noqa: E402
 from models.progressive.delta import build_delta_package, final_weights  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def point(model: torch.nn.Module, batches: list, labels: torch.Tensor, target: torch.Tensor, **where) -> dict:
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{coder}: full {entry['full']['total_bytes']:,} B, delta {entry['delta']['total_bytes']:,} B, "
               f"within 1 pt from {entry['full']['within_1pt_bytes']} / {entry['delta']['within_1pt_bytes']} B",
               flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"delta_{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"delta_{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(f"delta_{args.name}", result, markdown(result))
     return 0
 
 

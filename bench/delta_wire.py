@@ -15,7 +15,6 @@ bytes are what a link would carry. Writes ``bench/results/delta_wire_<name>.{jso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_results  # noqa: E402
 from cloud.inference import ServedModel  # noqa: E402
 from cloud.server import CloudConfig, CloudServer, build_server  # noqa: E402
 from device.config import DeviceConfig  # noqa: E402
@@ -31,7 +31,6 @@ from device.runtime import DeviceRuntime  # noqa: E402
 from models.config import from_dict  # noqa: E402
 from models.progressive.delta import weights_digest  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 TIMEOUT_S = 900.0
 
 
@@ -125,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.v1, args.v2, args.split_point, Path(work))
     result.update(name=args.name, split_point=args.split_point,
                   command="python bench/delta_wire.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"delta_wire_{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"delta_wire_{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(f"delta_wire_{args.name}", result, markdown(result))
     return 0 if result["bit_exact"] else 1
 
 

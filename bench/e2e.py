@@ -78,10 +78,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench import device_speed, netns, slow_device  # noqa: E402
 from bench.progressive_link import wait_serving  # noqa: E402
+from bench.report import write_results  # noqa: E402
 
 log = logging.getLogger("e2e")
 
-RESULTS = ROOT / "bench" / "results"
 PORT = 50051
 STRATEGIES = ("device-only", "cloud-only", "static", "fixed", "scheduler")
 FIXED = "fixed"  # expands to one strategy per other pair the plan picks for some phase (``fixed_pairs``)
@@ -885,10 +885,7 @@ def report(args: argparse.Namespace, raw: dict, phases: list[Phase]) -> dict:
         result["checks"].append({"check": "device speed calibrated", "phase": "-", "passed": False,
                                  "detail": result["calibration_text"]})
     result["passed"] = all(c["passed"] for c in result["checks"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"e2e_{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem = write_results(f"e2e_{args.name}", result, markdown(result), echo=False)
     plot(result, stem.with_suffix(".png"))
     return result
 

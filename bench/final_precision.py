@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.progressive import load_either, plain_package_bytes, predictions  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
 from models.checkpoint import Checkpoint, checkpoint_from_metadata, checkpoint_metadata  # noqa: E402
 from models.progressive import Decoder, build_package  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def floor_row(ckpt: Checkpoint, batches: list, snr_db: float, reference: torch.Tensor, plain: int) -> dict:
@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for snr_db in args.snr_db:
         result["rows"].append(floor_row(ckpt, batches, snr_db, reference, plain))
         print(json.dumps(result["rows"][-1]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"final_precision_{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"final_precision_{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(f"final_precision_{args.name}", result, markdown(result))
     return 0
 
 

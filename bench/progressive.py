@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import progressivenet  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from device.delivery import blank_state  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.checkpoint import Checkpoint, checkpoint_from_metadata, checkpoint_metadata, load_checkpoint  # noqa
@@ -59,7 +59,6 @@ from models.bias_correction import bias_inputs  # noqa: E402
 from models.progressive import (DEFAULT_CORRECTED_PLANES, ORDERS, PLANE_CODERS, Decoder, build_package,  # noqa
                                 updated_model)
 
-RESULTS = ROOT / "bench" / "results"
 
 
 @dataclass
@@ -352,12 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         curve["within_1pt"] = {"system": None if system is None else within(curve["points"], "system_accuracy",
                                                                              system),
                                "device": within(curve["points"], "device_accuracy", result["full"]["device_accuracy"])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"progressive_{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem = write_results(f"progressive_{args.name}", result, markdown(result))
     plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
     return 0
 
 

@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import netns  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from models.progressive import PLANE_CODERS  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 PORT = 50051
 
 
@@ -313,13 +313,9 @@ def main() -> int:
     raw = run(args, app_args)
     summary = summarize(raw, args)
     command = "python bench/progressive_link.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"progressive_link_{args.name}"
     # the per-request rows are megabytes on a real model: kept only on request (--keep-rows)
     doc = {"command": command, "summary": summary, **({"rows": raw["rows"]} if args.keep_rows else {})}
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    stem.with_suffix(".md").write_text(markdown(summary, args.name, command))
-    print(markdown(summary, args.name, command))
+    write_results(f"progressive_link_{args.name}", doc, markdown(summary, args.name, command))
     return 0
 
 

@@ -19,7 +19,6 @@ same with the depthwise kernels (under 2 % of the weights) at 8 bits. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.progressive import load_either, predictions  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from bench.weight_entropy import entropy_bits  # noqa: E402
 from models.bias_correction import BiasInput, bias_inputs, output_shift  # noqa: E402
 from models.progressive import dequantize, quantize  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def width(bits: int, depthwise_bits: int) -> Callable[[torch.Tensor], int]:
@@ -98,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['bits']} | {r['depthwise_bits']} | {r['bytes']:,.0f} | {100 * r['fraction']:.2f} % | "
               f"{r['accuracy']:.4f} | {'yes' if r['accuracy'] >= full - 0.01 else 'no'} |" for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"rate_accuracy_{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"rate_accuracy_{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"rate_accuracy_{args.name}", result, "\n".join(lines) + "\n")
     return 0
 
 

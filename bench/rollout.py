@@ -25,7 +25,6 @@ after its switch (goal: during <= 1.2x before), the cloud's p99 for v1 requests 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shutil
 import subprocess
@@ -44,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.probes import free_port  # noqa: E402  (not bench/ on the path: its serving.py would hide the package)
+from bench.report import write_results  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def p99(values: list[float]) -> float | None:
@@ -382,11 +381,7 @@ def main() -> int:
     result = run(args, app_args)
     result["name"] = args.name
     result["command"] = "python bench/rollout.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"rollout_{args.name}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (RESULTS / f"rollout_{args.name}.md").write_text(text)
-    print(text)
+    write_results(f"rollout_{args.name}", result, markdown(result))
     return 0
 
 

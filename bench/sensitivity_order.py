@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -30,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.progressive import Evaluator, load_either, load_imagenet, ours_curve, within  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from models.app_config import AppConfig  # noqa: E402
 from models.bias_correction import bias_inputs  # noqa: E402
 from models.config import parse_app_argv  # noqa: E402
 from models.datasets import build_datasets  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 @torch.no_grad()
@@ -135,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv), "order": args.order, "images": sum(len(y) for _, y in batches),
         "calibration": len(calibration), "full": full, "sensitivity": sens, "top": ranked[:5],
         "bottom": ranked[-3:], "curves": curves}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"sensitivity_order_{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"sensitivity_order_{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(f"sensitivity_order_{args.name}", result, markdown(result))
     return 0
 
 

@@ -24,7 +24,6 @@ Writes ``bench/results/stream_interference_<name>.{json,md}``. Loopback only.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from bench.probes import free_port  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from cloud.delivery import PackageCache  # noqa: E402
 from cloud.inference import ServedModel  # noqa: E402
 from device.decode_process import DecoderProcess  # noqa: E402
@@ -53,7 +53,6 @@ from proto import spinn_v1_pb2 as pb  # noqa: E402
 from proto import spinn_v1_pb2_grpc as pb_grpc  # noqa: E402
 from serving.priority import lower_thread_priority  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 VARIANTS = ("none", "grpc", "decode", "save", "before", "submit", "now")
 
 
@@ -208,12 +207,8 @@ def main() -> int:
     app = parse_app_argv(AppConfig, app_args)
     result = run(args, app)
     command = "python bench/stream_interference.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"stream_interference_{args.name}.json").write_text(
-        json.dumps({"command": command, **result}, indent=1))
-    text = markdown(result, args.name, command)
-    (RESULTS / f"stream_interference_{args.name}.md").write_text(text)
-    print(text)
+    write_results(f"stream_interference_{args.name}", {"command": command, **result},
+                  markdown(result, args.name, command))
     return 0
 
 

@@ -12,7 +12,6 @@ tensor is counted whole. Writes ``bench/results/weight_entropy.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.progressive import plain_package_bytes  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.progressive import quantize  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def histogram_bits(mag: np.ndarray, negative: np.ndarray) -> float:
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {r['weights']:,} | {r['bits_per_weight']:.2f} | {r['bytes']:,.0f} | {r['plain_bytes']:,} | "
               f"{r['ratio_to_plain']:.3f} |" for n, r in result["models"].items()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "weight_entropy.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "weight_entropy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("weight_entropy", result, "\n".join(lines) + "\n")
     return 0
 
 
